@@ -1,0 +1,7 @@
+"""python -m imm (what torchrun -m imm runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""Configs as data: YAML presets (``src/imm/presets/*.yaml``) or files, with dotted ``key=value`` overrides.
+
+Overrides use the release's (hydra's) spelling: ``eval.batch_size=16``, ``network.temb_type=identity``,
+``+new.key=1`` to add a key the config does not have yet. Values are parsed as YAML
+(``mid_nt=[1.4]``, ``cfg_scale=null``). A key that does not exist (without ``+``) is an error naming
+the nearest valid key. ``network.*`` keys are always accepted: they are network constructor
+arguments, checked when the network is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+OPEN_SECTIONS = ("network",)
+
+
+class ConfigError(ValueError):
+    """A config file, preset name or override that cannot be used."""
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("imm") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str) -> dict:
+    """A preset by name (``cifar10``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    elif name_or_path in preset_names():
+        text = (resources.files("imm") / "presets" / f"{name_or_path}.yaml").read_text()
+    else:
+        raise ConfigError(f"unknown config {name_or_path!r}: not a file, and presets are {', '.join(preset_names())}")
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {name_or_path}: invalid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {name_or_path}: top level must be a mapping")
+    return cfg
+
+
+def _all_keys(cfg: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, dict):
+            keys += _all_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        add = key.startswith("+")
+        key = key.lstrip("+").strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        node = cfg
+        open_section = parts[0] in OPEN_SECTIONS
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if part in node and node[part] is not None and not add:
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+                if part not in node and not (add or open_section):
+                    raise ConfigError(_unknown(key, cfg))
+                node[part] = {}
+            node = node[part]
+        if parts[-1] not in node and not (add or open_section):
+            raise ConfigError(_unknown(key, cfg))
+        node[parts[-1]] = value
+    return cfg
+
+
+def _unknown(key: str, cfg: dict) -> str:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {key!r}{hint} (prefix it with + to add a new key)"

@@ -1,0 +1,162 @@
+"""``imm generate``: sample grids like the release, or N seeded images for evaluation.
+
+Grid mode writes ``OUT/<entry>_samples.png`` for every sampling entry of the config (the release's
+output). With ``num_images`` it writes, per entry, ``OUT/<entry>/<index>.png`` and ``OUT/<entry>.npz``
+(uint8 NHWC under ``arr_0``, class ids under ``arr_1`` for conditional nets: the ADM evaluator's
+layout). Image i always uses seed ``seed + i`` for its label and starting noise, so any subset is
+reproducible; under torchrun each rank takes every world_size-th index, and PNGs that already
+exist are kept, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import CheckpointError, network_from_tensors, read_checkpoint
+from .config import ConfigError
+from .encoders import build_encoder
+from .images import load_png, save_grid, save_png, to_hwc
+from .sampling import sample
+
+SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
+                 "pushforward": "pushforward", "restart": "restart"}
+ENTRY_KEYS = ("name", "discretization", "num_steps", "mid_nt", "cfg_scale")
+
+
+def sampling_entries(cfg: dict) -> dict[str, dict]:
+    """The config's ``sampling:`` section as keyword arguments of :func:`imm.sample`."""
+    section = cfg.get("sampling") or {}
+    if not isinstance(section, dict) or not section:
+        raise ConfigError("the config has no sampling entries (a `sampling:` section of named entries)")
+    entries = {}
+    for name, entry in section.items():
+        entry = dict(entry or {})
+        unknown = set(entry) - set(ENTRY_KEYS)
+        if unknown:
+            raise ConfigError(f"sampling entry {name!r}: unknown keys {sorted(unknown)}; allowed: {', '.join(ENTRY_KEYS)}")
+        sampler = entry.pop("name", "pushforward_generator_fn")
+        if sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"sampling entry {name!r}: unknown sampler {sampler!r}; use pushforward_generator_fn or restart_generator_fn")
+        entries[str(name)] = dict(sampler=SAMPLER_NAMES[sampler], **entry)
+    return entries
+
+
+def network_from_config(cfg: dict, checkpoint, network_overrides: dict, device) -> torch.nn.Module:
+    """Build the network from the checkpoint's own configuration (or the config's ``network:``
+    section when the file carries none), with ``network_overrides`` on top, and load its weights."""
+    file_config, tensors = read_checkpoint(checkpoint)
+    if file_config is None:
+        section = {k: v for k, v in (cfg.get("network") or {}).items() if k != "class_name"}
+        file_config = {"img_resolution": cfg.get("resolution"), "img_channels": cfg.get("channels"),
+                       "label_dim": cfg.get("label_dim", 0), **section}
+    config = {**file_config, **{k: v for k, v in network_overrides.items() if k != "class_name"}}
+    return network_from_tensors(config, tensors, str(checkpoint), device)
+
+
+def _draw_label(net, g: torch.Generator) -> int:
+    """The first draw of an image's generator: its class id (drawn for unconditional nets too)."""
+    return int(torch.randint(0, max(net.label_dim, 1), (), generator=g))
+
+
+def seeded_inputs(net, indices, seed: int):
+    """Starting noise (sigma_data * N(0, I)) and class ids of the images ``indices``, each from seed + index."""
+    noises, labels = [], []
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    for i in indices:
+        g = torch.Generator().manual_seed(int(seed) + int(i))
+        labels.append(_draw_label(net, g))
+        noises.append(torch.randn(shape, generator=g) * net.sigma_data)
+    labels_t = torch.tensor(labels, dtype=torch.long) if net.label_dim else None
+    return torch.stack(noises), labels_t
+
+
+def _decode(encoder, latents: torch.Tensor) -> torch.Tensor:
+    images = encoder.decode(latents)
+    return images.to("cpu")
+
+
+def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed: int, device) -> list[Path]:
+    """One ``<entry>_samples.png`` grid per entry from the same batch of starting points."""
+    noise, labels = seeded_inputs(net, range(batch_size), seed)
+    paths = []
+    for name, kwargs in entries.items():
+        g = torch.Generator(device=device).manual_seed(int(seed))
+        x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+        path = out / f"{name}_samples.png"
+        save_grid(_decode(encoder, x), path, nrow=int(math.sqrt(batch_size)))
+        paths.append(path)
+    return paths
+
+
+def generate_images(net, encoder, entries: dict, out: Path, num_images: int, batch_size: int, seed: int,
+                    device, progress: bool = True) -> list[Path]:
+    """``num_images`` seeded images per entry, as PNGs and one ADM-style .npz per entry."""
+    rank, world = distributed.rank(), distributed.world_size()
+    npz_paths = []
+    for name, kwargs in entries.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(rank, num_images, world) if not (folder / f"{i:06d}.png").exists()]
+        batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+        bar = tqdm(batches, desc=name, unit="batch", disable=not (progress and distributed.is_main()))
+        for indices in bar:
+            noise, labels = seeded_inputs(net, indices, seed)
+            g = torch.Generator(device=device).manual_seed(int(seed) + indices[0])
+            x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+            for i, img in zip(indices, to_hwc(_decode(encoder, x))):
+                tmp = folder / f".{i:06d}.png.tmp"
+                save_png(img, tmp)
+                os.replace(tmp, folder / f"{i:06d}.png")
+        distributed.barrier()
+        npz = out / f"{name}.npz"
+        if distributed.is_main():
+            arrays = {"arr_0": np.stack([load_png(folder / f"{i:06d}.png") for i in range(num_images)])}
+            if net.label_dim:
+                arrays["arr_1"] = seeded_labels(net, range(num_images), seed)
+            np.savez(npz, **arrays)
+        distributed.barrier()
+        npz_paths.append(npz)
+    return npz_paths
+
+
+def seeded_labels(net, indices, seed: int) -> np.ndarray:
+    """Class ids of images ``indices`` (the same draw as :func:`seeded_inputs`), without the noise."""
+    return np.array([_draw_label(net, torch.Generator().manual_seed(int(seed) + int(i))) for i in indices], dtype=np.int64)
+
+
+def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_images: int | None = None,
+        entries: list[str] | None = None, progress: bool = True) -> list[Path]:
+    """Everything ``imm generate`` does after parsing its arguments."""
+    device = distributed.init(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    eval_cfg = cfg.get("eval") or {}
+    checkpoint = checkpoint or eval_cfg.get("resume")
+    if not checkpoint:
+        raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
+    all_entries = sampling_entries(cfg)
+    if entries:
+        missing = [e for e in entries if e not in all_entries]
+        if missing:
+            raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(all_entries)}")
+        all_entries = {e: all_entries[e] for e in entries}
+    batch_size = int(eval_cfg.get("batch_size") or 64)
+    seed = int(eval_cfg.get("seed") or 0)
+    net = network_from_config(cfg, checkpoint, network_overrides, device)
+    encoder = build_encoder(cfg.get("encoder"))
+    encoder.init(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if num_images is None:
+        return generate_grids(net, encoder, all_entries, out, batch_size, seed, device)
+    if num_images < 1:
+        raise ConfigError("--num-images must be at least 1")
+    return generate_images(net, encoder, all_entries, out, num_images, batch_size, seed, device, progress)

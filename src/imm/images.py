@@ -1,0 +1,46 @@
+"""Writing images: grids like the release's ``<entry>_samples.png``, single PNGs, ADM-style ``.npz``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_hwc(images: torch.Tensor) -> np.ndarray:
+    """uint8 NCHW tensor -> uint8 NHWC array."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images of shape [N, C, H, W]; got {images.dtype} {list(images.shape)}")
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """Save uint8 NCHW images as one grid PNG, ``nrow`` images per row (default: square-ish)."""
+    arr = to_hwc(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or max(1, int(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        y, x = divmod(i, nrow)
+        top, left = padding + y * (h + padding), padding + x * (w + padding)
+        grid[top:top + h, left:left + w] = arr[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _pil(grid).save(path)
+
+
+def save_png(image_hwc: np.ndarray, path) -> None:
+    _pil(image_hwc).save(path)
+
+
+def load_png(path) -> np.ndarray:
+    """A PNG as uint8 HWC (grayscale gets a channel axis)."""
+    arr = np.asarray(Image.open(path))
+    return arr[:, :, None] if arr.ndim == 2 else arr

@@ -1,0 +1,34 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    return json.loads((FIXTURES / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny randomly initialised diffusers AutoencoderKL (4 latent channels, 2x down) in a folder."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    path = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(path)
+    return path

@@ -1,0 +1,119 @@
+"""The `imm` command: help, generate (grids, seeded images, torchrun), convert, info, errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imm
+from imm.cli import main
+from imm.encoders import StandardRGBEncoder
+from imm.generate import seeded_inputs
+
+from .conftest import FIXTURES
+
+UNET = FIXTURES / "unet_cifar_like.pkl"
+DIT = FIXTURES / "dit_imagenet_like.pkl"
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("generate", "convert", "info"):
+        assert cmd in out
+    for cmd in ("generate", "convert", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_console_script_installed():
+    out = subprocess.run(["imm", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_generate_grids_match_the_sampler(tmp_path):
+    assert main(["generate", "--checkpoint", str(UNET), "--config", "cifar10", "--out", str(tmp_path),
+                 "--device", "cpu", "eval.batch_size=4", "eval.seed=3"]) == 0
+    for entry in ("1_step", "2_steps"):
+        grid = np.asarray(Image.open(tmp_path / f"{entry}_samples.png"))
+        assert grid.shape == (2 + 2 * 18, 2 + 2 * 18, 3)
+    # the first tile of the 2-step grid is the sampler's output for image 0 with seed 3
+    net = imm.load_network(UNET)
+    noise, _ = seeded_inputs(net, range(4), 3)
+    x = imm.sample(net, noise, mid_nt=[1.4])
+    expected = StandardRGBEncoder().decode(x)[0].permute(1, 2, 0).numpy()
+    grid = np.asarray(Image.open(tmp_path / "2_steps_samples.png"))
+    assert np.array_equal(grid[2:18, 2:18], expected)
+
+
+def test_generate_num_images_is_seeded_per_image_and_resumes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "1_step", "--no-progress"]
+    assert main(common + ["--out", str(a), "--num-images", "5", "--batch-size", "2"]) == 0
+    assert main(common + ["--out", str(b), "--num-images", "3", "--batch-size", "3"]) == 0
+    arr_a = np.load(a / "1_step.npz")["arr_0"]
+    arr_b = np.load(b / "1_step.npz")["arr_0"]
+    assert arr_a.shape == (5, 16, 16, 3) and arr_a.dtype == np.uint8
+    assert np.array_equal(arr_a[:3], arr_b)  # any subset is reproducible
+    assert sorted(p.name for p in (a / "1_step").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    # interrupted run: a missing image is regenerated, the others are kept as they are
+    (a / "1_step" / "000003.png").unlink()
+    kept = (a / "1_step" / "000001.png").stat().st_mtime_ns
+    assert main(common + ["--out", str(a), "--num-images", "5", "--batch-size", "2"]) == 0
+    assert (a / "1_step" / "000001.png").stat().st_mtime_ns == kept
+    assert np.array_equal(np.load(a / "1_step.npz")["arr_0"], arr_a)
+
+
+def test_generate_latent_net_decodes_through_the_vae(tmp_path, tiny_vae_dir):
+    out = tmp_path / "out"
+    assert main(["generate", "--checkpoint", str(DIT), "--config", "imagenet256", "--out", str(out), "--device", "cpu",
+                 "--entries", "2_steps_cfg1.5_pushforward_uniform", "--num-images", "4", "--no-progress",
+                 f"encoder.vae_name={tiny_vae_dir}", "eval.batch_size=2"]) == 0
+    data = np.load(out / "2_steps_cfg1.5_pushforward_uniform.npz")
+    assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_0"].dtype == np.uint8  # 8x8 latents, 2x VAE
+    assert data["arr_1"].shape == (4,) and data["arr_1"].max() < 10
+    assert main(["generate", "--checkpoint", str(DIT), "--config", "imagenet256", "--out", str(out), "--device", "cpu",
+                 f"encoder.vae_name={tiny_vae_dir}", "eval.batch_size=4", "network.temb_type=identity"]) == 0
+    assert (out / "8_steps_cfg1.5_pushforward_uniform_samples.png").exists()
+
+
+def test_generate_under_torchrun_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "2_steps", "--num-images", "6",
+            "--batch-size", "2", "--no-progress"]
+    assert main(args + ["--out", str(one)]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "imm", *args, "--out", str(two)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert np.array_equal(np.load(one / "2_steps.npz")["arr_0"], np.load(two / "2_steps.npz")["arr_0"])
+
+
+def test_convert_and_info(tmp_path, capsys):
+    dst = tmp_path / "dit.safetensors"
+    assert main(["convert", str(DIT), str(dst), "temb_type=identity"]) == 0
+    assert imm.load_network(dst).temb_type == "identity"
+    assert main(["info", str(dst)]) == 0
+    assert '"model_type": "DiT"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--checkpoint", "/nonexistent.pkl", "--device", "cpu"], "no such file"),
+    (["generate", "--device", "cpu"], "no checkpoint given"),
+    (["generate", "--checkpoint", str(UNET), "--device", "cpu", "eval.batchsize=2"], "did you mean 'eval.batch_size'"),
+    (["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "9_steps"], "unknown sampling entries"),
+    (["generate", "--checkpoint", str(UNET), "--config", "nope", "--device", "cpu"], "unknown config"),
+    (["generate", "--checkpoint", str(UNET), "--device", "cpu", "network.model_channels=16"], "disagree"),
+    (["convert", str(UNET), "/tmp/x.safetensors", "f_type=bogus"], "f_type"),
+])
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -1,0 +1,48 @@
+"""YAML presets and dotted overrides."""
+
+import pytest
+
+from imm.config import ConfigError, apply_overrides, load_config, preset_names
+
+
+def test_presets_load():
+    assert {"cifar10", "imagenet256"} <= set(preset_names())
+    cfg = load_config("cifar10")
+    assert cfg["sampling"]["2_steps"]["mid_nt"] == [1.4]
+    im = load_config("imagenet256")
+    assert [e["num_steps"] for e in im["sampling"].values()] == [1, 2, 4, 8]
+    assert all(e["cfg_scale"] == 1.5 for e in im["sampling"].values())
+
+
+def test_overrides_release_spelling():
+    cfg = load_config("imagenet256")
+    out = apply_overrides(cfg, ["eval.batch_size=4", "network.temb_type=identity", "+extra.key=[1, 2]",
+                                "encoder.vae_name=/tmp/vae", "eval.seed=null"])
+    assert out["eval"]["batch_size"] == 4 and out["eval"]["seed"] is None
+    assert out["network"]["temb_type"] == "identity"
+    assert out["extra"]["key"] == [1, 2]
+    assert out["encoder"]["vae_name"] == "/tmp/vae"
+    assert cfg["eval"]["batch_size"] == 16  # the input is not modified
+
+
+def test_unknown_key_names_the_nearest():
+    cfg = load_config("cifar10")
+    with pytest.raises(ConfigError, match="did you mean 'eval.batch_size'"):
+        apply_overrides(cfg, ["eval.batchsize=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["eval.batch_size"])
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config 'cifar11'"):
+        load_config("cifar11")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(scalar))
