@@ -136,7 +136,7 @@ def test_missing_diffusers_gives_install_hint(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
+def tiny_vae_folder(tmp_path_factory):
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'imm[vae]')")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
@@ -155,25 +155,25 @@ def _reference_vae(folder):
     return AutoencoderKL.from_pretrained(str(folder)).eval().requires_grad_(False)
 
 
-def test_vae_encode_pixels_is_posterior_mean_and_std_of_minus1_1_input(tiny_vae_dir):
-    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_dir), batch_size=3)
+def test_vae_encode_pixels_is_posterior_mean_and_std_of_minus1_1_input(tiny_vae_folder):
+    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_folder), batch_size=3)
     x = _pixels(5)
     raw = enc.encode_pixels(x)
     assert raw.dtype == torch.float32 and raw.shape == (5, 8, 8, 8)
     mean, std = raw.chunk(2, dim=1)
     assert bool((std > 0).all())
     with torch.no_grad():
-        dist = _reference_vae(tiny_vae_dir).encode(x.float() / 127.5 - 1).latent_dist
+        dist = _reference_vae(tiny_vae_folder).encode(x.float() / 127.5 - 1).latent_dist
     torch.testing.assert_close(mean, dist.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(std, dist.std, rtol=1e-5, atol=1e-5)
     # chunking does not change the result
-    torch.testing.assert_close(StabilityVAEEncoder(vae_name=str(tiny_vae_dir), batch_size=8).encode_pixels(x),
+    torch.testing.assert_close(StabilityVAEEncoder(vae_name=str(tiny_vae_folder), batch_size=8).encode_pixels(x),
                                raw, rtol=1e-5, atol=1e-5)
 
 
-def test_vae_encode_latents_normalisation(tiny_vae_dir):
+def test_vae_encode_latents_normalisation(tiny_vae_folder):
     final_mean = [0.1, -0.2, 0.0, 0.3]
-    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_dir), final_mean=final_mean, final_std=0.5)
+    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_folder), final_mean=final_mean, final_std=0.5)
     raw = enc.encode_pixels(_pixels(2))
     out = enc.encode_latents(raw, generator=torch.Generator().manual_seed(7))
     assert out.dtype == torch.float32 and out.shape == (2, 4, 8, 8)
@@ -192,8 +192,8 @@ def test_vae_encode_latents_normalisation(tiny_vae_dir):
         enc.encode_latents(raw[:, :4])
 
 
-def test_vae_decode_inverts_whitening_and_maps_to_uint8(tiny_vae_dir):
-    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_dir), batch_size=2)
+def test_vae_decode_inverts_whitening_and_maps_to_uint8(tiny_vae_folder):
+    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_folder), batch_size=2)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(3, 4, 8, 8, generator=g) * 0.5
     img = enc.decode(latents)
@@ -202,7 +202,7 @@ def test_vae_decode_inverts_whitening_and_maps_to_uint8(tiny_vae_dir):
     rm = torch.tensor(SD_VAE_RAW_MEAN).reshape(1, 4, 1, 1)
     rs = torch.tensor(SD_VAE_RAW_STD).reshape(1, 4, 1, 1)
     with torch.no_grad():
-        y = _reference_vae(tiny_vae_dir).decode(latents / 0.5 * rs + rm).sample
+        y = _reference_vae(tiny_vae_folder).decode(latents / 0.5 * rs + rm).sample
     expected = ((y * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
     # float rounding may move a value across an integer boundary: allow off-by-one, rarely
     diff = (img.int() - expected.int()).abs()
@@ -211,14 +211,14 @@ def test_vae_decode_inverts_whitening_and_maps_to_uint8(tiny_vae_dir):
         enc.decode(torch.zeros(1, 8, 8, 8))
 
 
-def test_vae_decode_clips_out_of_range_output(tiny_vae_dir):
-    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_dir))
+def test_vae_decode_clips_out_of_range_output(tiny_vae_folder):
+    enc = StabilityVAEEncoder(vae_name=str(tiny_vae_folder))
     img = enc.decode(torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)) * 1e3)
     assert img.dtype == torch.uint8 and img.shape == (2, 3, 8, 8)
 
 
-def test_vae_fp16_is_cpu_float32_and_encoder_pickles_without_vae(tiny_vae_dir):
-    enc = build_encoder(dict(RELEASE_VAE_CFG, vae_name=str(tiny_vae_dir)))  # use_fp16: True
+def test_vae_fp16_is_cpu_float32_and_encoder_pickles_without_vae(tiny_vae_folder):
+    enc = build_encoder(dict(RELEASE_VAE_CFG, vae_name=str(tiny_vae_folder)))  # use_fp16: True
     enc.init("cpu")
     assert next(enc._vae.parameters()).dtype == torch.float32
     assert enc.vae_dtype("cpu") == torch.float32 and enc.vae_dtype("cuda") == torch.float16

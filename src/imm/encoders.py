@@ -41,8 +41,8 @@ Pixel convention of the VAE (what we found, and where):
   feed [-1, 1], use these same values.
 
 So :class:`StabilityVAEEncoder` feeds the VAE ``x / 127.5 - 1`` and maps its output ``y`` (about
-[-1, 1]) back with ``uint8(clamp(y * 0.5 + 0.5, 0, 1) * 255)`` (truncation, as the release does;
-sample statistics such as FID therefore match the release's pipeline).
+[-1, 1]) back with ``uint8(clamp(y * 0.5 + 0.5, 0, 1) * 255)`` (truncation, as the TVM code does, so
+that sample statistics such as FID follow the same pipeline).
 
 ``diffusers`` is an optional dependency (``pip install "imm[vae]"``), imported only when a VAE is
 first loaded. Nothing here does I/O except that loading.
@@ -53,6 +53,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -140,10 +141,13 @@ class StandardRGBEncoder(Encoder):
 
 
 def _per_channel(value, n: int, name: str) -> np.ndarray:
-    """``value`` (a number or a sequence of ``n`` numbers) as a float32 array of length ``n``."""
-    arr = np.asarray(value, dtype=np.float32).reshape(-1)
+    """``value`` (a number or a sequence of ``n`` numbers) as a float64 array of length ``n``."""
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}") from exc
     if arr.size == 1:
-        arr = np.full(n, arr[0], dtype=np.float32)
+        arr = np.full(n, arr[0])
     if arr.size != n:
         raise ValueError(f"{name} needs 1 or {n} values (one per latent channel), got {arr.size}")
     if not np.all(np.isfinite(arr)):
@@ -187,10 +191,10 @@ class StabilityVAEEncoder(Encoder):
           ``z = mean + std * eps`` (``eps`` from ``generator``, which must live on ``raw``'s device)
           and returns ``(z - raw_mean) / raw_std * final_std + final_mean``, computed as
           ``z * scale + bias`` with ``scale = final_std / raw_std`` and
-          ``bias = final_mean - raw_mean * scale`` in float32, as EDM2 and the release do;
+          ``bias = final_mean - raw_mean * scale`` in float32, as EDM2 and Luma's TVM release do;
         * ``decode(latents [N, C, h, w])``: inverts the whitening, VAE decoder in chunks of
           ``batch_size``, maps its output ``y`` to ``uint8(clamp(y * 0.5 + 0.5, 0, 1) * 255)``
-          (truncation, as the release).
+          (truncation, as in Luma's TVM release; see the module docstring).
 
     The VAE is loaded on the first ``init(device)`` (also called by the methods above with the
     input's device) and is not pickled with the encoder. Its weights are frozen; no gradients flow.
@@ -209,11 +213,10 @@ class StabilityVAEEncoder(Encoder):
         super().__init__()
         if not isinstance(vae_name, (str, os.PathLike)) or not str(vae_name):
             raise ValueError(f"vae_name must be a hub id or a folder, got {vae_name!r}")
-        raw_mean_arr = np.asarray(raw_mean, dtype=np.float32).reshape(-1)
-        n = int(raw_mean_arr.size)
+        n = int(np.size(raw_mean))
         if n < 1:
             raise ValueError("raw_mean needs one value per latent channel")
-        raw_mean_arr = _per_channel(raw_mean_arr, n, "raw_mean")
+        raw_mean_arr = _per_channel(raw_mean, n, "raw_mean")
         raw_std_arr = _per_channel(raw_std, n, "raw_std")
         final_mean_arr = _per_channel(final_mean, n, "final_mean")
         final_std_arr = _per_channel(final_std, n, "final_std")
@@ -231,9 +234,10 @@ class StabilityVAEEncoder(Encoder):
         self.use_fp16 = bool(use_fp16)
         self.channels = n
         self.raw_channels = 2 * n
-        # Whitening as an affine map, in float32 like EDM2 / the release: final = raw * scale + bias.
-        scale = final_std_arr / raw_std_arr
-        bias = final_mean_arr - raw_mean_arr * scale
+        # Whitening as an affine map, in float32 like EDM2 / TVM: final = raw * scale + bias.
+        f32 = np.float32
+        scale = final_std_arr.astype(f32) / raw_std_arr.astype(f32)
+        bias = final_mean_arr.astype(f32) - raw_mean_arr.astype(f32) * scale
         self.scale = tuple(float(v) for v in scale.astype(np.float32))
         self.bias = tuple(float(v) for v in bias.astype(np.float32))
         self._vae = None
@@ -256,6 +260,14 @@ class StabilityVAEEncoder(Encoder):
             self._vae.to(device=device, dtype=dtype)
 
     def _load(self, dtype: torch.dtype):
+        name = self.vae_name
+        folder = os.path.expanduser(name)
+        is_folder = os.path.isdir(folder)
+        if not is_folder and _looks_like_path(name):
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise FileNotFoundError(f"VAE folder {folder!r} {what}; vae_name must be a local folder "
+                                    "holding a diffusers AutoencoderKL (config.json + weights) or a Hugging "
+                                    f"Face hub id such as {SD_VAE_NAME!r}")
         try:
             import diffusers
         except ImportError as exc:
@@ -263,20 +275,18 @@ class StabilityVAEEncoder(Encoder):
         kwargs = {"torch_dtype": dtype}
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
-        load = diffusers.AutoencoderKL.from_pretrained
-        name = self.vae_name
-        folder = os.path.expanduser(name)
-        if os.path.isdir(folder):
+
+        def load(*args, **kw):
+            with warnings.catch_warnings():  # a deprecation notice diffusers triggers in huggingface_hub
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                return diffusers.AutoencoderKL.from_pretrained(*args, **kw)
+
+        if is_folder:
             try:
                 vae = load(folder, **kwargs)
             except Exception as exc:
                 raise RuntimeError(f"could not load a diffusers AutoencoderKL from folder {folder!r} "
                                    f"({_first_line(exc)})") from exc
-        elif _looks_like_path(name):
-            what = "is not a folder" if os.path.exists(folder) else "does not exist"
-            raise FileNotFoundError(f"VAE folder {folder!r} {what}; vae_name must be a local folder "
-                                    "holding a diffusers AutoencoderKL (config.json + weights) or a Hugging "
-                                    f"Face hub id such as {SD_VAE_NAME!r}")
         else:
             try:
                 vae = load(name, local_files_only=True, **kwargs)  # the local HF cache: no network

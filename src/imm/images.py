@@ -37,7 +37,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
 
 
 def save_png(image_hwc: np.ndarray, path) -> None:
-    _pil(image_hwc).save(path)
+    _pil(image_hwc).save(path, format="PNG")
 
 
 def load_png(path) -> np.ndarray:
