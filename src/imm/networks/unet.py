@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SongUNet", "UNetBlock", "Linear", "Conv2d", "GroupNorm", "PositionalEmbedding", "FourierEmbedding"]
+__all__ = ["Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock"]
 
 # Keys the release stores in ``_init_kwargs`` that carry no information for the backbone itself.
 _INFORMATIONAL_KWARGS = frozenset({"img_channels"})
@@ -63,7 +63,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        fans = {"mode": init_mode, "fan_in": in_features, "fan_out": out_features}
         self.weight = nn.Parameter(_init_weight([out_features, in_features], **fans) * init_weight)
         self.bias = nn.Parameter(_init_weight([out_features], **fans) * init_bias) if bias else None
 
@@ -98,7 +98,7 @@ class Conv2d(nn.Module):
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        fans = {"mode": init_mode, "fan_in": in_channels * kernel * kernel, "fan_out": out_channels * kernel * kernel}
         self.weight = (nn.Parameter(_init_weight([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
                        if kernel else None)
         self.bias = nn.Parameter(_init_weight([out_channels], **fans) * init_bias) if kernel and bias else None
@@ -119,7 +119,7 @@ class Conv2d(nn.Module):
         c = x.shape[1]
         return F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
-    def _downsample(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, pad: Optional[int] = None) -> torch.Tensor:
+    def _downsample(self, x: torch.Tensor, bias: torch.Tensor | None = None, pad: int | None = None) -> torch.Tensor:
         f = self.resample_filter.to(x.dtype)
         if pad is None:
             pad = (f.shape[-1] - 1) // 2
@@ -212,14 +212,14 @@ class UNetBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
-                 down: bool = False, attention: bool = False, num_heads: Optional[int] = None,
+                 down: bool = False, attention: bool = False, num_heads: int | None = None,
                  channels_per_head: int = 64, dropout: float = 0.0, skip_scale: float = 1.0, eps: float = 1e-5,
                  resample_filter: Sequence[float] = (1, 1), resample_proj: bool = False,
-                 adaptive_scale: bool = True, init: Optional[dict] = None, init_zero: Optional[dict] = None,
-                 init_attn: Optional[dict] = None):
+                 adaptive_scale: bool = True, init: dict | None = None, init_zero: dict | None = None,
+                 init_attn: dict | None = None):
         super().__init__()
         init = dict(init or {})
-        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0)
+        init_zero = dict(init_zero) if init_zero is not None else {"init_weight": 0}
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
@@ -318,14 +318,14 @@ class SongUNet(nn.Module):
 
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(
-            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn,
-        )
+        init = {"init_mode": "xavier_uniform"}
+        init_zero = {"init_mode": "xavier_uniform", "init_weight": 1e-5}
+        init_attn = {"init_mode": "xavier_uniform", "init_weight": math.sqrt(0.2)}
+        block_kwargs = {
+            "emb_channels": emb_channels, "num_heads": 1, "dropout": dropout, "skip_scale": math.sqrt(0.5), "eps": 1e-6,
+            "resample_filter": resample_filter, "resample_proj": True, "adaptive_scale": False,
+            "init": init, "init_zero": init_zero, "init_attn": init_attn,
+        }
 
         def noise_embedding():
             if embedding_type == "positional":
@@ -429,9 +429,9 @@ class SongUNet(nn.Module):
             emb = emb + self.map_layer1_s(F.silu(self.map_layer0_s(emb_s)))
         return F.silu(emb)
 
-    def forward(self, x: torch.Tensor, noise_labels_t: torch.Tensor, noise_labels_s: Optional[torch.Tensor] = None,
-                class_labels: Optional[torch.Tensor] = None,
-                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_labels_t: torch.Tensor, noise_labels_s: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.s_embed and noise_labels_s is None:
             raise ValueError("this SongUNet has s_embed=True and needs noise_labels_s")
         emb = self._mapping(noise_labels_t, noise_labels_s, class_labels, augment_labels, x.shape[0], x.device)
