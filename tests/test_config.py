@@ -17,7 +17,8 @@ def test_presets_load():
 def test_overrides_release_spelling():
     cfg = load_config("imagenet256")
     out = apply_overrides(cfg, ["eval.batch_size=4", "network.temb_type=identity", "+extra.key=[1, 2]",
-                                "encoder.vae_name=/tmp/vae", "eval.seed=null"])
+                                "encoder.vae_name=/tmp/vae", "eval.seed=null", "+lr=3e-4", "+name=abc"])
+    assert out["lr"] == 3e-4 and out["name"] == "abc"
     assert out["eval"]["batch_size"] == 4 and out["eval"]["seed"] is None
     assert out["network"]["temb_type"] == "identity"
     assert out["extra"]["key"] == [1, 2]

@@ -136,6 +136,14 @@ def _find_network(obj, path: Path):
     return obj
 
 
+def _training_state(obj, path: Path):
+    """(config, first EMA's tensors) of a trainer checkpoint (``imm train``'s training-state-*.pt)."""
+    emas = obj.get("ema") or {}
+    if not emas or not isinstance(obj.get("network_config"), dict):
+        raise CheckpointError(f"{path}: training state without network configuration or EMA weights")
+    return dict(obj["network_config"]), dict(next(iter(emas.values())))
+
+
 def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """(network configuration or None, state_dict) from any supported file, without building the network."""
     path = Path(path)
@@ -146,7 +154,10 @@ def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     kind = _file_kind(path)
     if kind == "safetensors":
         return _read_safetensors(path)
-    net = _find_network(_read_pickled(path, kind), path)
+    obj = _read_pickled(path, kind)
+    if isinstance(obj, dict) and obj.get("format") == "imm-training":
+        return _training_state(obj, path)
+    net = _find_network(obj, path)
     if isinstance(net, safe_pickle.PickledObject):
         if net.name not in NETWORK_CLASSES:
             raise CheckpointError(f"{path}: not an IMM checkpoint (the network is a {net.name}, expected IMMPrecond)")

@@ -16,11 +16,19 @@ EXAMPLES_GENERATE = """examples:
 """
 
 
+EXAMPLES_TRAIN = """examples:
+  imm train --config toy2d                                   # seconds on a CPU
+  imm train --config mnist --run-dir runs/mnist              # the bundled MNIST digits
+  imm train --config cifar10 dataset.path=/data/cifar10-32x32.zip
+  torchrun --nproc_per_node=8 -m imm train --config imagenet256-dit-xl dataset.path=/data/in256-latents.zip
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      -m imm train --config imagenet256-dit-xl training.parallel=fsdp dataset.path=...
+"""
+
+
 def _split_overrides(items: list[str]) -> tuple[list[str], dict]:
     """Separate ``network.*`` overrides (applied on top of the checkpoint's own configuration)."""
-    import yaml
-
-    from .config import ConfigError
+    from .config import ConfigError, parse_value
 
     rest, network = [], {}
     for item in items:
@@ -29,7 +37,7 @@ def _split_overrides(items: list[str]) -> tuple[list[str], dict]:
             sub = key[len("network."):]
             if not sub or "." in sub:
                 raise ConfigError(f"override {item!r}: network overrides are network.KEY=VALUE")
-            network[sub] = yaml.safe_load(item.split("=", 1)[1])
+            network[sub] = parse_value(item.split("=", 1)[1])
         else:
             rest.append(item)
     return rest, network
@@ -58,6 +66,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import load_train_config, train
+
+    cfg = load_train_config(args.config, args.overrides)
+    run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
+    path = train(cfg, run_dir, device=args.device)
+    from . import distributed
+
+    if distributed.is_main():
+        print(f"wrote {path}")
+    distributed.shutdown()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import convert
 
@@ -79,7 +101,7 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="imm", description="Inductive Moment Matching: few-step generative models (sampling, conversion).")
+        prog="imm", description="Inductive Moment Matching: few-step generative models (training, sampling, conversion).")
     parser.add_argument("--version", action="version", version=f"imm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -99,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. eval.batch_size=16 network.temb_type=identity")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train IMM from scratch (or resume the run in --run-dir)",
+                       description="Train with a preset (cifar10, imagenet256-dit-s|b|l|xl, mnist, toy2d) or a YAML "
+                                   "file. Rerunning the same command resumes from the run's latest checkpoint.",
+                       epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="preset name or YAML file")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, logs and samples go (default: runs/CONFIG)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; torchrun: one per rank)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. training.batch_size=512 optimizer.lr=2e-4")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert a checkpoint to our safetensors format",
                        description="Read any supported checkpoint and write one .safetensors file "
@@ -128,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
+        from . import distributed
+
+        distributed.shutdown()
         print(f"imm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"imm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"imm {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -68,10 +68,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         key = key.lstrip("+").strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        value = parse_value(text)
         parts = key.split(".")
         node = cfg
         open_section = parts[0] in OPEN_SECTIONS
@@ -87,6 +84,21 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             raise ConfigError(_unknown(key, cfg))
         node[parts[-1]] = value
     return cfg
+
+
+def parse_value(text: str):
+    """A YAML value; numbers in exponent notation without a dot (``3e-4``, which YAML 1.1 reads as a
+    string) are floats."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _unknown(key: str, cfg: dict) -> str:

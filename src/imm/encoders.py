@@ -61,7 +61,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "build_encoder", "ENCODER_CLASSES"]
+__all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEncoder", "build_encoder", "ENCODER_CLASSES"]
 
 # The release's ImageNet-256 settings (im256_generate_images.yaml), used as defaults below.
 SD_VAE_NAME = "stabilityai/sd-vae-ft-ema"
@@ -120,24 +120,44 @@ class StandardRGBEncoder(Encoder):
       ``decode(encode(p)) == p`` for every ``uint8`` ``p``.
     """
 
-    channels = 3
-    raw_channels = 3
+    def __init__(self, channels: int = 3):
+        """``channels``: 3 for RGB, 1 for grayscale data such as MNIST."""
+        self.channels = self.raw_channels = int(channels)
 
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        _check_nchw(x, 3, "pixels")
+        _check_nchw(x, self.channels, "pixels")
         return x
 
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x / 127.5 - 1`` in float32; ``generator`` is accepted for a uniform interface and unused."""
-        _check_nchw(x, 3, "pixels")
+        _check_nchw(x, self.channels, "pixels")
         return x.to(torch.float32) / 127.5 - 1
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        _check_nchw(x, 3, "images")
+        _check_nchw(x, self.channels, "images")
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
     def __repr__(self) -> str:
-        return "StandardRGBEncoder()"
+        return f"StandardRGBEncoder(channels={self.channels})"
+
+
+class IdentityEncoder(Encoder):
+    """Data that already is the model space (toy 2-D points stored as [2, 1, 1] float "images")."""
+
+    def __init__(self, channels: int = 2):
+        self.channels = self.raw_channels = int(channels)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x.to(torch.float32)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"IdentityEncoder(channels={self.channels})"
 
 
 def _per_channel(value, n: int, name: str) -> np.ndarray:
@@ -356,6 +376,7 @@ class StabilityVAEEncoder(Encoder):
 ENCODER_CLASSES: dict[str, type[Encoder]] = {
     "StandardRGBEncoder": StandardRGBEncoder,
     "StabilityVAEEncoder": StabilityVAEEncoder,
+    "IdentityEncoder": IdentityEncoder,
 }
 _PREFIXES = ("training.encoders.", "imm.encoders.")
 

@@ -1,11 +1,12 @@
-"""Backbones G: the DDPM++/NCSN++ UNet (``unet.py``) and DiT (``dit.py``), by the release's names."""
+"""Backbones G: the DDPM++/NCSN++ UNet (``unet.py``) and DiT (``dit.py``), by the release's names,
+and a small MLP (``mlp.py``) for toy 2-D data."""
 
 from __future__ import annotations
 
 import importlib
 
 # model_type (as the release's configs spell it) -> (module, constructor)
-_BACKBONES = {"SongUNet": ("unet", "SongUNet"), "DiT": ("dit", "DiT")}
+_BACKBONES = {"SongUNet": ("unet", "SongUNet"), "DiT": ("dit", "DiT"), "MLP": ("mlp", "MLP")}
 for _size in ("S", "B", "L", "XL"):
     for _patch in (2, 4, 8):
         _BACKBONES[f"DiT_{_size}_{_patch}"] = ("dit", f"DiT_{_size}_{_patch}")

@@ -1,0 +1,574 @@
+"""``imm train``: the IMM training loop, from one CPU to many GPUs (torchrun, DDP or FSDP2).
+
+One straight loop (nanoGPT/EDM2 style). Per optimizer step the global batch is split into chunks of
+``batch_per_device`` samples: each process takes its contiguous share of the step's global batch
+(:func:`imm.data.make_loader`) and runs ``accumulation`` chunks; chunk ``c`` of the whole step is
+``rank * accumulation + micro``. Everything random in a chunk (times, noise, label dropout, flips,
+VAE latent draws, dropout masks) comes from a generator seeded by ``(seed, step, c)``, so:
+
+* W processes with A accumulation steps train exactly like one process with W*A accumulation steps
+  (same chunks, same draws; DDP averages what accumulation would have averaged);
+* resuming from a checkpoint gives the same weights, bit for bit, as an uninterrupted run (CPU).
+
+Checkpoints (``RUN/checkpoints/training-state-STEP.pt``) hold the online network, every EMA, the
+optimizer, the step and the config; they are written atomically and the last ``keep_last`` are kept.
+Restarting the same command resumes from the latest one. ``imm.load_network`` reads them (the first
+EMA), and the final EMA is also written as ``RUN/network.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import inspect
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .checkpoint import CheckpointError, atomic_write, save_network
+from .config import ConfigError
+from .data import build_dataset, make_loader, random_xflip
+from .encoders import build_encoder
+from .images import save_grid
+from .loss import IMMLoss
+from .precond import IMMNetwork
+from .sampling import sample
+
+SECTIONS = ("resolution", "channels", "label_dim", "dataset", "encoder", "network", "loss", "optimizer",
+            "training", "logging", "sampling", "eval")
+OPTIMIZER_DEFAULTS = dict(name="radam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
+                          warmup_steps=0, grad_clip=None)
+TRAINING_DEFAULTS = dict(total_steps=400_000, batch_size=4096, batch_per_device=None, seed=0,
+                         ema_decays=[0.9999], ema_warmup=False, precision="tf32", compile=False, xflip=False,
+                         num_workers=2, parallel="ddp", max_nonfinite_steps=20)
+LOGGING_DEFAULTS = dict(log_every=100, checkpoint_every=10_000, keep_last=3, sample_every=10_000,
+                        sample_steps=[1, 2, 4], sample_count=64, tensorboard=True, wandb=False, progress=True)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or cannot go on; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _check_keys(section: str, given: dict, allowed) -> None:
+    unknown = [k for k in given if k not in allowed]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(allowed), n=1, cutoff=0.5)
+        hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{section}.{unknown[0]}'{hint}")
+
+
+def resolve_config(cfg: dict) -> dict:
+    """Fill defaults into the training sections and reject unknown keys (naming the nearest valid one)."""
+    cfg = copy.deepcopy(cfg)
+    _check_keys("config", {k: 1 for k in cfg}, SECTIONS)
+    for name, defaults in (("optimizer", OPTIMIZER_DEFAULTS), ("training", TRAINING_DEFAULTS),
+                           ("logging", LOGGING_DEFAULTS)):
+        given = cfg.get(name) or {}
+        _check_keys(name, given, defaults)
+        cfg[name] = {**copy.deepcopy(defaults), **given}
+    loss_defaults = {name: p.default for name, p in inspect.signature(IMMLoss.__init__).parameters.items()
+                     if name != "self"}
+    _check_keys("loss", cfg.get("loss") or {}, loss_defaults)
+    cfg["loss"] = {**loss_defaults, **(cfg.get("loss") or {})}
+    if not cfg.get("dataset"):
+        raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
+    if cfg["training"]["precision"] not in PRECISIONS:
+        raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}")
+    if cfg["optimizer"]["name"] not in ("radam", "adamw"):
+        raise ConfigError("optimizer.name must be radam or adamw")
+    if cfg["training"]["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError("training.parallel must be ddp or fsdp")
+    return cfg
+
+
+def load_train_config(name_or_path: str, overrides=()) -> dict:
+    """A preset or YAML file with the trainer's defaults filled in, then dotted overrides applied."""
+    from .config import apply_overrides, load_config
+
+    return resolve_config(apply_overrides(resolve_config(load_config(name_or_path)), list(overrides)))
+
+
+def network_config(cfg: dict, dataset, encoder) -> dict:
+    """IMMNetwork arguments: the config's network section with the data's shape filled in."""
+    net = {k: v for k, v in (cfg.get("network") or {}).items() if k != "class_name"}
+    net.setdefault("img_resolution", cfg.get("resolution") or dataset.resolution)
+    net.setdefault("img_channels", cfg.get("channels") or encoder.channels)
+    net.setdefault("label_dim", cfg.get("label_dim", dataset.label_dim) or 0)
+    if cfg["training"]["precision"] in ("bf16", "fp16"):
+        net["mixed_precision"] = cfg["training"]["precision"]
+    return net
+
+
+def batch_layout(global_batch: int, batch_per_device: int | None, world: int, group_size: int) -> tuple[int, int]:
+    """(per-device chunk size, accumulation steps) for a global batch; groups never straddle chunks."""
+    if global_batch % (world * group_size):
+        raise ConfigError(f"training.batch_size={global_batch} must be divisible by processes x group size "
+                          f"({world} x {group_size})")
+    per_rank = global_batch // world
+    chunk = batch_per_device or per_rank
+    if chunk % group_size or per_rank % chunk:
+        raise ConfigError(f"training.batch_per_device={chunk} must be a multiple of loss.group_size={group_size} "
+                          f"and divide the per-process batch {per_rank}")
+    return chunk, per_rank // chunk
+
+
+def check_data(dataset, encoder, net_cfg: dict) -> None:
+    """Fail before any compute when data and network disagree."""
+    if len(dataset) == 0:
+        raise ConfigError("the dataset is empty")
+    if dataset.num_channels != encoder.raw_channels:
+        raise ConfigError(f"the dataset has {dataset.num_channels} channels but the encoder "
+                          f"({type(encoder).__name__}) expects {encoder.raw_channels}")
+    if net_cfg["img_channels"] != encoder.channels:
+        raise ConfigError(f"network.img_channels={net_cfg['img_channels']} but the encoder gives {encoder.channels} channels")
+    if net_cfg["img_resolution"] != dataset.resolution:
+        raise ConfigError(f"the dataset's resolution is {dataset.resolution} but the network's is "
+                          f"{net_cfg['img_resolution']}")
+    if net_cfg.get("label_dim", 0) and dataset.label_dim == 0:
+        raise ConfigError(f"network.label_dim={net_cfg['label_dim']} but the dataset has no labels")
+    if dataset.label_dim > net_cfg.get("label_dim", 0) > 0:
+        raise ConfigError(f"the dataset has {dataset.label_dim} classes but network.label_dim={net_cfg['label_dim']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
+    kwargs = dict(lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"])
+    return (torch.optim.RAdam if opt["name"] == "radam" else torch.optim.AdamW)(params, **kwargs)
+
+
+def learning_rate(step: int, opt: dict) -> float:
+    warmup = opt["warmup_steps"] or 0
+    return opt["lr"] * min(1.0, (step + 1) / warmup) if warmup else opt["lr"]
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    net_params = [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """The EMA decay at ``step``; with warm-up, min(decay, (1 + step) / (10 + step)) so early EMAs track."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def _state_dict(module) -> dict:
+    """A full, CPU state_dict (gathers FSDP2 shards)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in module.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        out[k] = v.detach().to("cpu").clone()
+    return out
+
+
+def _load_state_dict(module, state: dict) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = module.state_dict()
+    converted = {}
+    for k, v in state.items():
+        if k in own and isinstance(own[k], DTensor):
+            v = distribute_tensor(v.to(own[k].device), own[k].device_mesh, own[k].placements)
+        converted[k] = v
+    module.load_state_dict(converted, strict=True)
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("training-state-*.pt"))
+
+
+def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer, keep_last: int) -> Path:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model_sd = _state_dict(net)
+    ema_sd = {str(d): _state_dict(e) for d, e in emas.items()}
+    opt_sd = get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = run_dir / "checkpoints" / f"training-state-{step:08d}.pt"
+    if distributed.is_main():
+        state = {"format": "imm-training", "version": 1, "step": step, "config": cfg,
+                 "network_config": net.config, "model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        for old in checkpoint_paths(run_dir)[:-keep_last] if keep_last else []:
+            old.unlink(missing_ok=True)
+    distributed.barrier()
+    return path
+
+
+def load_latest_state(run_dir: Path):
+    """The newest readable training state (an unreadable newest one falls back to the one before)."""
+    from . import safe_pickle
+
+    for path in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+            if isinstance(state, dict) and state.get("format") == "imm-training":
+                return path, state
+        except Exception as e:  # noqa: BLE001 - a torn or corrupt file: try the previous one
+            if distributed.is_main():
+                print(f"imm train: skipping unreadable checkpoint {path.name} ({type(e).__name__})")
+    return None, None
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the end of the step."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Logger:
+    """metrics.jsonl, TensorBoard (and W&B when asked and installed) on the main process."""
+
+    def __init__(self, run_dir: Path, cfg: dict):
+        self.enabled = distributed.is_main()
+        self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        log = cfg["logging"]
+        if log["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("imm train: tensorboard is not installed; logging to metrics.jsonl only")
+        if log["wandb"]:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="imm", dir=str(run_dir), config=cfg, resume="allow")
+            except ImportError:
+                print("imm train: wandb is not installed; logging.wandb ignored")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def image(self, step: int, tag: str, images_uint8: torch.Tensor) -> None:
+        if self.enabled and self.tb:
+            from .images import to_hwc
+
+            grid = to_hwc(images_uint8)
+            self.tb.add_images(tag, grid, step, dataformats="NHWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb:
+                self.tb.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+@torch.no_grad()
+def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
+    """EMA samples at each of ``logging.sample_steps`` (uniform grid), written as PNG grids."""
+    log = cfg["logging"]
+    n = int(log["sample_count"])
+    g = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
+    x_T = torch.randn(n, ema.img_channels, ema.img_resolution, ema.img_resolution, generator=g) * ema.sigma_data
+    labels = torch.arange(n) % ema.label_dim if ema.label_dim else None
+    paths = []
+    was_training = ema.training
+    ema.eval()
+    for steps in log["sample_steps"]:
+        x = sample(ema, x_T.to(device), None if labels is None else labels.to(device),
+                   num_steps=int(steps), discretization="uniform")
+        images = encoder.decode(x).cpu()
+        if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: no picture
+            continue
+        path = run_dir / "samples" / f"step{step:08d}_{steps}step.png"
+        save_grid(images, path)
+        logger.image(step, f"samples/{steps}step", images)
+        paths.append(path)
+    ema.train(was_training)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path:
+    """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network."""
+    cfg = resolve_config(cfg)
+    tcfg, ocfg, log = cfg["training"], cfg["optimizer"], cfg["logging"]
+    run_dir = Path(run_dir)
+    device = distributed.init(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if device.type == "cuda":
+        tf32 = tcfg["precision"] != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    # -- data, network, loss: every check before any compute ---------------------------------------
+    dataset = build_dataset(cfg["dataset"])
+    encoder = build_encoder(cfg.get("encoder"))
+    net_cfg = network_config(cfg, dataset, encoder)
+    check_data(dataset, encoder, net_cfg)
+    loss_fn = IMMLoss(**cfg["loss"])
+    chunk, accumulation = batch_layout(int(tcfg["batch_size"]), tcfg["batch_per_device"], world, loss_fn.group_size)
+    try:
+        torch.manual_seed(int(tcfg["seed"]))
+        net = IMMNetwork(**net_cfg).to(device).train()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad network configuration: {e}") from None
+    encoder.init(device)
+    emas = {float(d): copy.deepcopy(net).eval().requires_grad_(False) for d in tcfg["ema_decays"]}
+    if not emas:
+        raise ConfigError("training.ema_decays must list at least one decay")
+
+    # -- resume ---------------------------------------------------------------------------------------
+    start_step = 0
+    state_path, state = load_latest_state(run_dir)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        for d, e in emas.items():
+            if str(d) not in state["ema"]:
+                raise TrainingError(f"{state_path}: has no EMA with decay {d} (it has {', '.join(state['ema'])})")
+            e.load_state_dict(state["ema"][str(d)])
+        start_step = int(state["step"])
+
+    # -- parallelism --------------------------------------------------------------------------------
+    model = net
+    if world > 1 and tcfg["parallel"] == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = getattr(net.model, "blocks", None)
+        for block in blocks if blocks is not None else []:
+            fully_shard(block)
+        fully_shard(net)
+        for e in emas.values():
+            for block in getattr(e.model, "blocks", None) or []:
+                fully_shard(block)
+            fully_shard(e)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(net.parameters(), ocfg)
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        del state
+    forward = torch.compile(model) if tcfg["compile"] else model
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if tcfg["precision"] == "fp16" else None
+
+    total = int(tcfg["total_steps"])
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_to_yaml(cfg))
+        n_params = sum(p.numel() for p in net.parameters())
+        what = f"resuming at step {start_step}" if start_step else "starting"
+        print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
+              f"global batch {tcfg['batch_size']} = {world} x {accumulation} x {chunk}, run dir {run_dir}")
+    if start_step >= total:
+        return _finish(run_dir, emas, encoder, cfg, total, Logger(run_dir, cfg), device)
+    loader = make_loader(dataset, chunk * accumulation, int(tcfg["batch_size"]), rank, world,
+                         seed=int(tcfg["seed"]), start_step=start_step, num_workers=int(tcfg["num_workers"]))
+    logger = Logger(run_dir, cfg)
+    show = log["progress"] if progress is None else progress
+    bar = None
+    if show and distributed.is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    nonfinite_in_a_row = 0
+    window = _Window(device)
+    step = start_step
+    with _StopFlag() as stop:
+        while step < total:
+            raw, labels = next(loader)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, ocfg)
+            for micro in range(accumulation):
+                c = rank * accumulation + micro
+                seed = chunk_seed(int(tcfg["seed"]), step, c)
+                torch.manual_seed(seed)  # dropout masks of this chunk
+                gen = torch.Generator(device).manual_seed(seed)
+                x = raw[micro * chunk:(micro + 1) * chunk].to(device, non_blocking=True)
+                y = labels[micro * chunk:(micro + 1) * chunk].to(device)
+                x = encoder.encode_latents(x, generator=gen)
+                if tcfg["xflip"]:
+                    x = random_xflip(x, gen)
+                y = y if net.label_dim else None
+                sync = micro == accumulation - 1
+                ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+                with ctx:
+                    loss, stats = loss_fn(forward, x, y, target_net=net, generator=gen)
+                    scaled = loss / accumulation
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                window.add(loss.detach(), stats)
+            if scaler:
+                scaler.unscale_(optimizer)
+            max_norm = float(ocfg["grad_clip"]) if ocfg["grad_clip"] else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if isinstance(grad_norm, torch.Tensor) and hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                (scaler.step(optimizer) if scaler else optimizer.step())
+                for d, e in emas.items():
+                    update_ema(e, net, ema_decay(d, step, tcfg["ema_warmup"]))
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                logger.scalars(step, {"train/nonfinite_step": 1.0})
+            if scaler:
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            window.grad_norm(grad_norm)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if nonfinite_in_a_row >= int(tcfg["max_nonfinite_steps"]):
+                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+                raise TrainingError(f"{nonfinite_in_a_row} steps in a row had non-finite gradients (step {step}); "
+                                    "stopping. Lower the learning rate, use fp32/bf16, or check the data.")
+            if step % int(log["log_every"]) == 0 or step == total:
+                values = window.flush(tcfg["batch_size"], optimizer.param_groups[0]["lr"])
+                logger.scalars(step, values)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{values['train/loss']:.4g}", img_s=f"{values['train/images_per_s']:.0f}")
+            if step % int(log["checkpoint_every"]) == 0 and step < total:
+                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+            if step % int(log["sample_every"]) == 0 and step < total:
+                sample_grids(next(iter(emas.values())), encoder, cfg, run_dir, step, logger, device)
+            if _agree(stop.raised, device):
+                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+                if bar is not None:
+                    bar.close()
+                logger.close()
+                loader.close()
+                raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint written, rerun to resume")
+    if bar is not None:
+        bar.close()
+    loader.close()
+    save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+    return _finish(run_dir, emas, encoder, cfg, step, logger, device)
+
+
+def _finish(run_dir: Path, emas: dict, encoder, cfg: dict, step: int, logger, device) -> Path:
+    ema = next(iter(emas.values()))
+    full = IMMNetwork(**ema.config)
+    full.load_state_dict(_state_dict(ema))
+    path = run_dir / "network.safetensors"
+    if distributed.is_main():
+        save_network(full, path)
+        sample_grids(full.to(device), encoder, cfg, run_dir, step, logger, device)
+    logger.close()
+    distributed.barrier()
+    return path
+
+
+class _Window:
+    """Running sums over a logging interval, kept on the device (one host sync per log line)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        z = lambda: torch.zeros((), device=self.device, dtype=torch.float64)  # noqa: E731
+        self.loss, self.count, self.gnorm, self.steps, self.nonfinite = z(), z(), z(), 0, z()
+        self.bin_loss = torch.zeros(len(T_BINS) - 1, device=self.device, dtype=torch.float64)
+        self.bin_count = torch.zeros_like(self.bin_loss)
+        self.start = time.perf_counter()
+
+    def add(self, loss, stats):
+        self.loss += loss.to(torch.float64)
+        self.count += 1
+        self.nonfinite += stats["nonfinite"].to(torch.float64)
+        group_loss, t = stats["loss"].to(torch.float64), stats["t"].to(torch.float64)
+        finite = torch.isfinite(group_loss)
+        idx = torch.bucketize(t, torch.tensor(T_BINS[1:-1], device=t.device, dtype=t.dtype))
+        self.bin_loss.index_add_(0, idx, torch.where(finite, group_loss, 0))
+        self.bin_count.index_add_(0, idx, finite.to(torch.float64))
+
+    def grad_norm(self, g):
+        self.gnorm += torch.nan_to_num(g.to(torch.float64), nan=0.0, posinf=0.0)
+        self.steps += 1
+
+    def flush(self, global_batch: int, lr: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        out = {"train/loss": (self.loss / self.count.clamp(min=1)).item(),
+               "train/grad_norm": (self.gnorm / max(self.steps, 1)).item(),
+               "train/lr": lr, "train/nonfinite_groups": self.nonfinite.item(),
+               "train/images_per_s": global_batch * self.steps / max(elapsed, 1e-9),
+               "train/steps_per_s": self.steps / max(elapsed, 1e-9)}
+        means = (self.bin_loss / self.bin_count.clamp(min=1)).tolist()
+        for (lo, hi), v, n in zip(zip(T_BINS[:-1], T_BINS[1:]), means, self.bin_count.tolist()):
+            if n:
+                out[f"loss_by_t/{lo:.2f}-{hi:.2f}"] = v
+        self.reset()
+        return out
+
+
+def _agree(flag: bool, device) -> bool:
+    """True on every rank when any rank saw the flag."""
+    if distributed.world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _to_yaml(cfg: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+__all__ = ["train", "resolve_config", "TrainingError", "CheckpointError"]
