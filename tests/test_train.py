@@ -70,20 +70,25 @@ def test_resume_is_bit_exact(tmp_path):
     assert not all(torch.equal(fresh[k], c[k]) for k in fresh)
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
-    """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32)."""
-    common = ["training.total_steps=4", "training.batch_size=32", "training.batch_per_device=16",
-              "logging.checkpoint_every=100"]
-    train(toy_cfg(*common), tmp_path / "one", device="cpu")
+@pytest.mark.parametrize("parallel,port", [("ddp", 29544), ("fsdp", 29545)])
+def test_two_processes_equal_one_process(tmp_path, parallel, port):
+    """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32),
+    with DDP and with FSDP2 (which also resumes from its own checkpoint)."""
+    common = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
+    train(toy_cfg("training.total_steps=4", *common), tmp_path / "one", device="cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", "-m", "imm",
-           "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu", *TOY_FAST, *common]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, _, _ = online_weights(tmp_path / "one")
-    b, _, _ = online_weights(tmp_path / "two")
+    for steps in (2, 4) if parallel == "fsdp" else (4,):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu",
+               *TOY_FAST, *common, f"training.total_steps={steps}", f"training.parallel={parallel}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    a, ema_a, _ = online_weights(tmp_path / "one")
+    b, ema_b, step = online_weights(tmp_path / "two")
+    assert step == 4
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(ema_a["0.995"][k], ema_b["0.995"][k], rtol=1e-5, atol=1e-6), k
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -179,6 +184,16 @@ def test_bad_input_fails_before_compute(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         train(_image_cfg(npz, *overrides), tmp_path / "run", device="cpu")
     assert not checkpoint_paths(tmp_path / "run")
+
+
+def test_presets_resolve_and_need_a_dataset_path():
+    for name in ("cifar10", "imagenet256-dit-s", "imagenet256-dit-b", "imagenet256-dit-l", "imagenet256-dit-xl"):
+        cfg = load_train_config(name)
+        with pytest.raises(ConfigError, match="dataset.path is not set"):
+            train(cfg, "/nonexistent-run", device="cpu")
+    xl = load_train_config("imagenet256-dit-xl")
+    assert (xl["network"]["temb_type"], xl["loss"]["a"], xl["loss"]["min_gap"]) == ("stride", 2, 1e-4)
+    assert load_train_config("cifar10")["loss"]["k"] == 15
 
 
 def test_empty_dataset(tmp_path):

@@ -1,5 +1,7 @@
 """Configs as data: YAML presets (``src/imm/presets/*.yaml``) or files, with dotted ``key=value`` overrides.
 
+A config may start with ``base: NAME`` (a preset or file) to extend it section by section.
+
 Overrides use the release's (hydra's) spelling: ``eval.batch_size=16``, ``network.temb_type=identity``,
 ``+new.key=1`` to add a key the config does not have yet. Values are parsed as YAML
 (``mid_nt=[1.4]``, ``cfg_scale=null``). A key that does not exist (without ``+``) is an error naming
@@ -45,7 +47,19 @@ def load_config(name_or_path: str) -> dict:
         raise ConfigError(f"config {name_or_path}: invalid YAML ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {name_or_path}: top level must be a mapping")
-    return cfg
+    base = cfg.pop("base", None)  # a preset may extend another one: `base: imagenet256`
+    return merge(load_config(base), cfg) if base else cfg
+
+
+def merge(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``, section by section (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _all_keys(cfg: dict, prefix: str = "") -> list[str]:

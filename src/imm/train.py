@@ -352,6 +352,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
         torch.backends.cudnn.allow_tf32 = tf32
 
     # -- data, network, loss: every check before any compute ---------------------------------------
+    if "path" in cfg["dataset"] and not cfg["dataset"]["path"]:
+        raise ConfigError("dataset.path is not set: pass dataset.path=/path/to/data (a folder, .zip or .npz)")
     dataset = build_dataset(cfg["dataset"])
     encoder = build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
