@@ -4,42 +4,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+import imm
+from imm.networks import dit
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REFERENCE_SHAPES = FIXTURES / "official_param_shapes.json"
 
-def _load_dit_module():
-    """Import imm.networks.dit; fall back to loading the file directly when the
-    package ``__init__`` is not available (it is written separately)."""
-    try:
-        from imm.networks import dit  # noqa: F401
-
-        return dit
-    except ImportError:
-        path = SRC / "imm" / "networks" / "dit.py"
-        spec = importlib.util.spec_from_file_location("imm_networks_dit_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-dit = _load_dit_module()
-
-REFERENCE_SHAPES = Path(
-    os.environ.get("IMM_REFERENCE_SHAPES", "/work/shared/reference/official_param_shapes.json")
-)
-FIXTURE_STATE = Path(os.environ.get("IMM_DIT_FIXTURE", "/tmp/fixture_dump/dit_imagenet_like_state.pt"))
 
 TINY_KWARGS = {
     "img_resolution": 8,
@@ -89,8 +67,6 @@ def _numel(net):
 
 
 def test_xl2_names_and_shapes_match_release():
-    if not REFERENCE_SHAPES.exists():
-        pytest.skip(f"{REFERENCE_SHAPES} not available")
     ref = json.loads(REFERENCE_SHAPES.read_text())["imagenet256_dit_xl2"]
     cfg = dict(ref["config"])
     expected = {k[len("model.") :]: list(v) for k, v in ref["tensors"].items() if k.startswith("model.")}
@@ -301,9 +277,7 @@ def test_extra_constructor_and_forward_kwargs_are_accepted():
 
 
 def test_release_state_dict_loads_strict():
-    if not FIXTURE_STATE.exists():
-        pytest.skip(f"{FIXTURE_STATE} not available")
-    state = torch.load(FIXTURE_STATE, weights_only=True)
+    _, state = imm.read_checkpoint(FIXTURES / "official" / "dit_imagenet_like.pkl")
     state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     net = dit.DiT(**TINY_KWARGS)
     net.load_state_dict(state, strict=True)

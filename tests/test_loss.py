@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 
@@ -428,8 +427,6 @@ CIFAR_KWARGS = {  # the CIFAR-10 DDPM++ network of Table 5
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("imm.networks.unet") is None,
-                    reason="src/imm/networks/unet.py (the CIFAR-10 DDPM++ backbone) does not exist yet")
 def test_kernel_cost_is_under_two_percent_of_a_cifar_step():
     """App. C.4: the O(BM) kernel matrices are negligible next to the network.
 

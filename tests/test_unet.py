@@ -4,41 +4,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from imm.networks import unet
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
-REFERENCE_SHAPES = Path(
-    os.environ.get("IMM_REFERENCE_SHAPES", "/work/shared/reference/official_param_shapes.json")
-)
+REFERENCE_SHAPES = FIXTURES.parent / "official_param_shapes.json"
 
-
-def _load_unet_module():
-    """Import imm.networks.unet, or load the file directly if the package is not importable."""
-    try:
-        from imm.networks import unet
-
-        return unet
-    except ImportError:
-        path = SRC / "imm" / "networks" / "unet.py"
-        spec = importlib.util.spec_from_file_location("imm_networks_unet_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-unet = _load_unet_module()
 SongUNet = unet.SongUNet
 
 TINY = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "model_channels": 8, "channel_mult": [1, 2],
@@ -64,7 +43,6 @@ def _inputs(batch=2, channels=3, res=8, seed=1):
 
 # -- names and shapes --------------------------------------------------------------------------
 
-@pytest.mark.skipif(not REFERENCE_SHAPES.exists(), reason="reference shapes not available")
 def test_cifar10_names_and_shapes_match_release():
     ref = json.loads(REFERENCE_SHAPES.read_text())["cifar10_ddpmpp"]
     cfg = ref["config"]
