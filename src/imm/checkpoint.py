@@ -130,12 +130,6 @@ def _module_config(obj) -> dict:
     return config
 
 
-def _find_network(obj, path: Path):
-    if isinstance(obj, dict) and "ema" in obj:
-        return obj["ema"]
-    return obj
-
-
 def _training_state(obj, path: Path):
     """(config, first EMA's tensors) of a trainer checkpoint (``imm train``'s training-state-*.pt)."""
     emas = obj.get("ema") or {}
@@ -157,7 +151,7 @@ def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     obj = _read_pickled(path, kind)
     if isinstance(obj, dict) and obj.get("format") == "imm-training":
         return _training_state(obj, path)
-    net = _find_network(obj, path)
+    net = obj["ema"] if isinstance(obj, dict) and "ema" in obj else obj  # the release keeps the network under 'ema'
     if isinstance(net, safe_pickle.PickledObject):
         if net.name not in NETWORK_CLASSES:
             raise CheckpointError(f"{path}: not an IMM checkpoint (the network is a {net.name}, expected IMMPrecond)")
