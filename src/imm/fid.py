@@ -31,8 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "inception_score", "load_statistics",
-           "precision_recall", "save_statistics"]
+__all__ = [
+    "feature_statistics",
+    "fid_from_features",
+    "frechet_distance",
+    "inception_score",
+    "load_statistics",
+    "precision_recall",
+    "save_statistics",
+]
 
 
 def _as_float64_matrix(x, name: str) -> np.ndarray:
@@ -149,9 +156,10 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
             f"reference statistics not found: {path} (e.g. EDM's https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
             "cifar10-32x32.npz, or compute them with imm.fid.feature_statistics + save_statistics)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError(f"{path} is a single .npy array, not an .npz with 'mu' and 'sigma'")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} is a single .npy array, not an .npz with 'mu' and 'sigma'")
+        with loaded as f:
             keys = list(f.keys())
             missing = [k for k in ("mu", "sigma") if k not in keys]
             if missing:

@@ -43,9 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "CACHE_FILENAME", "FID_HELPER_REQUIREMENT", "InceptionV3", "KNOWN_FILES", "NVLABS_PKL_URL",
-    "PYTORCH_FID_URL", "cache_dir", "convert_state_dict", "export_state_dict", "find_inception_weights",
-    "load_inception", "preprocess", "read_inception_weights", "save_inception",
+    "CACHE_FILENAME",
+    "FID_HELPER_REQUIREMENT",
+    "KNOWN_FILES",
+    "NVLABS_PKL_URL",
+    "PYTORCH_FID_URL",
+    "InceptionV3",
+    "cache_dir",
+    "convert_state_dict",
+    "export_state_dict",
+    "find_inception_weights",
+    "load_inception",
+    "preprocess",
+    "read_inception_weights",
+    "save_inception",
 ]
 
 NVLABS_PKL_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
@@ -287,7 +298,7 @@ class InceptionV3(nn.Module):
             arr = _check_uint8(images)
             total = arr.shape[0]
             batches = (arr[i:i + batch_size] for i in range(0, total, batch_size))
-        elif isinstance(images, Iterable):
+        elif isinstance(images, Iterable) and not isinstance(images, (str, bytes, os.PathLike)):
             total, batches = None, (_check_uint8(b) for b in images)
         else:
             raise TypeError(f"images must be a uint8 tensor/array [N, C, H, W] or an iterable of them, got {type(images)}")
@@ -455,6 +466,15 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+# torch.save's legacy format opens with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2)
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def _is_torchscript_zip(data) -> bool:
     with zipfile.ZipFile(data) as z:
         names = z.namelist()
@@ -531,17 +551,17 @@ def read_inception_weights(path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         raw = load_file(str(path))
-    elif zipfile.is_zipfile(path):
+    elif _starts_with(path, b"PK\x03\x04"):  # a zip archive (not zipfile.is_zipfile: a pickle may embed one)
         if _is_torchscript_zip(path):  # fid-helper's default_1.pt, NVlabs' inception-2015-12-05.pt
             raw = _torchscript_tensors(str(path))
         else:  # torch.save zip (pytorch-fid's .pth, converted state dicts)
             raw = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        try:  # legacy torch.save format
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            from . import safe_pickle
+        from . import safe_pickle
 
+        if _starts_with(path, _LEGACY_TORCH_MAGIC):  # legacy (pre-1.6) torch.save format
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        else:
             try:  # NVlabs' .pkl: read as inert data, nothing executed
                 with open(path, "rb") as f:
                     obj = safe_pickle.load(f)
