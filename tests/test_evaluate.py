@@ -220,3 +220,20 @@ def test_eval_help(capsys):
     out = capsys.readouterr().out
     for option in ("--samples", "--checkpoint", "--steps", "--num-images", "--cfg-scale", "--is", "--pr", "--ref-data"):
         assert option in out
+
+
+def test_training_logs_fid_every_n_steps(tmp_path):
+    from imm.train import load_train_config, train
+
+    ref = tmp_path / "ref.npz"
+    assert main(["eval", "ref", "--data", "mnist", "--max-images", "8", "--out", str(ref), "--no-progress"]) == 0
+    cfg = load_train_config("mnist", [
+        "network.model_channels=8", "training.batch_size=8", "training.total_steps=2", "logging.progress=false",
+        "logging.tensorboard=false", "logging.sample_every=1000", "logging.checkpoint_every=1000",
+        "logging.sample_count=4", "logging.fid_every=2", f"logging.fid_ref={ref}", "logging.fid_num_images=4",
+        "logging.fid_steps=[1,2]", "logging.log_every=1"])
+    train(cfg, tmp_path / "run", device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fid_rows = [r for r in rows if "fid/1step" in r]
+    assert len(fid_rows) == 1 and fid_rows[0]["step"] == 2
+    assert fid_rows[0]["fid/1step"] > 0 and fid_rows[0]["fid/2step"] > 0

@@ -275,40 +275,17 @@ def _gather_features(indices: list[int], feats: np.ndarray) -> np.ndarray | None
     return all_feats[np.argsort(all_idx)]
 
 
-def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None, num_images: int = 50000,
-                 network_overrides: dict | None = None, cfg_scale: float | None = None, batch_size: int | None = None,
-                 seed: int | None = None, device=None, inception_path=None, progress: bool = True) -> list[dict]:
-    """FID of ``num_images`` samples per step count (or per sampling entry of ``cfg``); rank 0 writes
-    ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
+def network_fid(net, encoder, inception, entries: dict, mu_ref, sigma_ref, num_images: int, batch_size: int,
+                seed: int, device, progress: bool = True) -> list[dict]:
+    """FID rows (entry, steps, nfe, fid, num_images, seconds) of ``net`` for each sampling entry, image i
+    from seed ``seed + i``; under torchrun every rank generates its share and rank 0 gets the rows."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import CheckpointError
-    from .encoders import build_encoder
-    from .generate import network_from_config, seeded_inputs
+    from .generate import seeded_inputs
     from .sampling import sample
 
-    mu_ref, sigma_ref = load_reference(ref)
-    if num_images is None or num_images < 2:
-        raise ValueError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
-    device = distributed.init(device)
-    eval_cfg = cfg.get("eval") or {}
-    checkpoint = checkpoint or eval_cfg.get("resume")
-    if not checkpoint:
-        raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
-    batch_size = int(batch_size or eval_cfg.get("batch_size") or 64)
-    seed = int(seed if seed is not None else (eval_cfg.get("seed") or 0))
-    net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
-    if cfg_scale is not None and not net.label_dim:
-        raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
-    entries = _step_entries(cfg, net, steps or [], cfg_scale)
-    encoder = build_encoder(cfg.get("encoder"))
-    encoder.init(device)
-    inception = _load_inception(inception_path, device)
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
-    if main and num_images < FEATURE_DIM:
-        warnings.warn(f"only {num_images} images per step count for {FEATURE_DIM}-d Inception features: the FID "
-                      f"estimate is biased (use >= {FEATURE_DIM}, typically 50000)", BiasedEstimateWarning, stacklevel=2)
     rows = []
     for name, kwargs in entries.items():
         n_steps = _num_steps(net, kwargs)
@@ -329,13 +306,48 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
         gathered = _gather_features(indices, local)
         if main:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", BiasedEstimateWarning)  # said once above
+                warnings.simplefilter("ignore", BiasedEstimateWarning)  # said once by the caller
                 mu, sigma = statistics(gathered, name)
             score = fidlib.frechet_distance_to_features(gathered, mu_ref, sigma_ref, mu, sigma)
             guided = kwargs.get("cfg_scale") is not None
             rows.append({"entry": name, "steps": n_steps, "nfe": n_steps * (2 if guided else 1), "fid": score,
                          "num_images": int(gathered.shape[0]), "seconds": round(time.time() - t0, 3)})
         distributed.barrier()
+    return rows
+
+
+def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None, num_images: int = 50000,
+                 network_overrides: dict | None = None, cfg_scale: float | None = None, batch_size: int | None = None,
+                 seed: int | None = None, device=None, inception_path=None, progress: bool = True) -> list[dict]:
+    """FID of ``num_images`` samples per step count (or per sampling entry of ``cfg``); rank 0 writes
+    ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
+    from .checkpoint import CheckpointError
+    from .encoders import build_encoder
+    from .generate import network_from_config
+
+    mu_ref, sigma_ref = load_reference(ref)
+    if num_images is None or num_images < 2:
+        raise ValueError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
+    device = distributed.init(device)
+    eval_cfg = cfg.get("eval") or {}
+    checkpoint = checkpoint or eval_cfg.get("resume")
+    if not checkpoint:
+        raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
+    batch_size = int(batch_size or eval_cfg.get("batch_size") or 64)
+    seed = int(seed if seed is not None else (eval_cfg.get("seed") or 0))
+    net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
+    if cfg_scale is not None and not net.label_dim:
+        raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
+    entries = _step_entries(cfg, net, steps or [], cfg_scale)
+    encoder = build_encoder(cfg.get("encoder"))
+    encoder.init(device)
+    inception = _load_inception(inception_path, device)
+    main = distributed.is_main()
+    if main and num_images < FEATURE_DIM:
+        warnings.warn(f"only {num_images} images per step count for {FEATURE_DIM}-d Inception features: the FID "
+                      f"estimate is biased (use >= {FEATURE_DIM}, typically 50000)", BiasedEstimateWarning, stacklevel=2)
+    rows = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, batch_size, seed, device,
+                       progress)
     if main:
         write_results(rows, out, checkpoint=str(checkpoint), ref=str(ref), seed=seed, cfg_scale=cfg_scale)
     distributed.barrier()

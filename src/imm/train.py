@@ -49,7 +49,8 @@ TRAINING_DEFAULTS = dict(total_steps=400_000, batch_size=4096, batch_per_device=
                          ema_decays=[0.9999], ema_warmup=False, precision="tf32", compile=False, xflip=False,
                          num_workers=2, parallel="ddp", max_nonfinite_steps=20)
 LOGGING_DEFAULTS = dict(log_every=100, checkpoint_every=10_000, keep_last=3, sample_every=10_000,
-                        sample_steps=[1, 2, 4], sample_count=64, tensorboard=True, wandb=False, progress=True)
+                        sample_steps=[1, 2, 4], sample_count=64, tensorboard=True, wandb=False, progress=True,
+                        fid_every=0, fid_ref=None, fid_num_images=1000, fid_steps=[1, 2, 4])
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -91,6 +92,8 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("optimizer.name must be radam or adamw")
     if cfg["training"]["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError("training.parallel must be ddp or fsdp")
+    if cfg["logging"]["fid_every"] and not cfg["logging"]["fid_ref"]:
+        raise ConfigError("logging.fid_every needs logging.fid_ref=REF.npz (imm eval ref makes one)")
     return cfg
 
 
@@ -335,6 +338,37 @@ def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logg
     return paths
 
 
+class PeriodicFID:
+    """FID of the EMA every ``logging.fid_every`` steps on ``fid_num_images`` samples per step count,
+    against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K)."""
+
+    def __init__(self, cfg: dict, device):
+        from .evaluate import load_reference
+        from .inception import load_inception
+
+        log = cfg["logging"]
+        self.ref = load_reference(log["fid_ref"])  # fails at start when missing or malformed
+        self.inception = load_inception(None, device)
+        self.entries = {f"{n}step": dict(sampler="pushforward", num_steps=int(n), discretization="uniform")
+                        for n in log["fid_steps"]}
+        self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(cfg["training"]["seed"]), device
+
+    def __call__(self, ema, encoder, step: int, logger) -> None:
+        import warnings
+
+        from .evaluate import network_fid
+
+        was_training = ema.training
+        ema.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small-N bias warning: documented above
+            rows = network_fid(ema, encoder, self.inception, self.entries, *self.ref, self.num_images, 64,
+                               self.seed, self.device, progress=False)
+        ema.train(was_training)
+        if rows:
+            logger.scalars(step, {f"fid/{row['steps']}step": row["fid"] for row in rows})
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -366,6 +400,9 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad network configuration: {e}") from None
     encoder.init(device)
+    if log["fid_every"] and world > 1 and tcfg["parallel"] == "fsdp":
+        raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp yet")
+    periodic_fid = PeriodicFID(cfg, device) if log["fid_every"] else None
     emas = {float(d): copy.deepcopy(net).eval().requires_grad_(False) for d in tcfg["ema_decays"]}
     if not emas:
         raise ConfigError("training.ema_decays must list at least one decay")
@@ -488,6 +525,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
                 save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
             if step % int(log["sample_every"]) == 0 and step < total:
                 sample_grids(next(iter(emas.values())), encoder, cfg, run_dir, step, logger, device)
+            if periodic_fid is not None and step % int(log["fid_every"]) == 0:
+                periodic_fid(next(iter(emas.values())), encoder, step, logger)
             if _agree(stop.raised, device):
                 save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
                 if bar is not None:
