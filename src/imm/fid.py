@@ -44,6 +44,11 @@ __all__ = [
 
 def _as_float64_matrix(x, name: str) -> np.ndarray:
     """A real 2-D [N, D] array of floating dtype, as float64 (no copy when already float64)."""
+    return _as_float_matrix(x, name).astype(np.float64, copy=False)
+
+
+def _as_float_matrix(x, name: str) -> np.ndarray:
+    """A real 2-D [N, D] numpy array of floating dtype (torch tensors are converted, dtype kept)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -52,7 +57,7 @@ def _as_float64_matrix(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}{hint}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [N samples, D features], got shape {x.shape}")
-    return x.astype(np.float64, copy=False)
+    return x
 
 
 def feature_statistics(feats, chunk_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +68,7 @@ def feature_statistics(feats, chunk_size: int = 8192) -> tuple[np.ndarray, np.nd
     Raises ``ValueError`` for N < 2, non-2-D input, non-float dtypes or non-finite values; warns when
     N < D (the covariance is then singular and the FID biased, but it is still computed).
     """
-    if isinstance(feats, torch.Tensor):
-        feats = feats.detach().cpu().numpy()
-    feats = np.asarray(feats)
-    if feats.dtype.kind != "f":
-        hint = " (images? compute features with imm.inception first)" if feats.dtype.kind in "ui" else ""
-        raise ValueError(f"features must be a floating-point array, got dtype {feats.dtype}{hint}")
-    if feats.ndim != 2:
-        raise ValueError(f"features must be 2-D [N samples, D features], got shape {feats.shape}")
+    feats = _as_float_matrix(feats, "features")
     n, d = feats.shape
     if n < 2:
         raise ValueError(f"need at least 2 samples for a covariance, got {n}")
