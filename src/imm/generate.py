@@ -77,11 +77,6 @@ def seeded_inputs(net, indices, seed: int):
     return torch.stack(noises), labels_t
 
 
-def _decode(encoder, latents: torch.Tensor) -> torch.Tensor:
-    images = encoder.decode(latents)
-    return images.to("cpu")
-
-
 def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed: int, device) -> list[Path]:
     """One ``<entry>_samples.png`` grid per entry from the same batch of starting points."""
     noise, labels = seeded_inputs(net, range(batch_size), seed)
@@ -90,7 +85,7 @@ def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed
         g = torch.Generator(device=device).manual_seed(int(seed))
         x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
         path = out / f"{name}_samples.png"
-        save_grid(_decode(encoder, x), path, nrow=int(math.sqrt(batch_size)))
+        save_grid(encoder.decode(x).cpu(), path, nrow=int(math.sqrt(batch_size)))
         paths.append(path)
     return paths
 
@@ -110,7 +105,7 @@ def generate_images(net, encoder, entries: dict, out: Path, num_images: int, bat
             noise, labels = seeded_inputs(net, indices, seed)
             g = torch.Generator(device=device).manual_seed(int(seed) + indices[0])
             x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
-            for i, img in zip(indices, to_hwc(_decode(encoder, x))):
+            for i, img in zip(indices, to_hwc(encoder.decode(x).cpu())):
                 tmp = folder / f".{i:06d}.png.tmp"
                 save_png(img, tmp)
                 os.replace(tmp, folder / f"{i:06d}.png")

@@ -190,18 +190,6 @@ def _state_dict(module) -> dict:
     return out
 
 
-def _load_state_dict(module, state: dict) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    own = module.state_dict()
-    converted = {}
-    for k, v in state.items():
-        if k in own and isinstance(own[k], DTensor):
-            v = distribute_tensor(v.to(own[k].device), own[k].device_mesh, own[k].placements)
-        converted[k] = v
-    module.load_state_dict(converted, strict=True)
-
-
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("training-state-*.pt"))
 
