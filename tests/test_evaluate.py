@@ -237,3 +237,23 @@ def test_training_logs_fid_every_n_steps(tmp_path):
     fid_rows = [r for r in rows if "fid/1step" in r]
     assert len(fid_rows) == 1 and fid_rows[0]["step"] == 2
     assert fid_rows[0]["fid/1step"] > 0 and fid_rows[0]["fid/2step"] > 0
+
+
+def test_bundled_mnist_reference():
+    """The shipped reference (all 5,000 bundled digits) is close to real digits and far from noise."""
+    import torch
+
+    from imm import fid
+    from imm.data import MNISTDataset
+    from imm.evaluate import load_reference
+    from imm.inception import load_inception
+
+    mu, sigma = load_reference("mnist")
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.allclose(sigma, sigma.T)
+    ds = MNISTDataset()
+    real = torch.stack([ds[i][0] for i in range(24)])
+    noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    net = load_inception()
+    d_real = fid.frechet_distance_to_features(net.features(real), mu, sigma)
+    d_noise = fid.frechet_distance_to_features(net.features(noise), mu, sigma)
+    assert d_real < 0.5 * d_noise

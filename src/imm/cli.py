@@ -227,7 +227,7 @@ def _add_eval_parsers(sub) -> None:
                                     "(arr_0). With --checkpoint: generate --num-images seeded images per step count "
                                     "(torchrun-sharded) and write OUT/fid.json, fid.csv and fid_vs_steps.png.",
                         epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma (imm eval ref, EDM, ADM)")
+    f.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma (imm eval ref, EDM, ADM), or mnist (bundled)")
     f.add_argument("--samples", default=None, help="folder of PNGs or .npz with uint8 NHWC images under arr_0")
     f.add_argument("--checkpoint", default=None, help="checkpoint to sample from (instead of --samples)")
     f.add_argument("--steps", default=None,

