@@ -115,7 +115,11 @@ def parse_value(text: str):
     return value
 
 
+def did_you_mean(key: str, candidates, prefix: str = "") -> str:
+    """``"; did you mean 'PREFIX.NEAREST'?"`` for the nearest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _unknown(key: str, cfg: dict) -> str:
-    close = difflib.get_close_matches(key, _all_keys(cfg), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {key!r}{hint} (prefix it with + to add a new key)"
+    return f"unknown config key {key!r}{did_you_mean(key, _all_keys(cfg))} (prefix it with + to add a new key)"

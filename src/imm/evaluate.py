@@ -85,21 +85,21 @@ def load_images(path) -> np.ndarray:
             if a.dtype != np.uint8:
                 raise ValueError(f"samples: {f} is not an 8-bit image (dtype {a.dtype})")
         return check_images(np.stack(arrays), f"samples {path}")
+    unreadable = f"samples: {path} is neither a folder of PNGs nor a readable .npz"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile) or "arr_0" not in f:
-                keys = list(f.keys()) if isinstance(f, np.lib.npyio.NpzFile) else []
-                raise ValueError(f"samples: {path} has no 'arr_0' entry (keys {keys}); expected uint8 NHWC images "
-                                 "under arr_0")
-            images = f["arr_0"]
-    except AttributeError:  # np.load returned a plain array (a .npy file)
-        raise ValueError(f"samples: {path} is a .npy array, not an .npz with images under arr_0") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"samples: {path} is neither a folder of PNGs nor a readable .npz ({e})") from None
-    except Exception as e:  # zipfile.BadZipFile and friends
-        if isinstance(e, ValueError) and str(e).startswith("samples:"):
-            raise
-        raise ValueError(f"samples: {path} is neither a folder of PNGs nor a readable .npz ({e})") from None
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
+        raise ValueError(f"{unreadable} ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"samples: {path} is a .npy array, not an .npz with images under arr_0")
+    with archive:
+        if "arr_0" not in archive:
+            raise ValueError(f"samples: {path} has no 'arr_0' entry (keys {list(archive.keys())}); expected uint8 "
+                             "NHWC images under arr_0")
+        try:
+            images = archive["arr_0"]
+        except Exception as e:  # a corrupt member
+            raise ValueError(f"{unreadable} ({e})") from None
     return check_images(images, f"samples {path}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import inspect
 import json
 import math
@@ -33,7 +32,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, atomic_write, save_network
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
 from .images import save_grid
@@ -66,8 +65,7 @@ class TrainingError(RuntimeError):
 def _check_keys(section: str, given: dict, allowed) -> None:
     unknown = [k for k in given if k not in allowed]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], list(allowed), n=1, cutoff=0.5)
-        hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+        hint = did_you_mean(unknown[0], allowed, prefix=f"{section}.")
         raise ConfigError(f"unknown config key '{section}.{unknown[0]}'{hint}")
 
 
