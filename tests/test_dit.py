@@ -142,6 +142,18 @@ def test_label_table_rows_follow_release():
 # --------------------------------------------------------------------------- forward
 
 
+def test_num_classes_follows_label_dim():
+    """Without num_classes the label table follows label_dim (the all-zero label is row label_dim), and
+    keeps the release's 1000 classes when neither is given."""
+    kwargs = {k: v for k, v in TINY_KWARGS.items() if k not in ("num_classes", "label_dim")}
+    assert dit.DiT(**kwargs, label_dim=3).y_embedder.embedding_table.weight.shape[0] == 4
+    assert dit.DiT(**kwargs).num_classes == 1000
+    net = imm.IMMNetwork(model_type="DiT", label_dim=3, **{k: v for k, v in kwargs.items()
+                                                            if k not in ("in_channels", "out_channels")})
+    assert net.model.num_classes == 3
+    assert net.model.labels_to_index(torch.zeros(2, 3), 2, torch.device("cpu")).tolist() == [3, 3]
+
+
 def test_forward_shapes_with_and_without_labels():
     net = _tiny()
     x = torch.randn(3, 4, 8, 8)

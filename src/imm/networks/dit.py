@@ -335,10 +335,12 @@ class DiT(nn.Module):
     Constructor arguments follow the release (``img_resolution``,
     ``patch_size=2``, ``in_channels=4``, ``hidden_size=1152``, ``depth=28``,
     ``num_heads=16``, ``mlp_ratio=4.0``, ``class_dropout_prob=0.0``,
-    ``num_classes=1000``, ``s_embed=True``, ``qk_norm=False``, ``skip=False``,
+    ``num_classes``, ``s_embed=True``, ``qk_norm=False``, ``skip=False``,
     ``embedding_kwargs={}``, ``temb_mult=1``, ``dropout=0``); any further
-    keyword (``img_channels``, ``out_channels``, ``label_dim``, ...) is accepted
-    and ignored, as in the release.  The output has ``in_channels`` channels
+    keyword (``img_channels``, ``out_channels``, ...) is accepted and ignored,
+    as in the release.  ``num_classes`` defaults to ``label_dim`` (which
+    ``IMMNetwork`` passes), or 1000 (the release's default) without one, so the
+    all-zero label always selects the null row.  The output has ``in_channels`` channels
     (the release ignores ``out_channels`` and never learns a variance).
 
     ``forward(x, noise_labels_t, noise_labels_s, class_labels)``:
@@ -357,16 +359,19 @@ class DiT(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         class_dropout_prob: float = 0.0,
-        num_classes: int = 1000,
+        num_classes: Optional[int] = None,
         s_embed: bool = True,
         qk_norm: bool = False,
         skip: bool = False,
         embedding_kwargs: Optional[Dict[str, Any]] = None,
         temb_mult: int = 1,
         dropout: float = 0.0,
+        label_dim: Optional[int] = None,
         **unused_kwargs: Any,
     ):
         super().__init__()
+        if num_classes is None:  # the release's default is 1000; ours follows the network's label_dim
+            num_classes = 1000 if label_dim is None else int(label_dim)
         if temb_mult != 1:
             # The release's final layer maps from hidden_size, so any other value
             # cannot run a forward pass there either.

@@ -1,0 +1,330 @@
+"""`imm prepare`: image archives, VAE latent archives (torchrun, resume), stats, and training on latents."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imm.cli import main
+from imm.data import ImageFolderDataset
+from imm.latents import encode_latents, stats_path_for
+from imm.prepare import (
+    Source,
+    apply_transform,
+    center_crop,
+    center_crop_dhariwal,
+    center_crop_wide,
+    dataset_stats,
+    prepare_images,
+)
+
+CLASSES = ("birds", "cats", "dogs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Real photos: scikit-image's bundled files (no download), each cut into 4 pieces, in 3 class folders."""
+    data = pytest.importorskip("skimage.data")
+    files = sorted(f for f in os.listdir(data.data_dir) if f.endswith((".png", ".jpg")))[:11]
+    assert len(files) >= 8
+    root = tmp_path_factory.mktemp("photos")
+    for j, f in enumerate(files):
+        with Image.open(os.path.join(data.data_dir, f)) as im:
+            im.load()
+            folder = root / CLASSES[j % 3]
+            folder.mkdir(exist_ok=True)
+            w, h = im.size
+            for q, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
+                piece = im.crop((x, y, x + w // 2, y + h // 2))
+                jpeg = q % 2 and piece.mode in ("RGB", "L")
+                piece.save(folder / f"{f.rsplit('.', 1)[0]}_{q}.{'jpg' if jpeg else 'png'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_zip(photo_dir, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("images") / "photos16.zip"
+    assert main(["prepare", "images", "--source", str(photo_dir), "--dest", str(dest), "--resolution", "16",
+                 "--transform", "center-crop-dhariwal", "--no-progress"]) == 0
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (64, 64), (1000, 90)])
+def test_transforms_give_rgb_squares(size):
+    img = Image.new("L", size, 128)
+    for fn in (center_crop, center_crop_dhariwal, center_crop_wide):
+        out = fn(img.convert("RGB"), 32)
+        assert out.size == (32, 32) and out.mode == "RGB"
+    out = apply_transform(Image.new("RGBA", size, (255, 0, 0, 255)), "center-crop-wide", 32)
+    arr = np.asarray(out)
+    assert (arr[:8] == 0).all() and (arr[24:] == 0).all()  # black bands above and below the 2:1 strip
+    assert (arr[8:24, :, 0] == 255).all()
+
+
+def test_no_transform_needs_the_target_size():
+    assert apply_transform(Image.new("P", (16, 16)), None, 16).mode == "RGB"
+    with pytest.raises(ValueError, match="not 16x16.*--transform"):
+        apply_transform(Image.new("RGB", (20, 16)), None, 16)
+
+
+def test_dhariwal_crop_on_a_known_image():
+    # 600x400 blue with a centred red 200x200 square. ADM's recipe at 64: BOX-halve while the short
+    # side is >= 128 (600x400 -> 300x200 -> 150x100), BICUBIC to short side 64 (96x64), centre crop
+    # 64x64 (x from 16): the square lands on x, y in [16, 48).
+    img = Image.new("RGB", (600, 400), (0, 0, 255))
+    img.paste((255, 0, 0), (200, 100, 400, 300))
+    arr = np.asarray(center_crop_dhariwal(img, 64)).astype(int)
+    assert arr.shape == (64, 64, 3)
+    red = (arr[..., 0] > 128) & (arr[..., 2] < 128)
+    assert red[18:46, 18:46].all() and not red[:14].any() and not red[50:].any()
+    assert not red[:, :14].any() and not red[:, 50:].any()
+    # 256 px noise at 64: two BOX halvings (the bicubic step is then a no-op), not one bicubic resize
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    halved = noise.resize((128, 128), Image.BOX).resize((64, 64), Image.BOX)
+    out = center_crop_dhariwal(noise, 64)
+    assert np.array_equal(np.asarray(out), np.asarray(halved))
+    assert not np.array_equal(np.asarray(out), np.asarray(noise.resize((64, 64), Image.BICUBIC)))
+
+
+# --------------------------------------------------------------------------------------------------
+# imm prepare images
+
+
+def test_images_archive_labels_and_layout(photo_dir, image_zip):
+    ds = ImageFolderDataset(image_zip)
+    n = sum(1 for _ in photo_dir.rglob("*.*"))
+    assert len(ds) == n and ds.resolution == 16 and ds.num_channels == 3  # grayscale/RGBA became RGB
+    with zipfile.ZipFile(image_zip) as zf:
+        meta = json.loads(zf.read("dataset.json"))
+        names = sorted(x for x in zf.namelist() if x.endswith(".png"))
+    assert names[0] == "00000/img00000000.png" and names[-1] == f"00000/img{n - 1:08d}.png"
+    assert meta["class_names"] == list(CLASSES)
+    # sorted class folders -> 0..K-1, items in sorted path order
+    expected = [CLASSES.index(p.parent.name) for p in sorted(photo_dir.rglob("*.*"),
+                                                              key=lambda p: p.relative_to(photo_dir).as_posix())]
+    assert [lab for _, lab in meta["labels"]] == expected
+    assert ds.label_histogram() == [expected.count(i) for i in range(3)]
+
+
+def test_label_mapping_rules(tmp_path):
+    def make(root, names):
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(root / name)
+        return root
+
+    src = make(tmp_path / "a", ["zebra/1.png", "ant/2.png", "ant/sub/3.png", "moth/4.png"])
+    s = Source(src)
+    assert s.class_names == ["ant", "moth", "zebra"] and s.labels == [0, 0, 1, 2]
+    assert Source(src, use_labels=False).labels is None
+    assert Source(make(tmp_path / "b", ["1.png", "x/2.png", "y/3.png"])).labels is None  # loose files
+    assert Source(make(tmp_path / "c", ["only/1.png", "only/2.png"])).labels is None  # one folder
+    # a zip with one wrapping folder: the classes are one level down
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+        for name in ("set/dog/1.png", "set/cat/2.png"):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, format="PNG")
+            zf.writestr(name, buf.getvalue())
+    s = Source(tmp_path / "d.zip")
+    assert s.files == ["set/cat/2.png", "set/dog/1.png"] and s.class_names == ["cat", "dog"] and s.labels == [0, 1]
+
+
+def test_corrupt_and_tiny_images_are_skipped_and_counted(tmp_path, photo_dir, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = sorted(photo_dir.rglob("*.jpg"))[:3]
+    for i, p in enumerate(good):
+        (src / f"good{i}.jpg").write_bytes(p.read_bytes())
+    (src / "truncated.jpg").write_bytes(good[0].read_bytes()[:400])
+    (src / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (2, 2), (9, 9, 9)).save(src / "tiny.png")
+    dest = tmp_path / "out.zip"
+    assert main(["prepare", "images", "--source", str(src), "--dest", str(dest), "--resolution", "16",
+                 "--transform", "center-crop", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "3 images" in out and "unlabelled" in out
+    assert "skipped 3: 2 unreadable, 1 too small" in out
+    assert len(ImageFolderDataset(dest)) == 3
+    info = prepare_images(src, tmp_path / "out2.zip", 16, "center-crop", max_images=2, progress=False)
+    assert info["count"] == 2
+
+
+def test_worker_processes_write_the_same_archive(tmp_path, photo_dir):
+    a = prepare_images(photo_dir, tmp_path / "a.zip", 16, "center-crop", progress=False)
+    b = prepare_images(photo_dir, tmp_path / "b.zip", 16, "center-crop", workers=2, progress=False)
+    assert a["count"] == b["count"] and a["label_dim"] == b["label_dim"] == 3
+    with zipfile.ZipFile(tmp_path / "a.zip") as za, zipfile.ZipFile(tmp_path / "b.zip") as zb:
+        assert za.namelist() == zb.namelist()
+        assert all(za.read(n) == zb.read(n) for n in za.namelist())
+
+
+def test_interrupted_images_run_leaves_no_archive(tmp_path, photo_dir, monkeypatch):
+    import imm.prepare as prep
+
+    calls = []
+    real = prep._process
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(prep, "_process", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_images(photo_dir, tmp_path / "x.zip", 16, "center-crop", progress=False)
+    assert os.listdir(tmp_path) == []  # neither x.zip nor its temporary file
+
+
+def test_clear_errors(tmp_path, capsys, image_zip):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images")
+    cases = [
+        (["images", "--source", str(tmp_path / "missing"), "--dest", str(tmp_path / "o.zip")], "does not exist"),
+        (["images", "--source", str(empty), "--dest", str(tmp_path / "o.zip")], "holds no images"),
+        (["images", "--source", str(empty), "--dest", str(tmp_path / "o.zip"), "--resolution", "0"],
+         "--resolution must be at least 8"),
+        (["images", "--source", str(empty), "--dest", str(image_zip)], "already exists"),
+        (["images", "--source", str(empty), "--dest", str(tmp_path / "o.tar")], "must end with .zip"),
+        (["latents", "--source", str(tmp_path / "missing.zip"), "--dest", str(tmp_path / "l")], "does not exist"),
+        (["stats", "--source", str(tmp_path / "missing.zip")], "does not exist"),
+        (["stats"], "give --source"),
+    ]
+    for argv, message in cases:
+        assert main(["prepare", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("imm prepare: error:") and message in err and "\n" not in err, (argv, err)
+    # images that need a transform without one
+    assert main(["prepare", "images", "--source", str(image_zip), "--dest", str(tmp_path / "p.zip"),
+                 "--resolution", "32"]) == 2
+    assert "pass --transform" in capsys.readouterr().err
+    for cmd in ("images", "latents", "stats"):
+        with pytest.raises(SystemExit) as e:
+            main(["prepare", cmd, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# imm prepare latents
+
+
+def read_latents(path):
+    ds = ImageFolderDataset(path)
+    return np.stack([ds[i][0].numpy() for i in range(len(ds))]), ds.labels
+
+
+def test_interrupted_encode_resumes_without_reencoding(tmp_path, image_zip, tiny_vae_dir):
+    kw = dict(vae=str(tiny_vae_dir), batch_size=8, shard_size=10, device="cpu", progress=False)
+    logs = []
+    dest = tmp_path / "lat"
+    first = encode_latents(image_zip, dest, max_shards=2, log=logs.append, **kw)
+    assert first["finished"] is False and first["encoded"] == 20
+    assert not (dest / "dataset.json").exists() and not stats_path_for(dest).exists()
+    done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(dest.glob("0000[01]/*.npy"))}
+    assert len(done) == 20
+    (dest / ".tmp-00002-0").mkdir()  # a shard a killed run was writing: removed, then redone
+    (dest / ".tmp-00002-0" / "img00000020.npy").write_bytes(b"partial")
+
+    logs.clear()
+    result = encode_latents(image_zip, dest, log=logs.append, **kw)
+    assert any("2 already done (skipped)" in line for line in logs)
+    assert result["finished"] and result["encoded"] == result["count"] - 20
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done} == done  # not rewritten
+    assert not list(dest.glob(".tmp-*"))
+
+    fresh = encode_latents(image_zip, tmp_path / "fresh.zip", **kw)  # uninterrupted, packed into a zip
+    assert not (tmp_path / "fresh.zip.work").exists()
+    a, la = read_latents(dest)
+    b, lb = read_latents(tmp_path / "fresh.zip")
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert a.shape[1:] == (8, 8, 8) and a.dtype == np.float32
+    assert fresh["raw_mean"] == pytest.approx(result["raw_mean"])
+
+    # the exact-moment statistics agree with the stored means and stds
+    mean, std = a[:, :4].astype(np.float64), a[:, 4:].astype(np.float64)
+    mu = mean.mean(axis=(0, 2, 3))
+    sd = np.sqrt((mean**2 + std**2).mean(axis=(0, 2, 3)) - mu**2)
+    stats = json.loads(stats_path_for(dest).read_text())
+    assert stats["raw_mean"] == pytest.approx(mu.tolist(), rel=1e-9) and stats["raw_std"] == pytest.approx(sd.tolist())
+    assert stats["overrides"].startswith("encoder.raw_mean=[") and stats["count"] == len(a)
+
+    # a damaged shard is named by the consistency check; other settings are refused
+    os.remove(next((dest / "00001").glob("*.npy")))
+    with pytest.raises(RuntimeError, match="00001"):
+        encode_latents(image_zip, dest, **kw)
+    with pytest.raises(ValueError, match="other settings"):
+        encode_latents(image_zip, dest, **{**kw, "shard_size": 7})
+
+
+def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
+    grid = tmp_path / "g.png"
+    assert main(["prepare", "stats", "--source", str(image_zip), "--grid", str(grid), "--num-images", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "shape:      3 x 16 x 16 (uint8)" in out and "3 classes" in out and "birds, cats, dogs" in out
+    assert Image.open(grid).size == (3 * 18 + 2, 3 * 18 + 2)
+    lat = tmp_path / "lat"
+    encode_latents(image_zip, lat, vae=str(tiny_vae_dir), shard_size=1000, dtype="float16", device="cpu",
+                   progress=False, log=lambda s: None)
+    assert np.load(lat / "00000" / "img00000000.npy").dtype == np.float16  # read back as float32
+    info = dataset_stats(lat, grid=tmp_path / "l.png", num_images=4)
+    assert info["channels"] == 8 and info["dtype"] == "float32" and "no VAE" in info["grid"]["how"]
+    assert main(["prepare", "stats", "--source", str(lat), "--grid", str(tmp_path / "d.png"), "--vae",
+                 str(tiny_vae_dir), "--num-images", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["labels"] == {"classes": 3, "min_per_class": info["labels"]["min_per_class"],
+                              "max_per_class": info["labels"]["max_per_class"],
+                              "mean_per_class": info["labels"]["mean_per_class"], "empty_classes": []}
+    assert "decoded" in info["grid"]["how"]
+    assert Image.open(tmp_path / "d.png").size == (2 * 18 + 2, 2 * 18 + 2)  # decoded back to 16 px
+
+
+def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_dir):
+    """PNG zip -> latents with 2 gloo processes -> a few steps of a tiny DiT (imagenet256-dit-s preset)."""
+    import imm
+    from imm.train import load_train_config, train
+
+    lat = tmp_path / "latents.zip"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "imm", "prepare", "latents", "--source", str(image_zip), "--dest", str(lat), "--vae",
+           str(tiny_vae_dir), "--device", "cpu", "--shard-size", "10", "--batch-size", "8", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "encoder.raw_mean=[" in out.stdout and f"wrote {lat}" in out.stdout
+    stats = json.loads(stats_path_for(lat).read_text())
+    ds = ImageFolderDataset(lat)
+    assert len(ds) == stats["count"] == len(ImageFolderDataset(image_zip))
+    assert ds.raw_shape == (8, 8, 8) and ds.label_dim == 3
+    fmt = lambda v: "[" + ",".join(f"{x:.6g}" for x in v) + "]"
+
+    cfg = load_train_config("imagenet256-dit-s", [
+        f"dataset.path={lat}", "resolution=8", "label_dim=3", f"encoder.vae_name={tiny_vae_dir}",
+        f"encoder.raw_mean={fmt(stats['raw_mean'])}", f"encoder.raw_std={fmt(stats['raw_std'])}",
+        "network.model_type=DiT", "network.depth=1", "network.hidden_size=32", "network.num_heads=2",
+        "training.batch_size=8", "training.batch_per_device=8",
+        "training.total_steps=2", "training.num_workers=0", "training.precision=fp32",
+        "logging.sample_count=4", "logging.sample_steps=[1]", "logging.progress=false",
+        "logging.tensorboard=false"])
+    path = train(cfg, tmp_path / "run", device="cpu")
+    assert imm.load_network(path).config["model_type"] == "DiT"
+    grid = tmp_path / "run" / "samples" / "step00000002_1step.png"
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 decoded 16x16 samples, 2 per row
