@@ -295,14 +295,14 @@ EXAMPLES_PREPARE_STATS = """examples:
 
 
 def cmd_prepare_images(args) -> int:
-    from .prepare import _skip_text, prepare_images
+    from .prepare import prepare_images, skip_summary
 
     info = prepare_images(args.source, args.dest, resolution=args.resolution, transform=args.transform,
                           max_images=args.max_images, min_size=args.min_size, use_labels=not args.no_labels,
                           workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
     labels = f"{info['label_dim']} classes" if info["label_dim"] else "unlabelled"
     print(f"wrote {info['path']} ({info['count']} images, {labels})")
-    print(_skip_text(info["skipped"]))
+    print(skip_summary(info["skipped"]))
     return 0
 
 

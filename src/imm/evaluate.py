@@ -284,19 +284,23 @@ def _gather_features(indices: list[int], feats: np.ndarray) -> np.ndarray | None
 
 
 def network_fid(net, encoder, inception, entries: dict, mu_ref, sigma_ref, num_images: int, batch_size: int,
-                seed: int, device, progress: bool = True) -> list[dict]:
+                seed: int, device, progress: bool = True, sample_fn=None) -> list[dict]:
     """FID rows (entry, steps, nfe, fid, num_images, seconds) of ``net`` for each sampling entry, image i
-    from seed ``seed + i``; under torchrun every rank generates its share and rank 0 gets the rows."""
+    from seed ``seed + i``; under torchrun every rank generates its share and rank 0 gets the rows.
+
+    ``sample_fn(net, noise, labels, generator=..., **entry)`` draws the samples (default ``imm.sample``;
+    the baselines pass ``imm.baselines.generate`` with entries that give ``nfe``)."""
     from tqdm.auto import tqdm
 
     from .generate import seeded_inputs
     from .sampling import sample
 
+    sample_fn = sample if sample_fn is None else sample_fn
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
     rows = []
     for name, kwargs in entries.items():
-        n_steps = _num_steps(net, kwargs)
+        n_steps = int(kwargs["nfe"]) if "nfe" in kwargs else _num_steps(net, kwargs)
         t0 = time.time()
         indices = list(range(rank, num_images, world))
         batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
@@ -304,7 +308,7 @@ def network_fid(net, encoder, inception, entries: dict, mu_ref, sigma_ref, num_i
         for idx in tqdm(batches, desc=name, unit="batch", disable=not (progress and main)):
             noise, labels = seeded_inputs(net, idx, seed)
             g = torch.Generator(device=device).manual_seed(seed + idx[0])
-            x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+            x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
             images = encoder.decode(x)
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
                 raise ValueError(f"the encoder decodes to {images.dtype} {list(images.shape)}; FID needs uint8 "

@@ -139,12 +139,14 @@ class IMMNetwork(torch.nn.Module):
         with amp:
             return self.model(c_in.reshape(-1, 1, 1, 1) * x, c_noise_t, c_noise_s, class_labels=class_labels)
 
-    def forward(self, x, t, s, class_labels=None, cfg_scale: float | None = None, force_fp32: bool = False):
+    def forward(self, x, t, s, class_labels=None, cfg_scale: float | None = None, force_fp32: bool = False,
+                backbone_only: bool = False):
         """f_{s,t}(x): x [B,C,H,W]; t, s scalars or [B]; class_labels one-hot [B, label_dim] or None.
 
         With ``cfg_scale`` w, classifier-free guidance is applied to the backbone output before
         c_skip/c_out (Eq. 14): G = G(x, ∅) + w (G(x, c) - G(x, ∅)), in one batched call on [x, x]
         with an all-zero label as ∅. The output is computed in the wider of x's and t's dtype.
+        ``backbone_only`` returns G itself (after guidance): the flow-matching baseline's velocity / sigma_d.
         """
         t = torch.as_tensor(t, device=x.device)
         s = torch.as_tensor(s, device=x.device)
@@ -157,6 +159,8 @@ class IMMNetwork(torch.nn.Module):
             out = uncond + cfg_scale * (cond - uncond)
         else:
             out = self.backbone(x, t, s, labels, force_fp32)
+        if backbone_only:
+            return out
         dtype = torch.promote_types(x.dtype, t.dtype)
         out, x = out.to(dtype), x.to(dtype)
         t = t.to(dtype).reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t.to(dtype)

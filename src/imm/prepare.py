@@ -290,7 +290,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
                     break
             bar.close()
             if count == 0:
-                raise ValueError(f"no usable image in {src.path} ({_skip_text(skipped)})")
+                raise ValueError(f"no usable image in {src.path} ({skip_summary(skipped)})")
             meta = {"labels": labels_out if src.labels is not None else None}
             if src.labels is not None and src.class_names:
                 meta["class_names"] = list(src.class_names)
@@ -308,7 +308,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
             "label_dim": label_dim, "class_names": src.class_names if src.labels is not None else None}
 
 
-def _skip_text(skipped) -> str:
+def skip_summary(skipped) -> str:
     total = sum(skipped.values())
     if not total:
         return "none skipped"

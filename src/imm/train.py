@@ -31,14 +31,13 @@ import numpy as np
 import torch
 
 from . import distributed
+from .baselines import LOSSES, build_loss, generate
 from .checkpoint import CheckpointError, atomic_write, save_network
 from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
 from .images import save_grid
-from .loss import IMMLoss
 from .precond import IMMNetwork
-from .sampling import sample
 
 SECTIONS = ("resolution", "channels", "label_dim", "dataset", "encoder", "network", "loss", "optimizer",
             "training", "logging", "sampling", "eval")
@@ -69,6 +68,10 @@ def _check_keys(section: str, given: dict, allowed) -> None:
         raise ConfigError(f"unknown config key '{section}.{unknown[0]}'{hint}")
 
 
+def _init_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
+
+
 def resolve_config(cfg: dict) -> dict:
     """Fill defaults into the training sections and reject unknown keys (naming the nearest valid one)."""
     cfg = copy.deepcopy(cfg)
@@ -78,10 +81,16 @@ def resolve_config(cfg: dict) -> dict:
         given = cfg.get(name) or {}
         _check_keys(name, given, defaults)
         cfg[name] = {**copy.deepcopy(defaults), **given}
-    loss_defaults = {name: p.default for name, p in inspect.signature(IMMLoss.__init__).parameters.items()
-                     if name != "self"}
-    _check_keys("loss", cfg.get("loss") or {}, loss_defaults)
-    cfg["loss"] = {**loss_defaults, **(cfg.get("loss") or {})}
+    given = dict(cfg.get("loss") or {})
+    method = given.pop("method", "imm")
+    if method not in LOSSES:
+        raise ConfigError(f"loss.method must be one of {', '.join(LOSSES)}, got {method!r}")
+    loss_defaults = _init_defaults(LOSSES[method])
+    if method != "imm":  # a preset's IMM keys (group_size, k, a, b...) do not apply to a baseline
+        imm_only = set(_init_defaults(LOSSES["imm"])) - set(loss_defaults)
+        given = {k: v for k, v in given.items() if k not in imm_only}
+    _check_keys("loss", given, loss_defaults)
+    cfg["loss"] = {"method": method, **loss_defaults, **given}
     if not cfg.get("dataset"):
         raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
     if cfg["training"]["precision"] not in PRECISIONS:
@@ -90,16 +99,24 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("optimizer.name must be radam or adamw")
     if cfg["training"]["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError("training.parallel must be ddp or fsdp")
+    if cfg["logging"]["fid_every"] and method != "imm":
+        raise ConfigError("logging.fid_every supports loss.method=imm only (benchmarks/quality.py evaluates baselines)")
     if cfg["logging"]["fid_every"] and not cfg["logging"]["fid_ref"]:
         raise ConfigError("logging.fid_every needs logging.fid_ref=REF.npz (imm eval ref makes one)")
     return cfg
 
 
 def load_train_config(name_or_path: str, overrides=()) -> dict:
-    """A preset or YAML file with the trainer's defaults filled in, then dotted overrides applied."""
+    """A preset or YAML file with the trainer's defaults filled in, then dotted overrides applied.
+
+    A ``loss.method`` override is applied first, so that the loss defaults filled in are that method's.
+    """
     from .config import apply_overrides, load_config
 
-    return resolve_config(apply_overrides(resolve_config(load_config(name_or_path)), list(overrides)))
+    overrides = list(overrides)
+    method = [o.lstrip("+") for o in overrides if o.lstrip("+").split("=", 1)[0] == "loss.method"]
+    cfg = apply_overrides(load_config(name_or_path), ["+" + o for o in method])
+    return resolve_config(apply_overrides(resolve_config(cfg), overrides))
 
 
 def network_config(cfg: dict, dataset, encoder) -> dict:
@@ -301,7 +318,7 @@ class Logger:
 
 @torch.no_grad()
 def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
-    """EMA samples at each of ``logging.sample_steps`` (uniform grid), written as PNG grids."""
+    """EMA samples at each of ``logging.sample_steps`` (uniform grid, the loss.method's own sampler), as PNG grids."""
     log = cfg["logging"]
     n = int(log["sample_count"])
     g = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
@@ -311,8 +328,8 @@ def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logg
     was_training = ema.training
     ema.eval()
     for steps in log["sample_steps"]:
-        x = sample(ema, x_T.to(device), None if labels is None else labels.to(device),
-                   num_steps=int(steps), discretization="uniform")
+        x = generate(ema, x_T.to(device), None if labels is None else labels.to(device),
+                     method=cfg["loss"]["method"], nfe=int(steps))
         images = encoder.decode(x).cpu()
         if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: no picture
             continue
@@ -378,7 +395,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
     encoder = build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
     check_data(dataset, encoder, net_cfg)
-    loss_fn = IMMLoss(**cfg["loss"])
+    loss_fn = build_loss(cfg["loss"])
+    set_progress = getattr(loss_fn, "set_progress", None)  # consistency training's N(k) curriculum
     chunk, accumulation = batch_layout(int(tcfg["batch_size"]), tcfg["batch_per_device"], world, loss_fn.group_size)
     try:
         torch.manual_seed(int(tcfg["seed"]))
@@ -426,6 +444,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
         set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         del state
     forward = torch.compile(model) if tcfg["compile"] else model
+    target = torch.compile(net) if tcfg["compile"] else net  # the no-grad pass, outside DDP's wrapper
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if tcfg["precision"] == "fp16" else None
 
     total = int(tcfg["total_steps"])
@@ -455,6 +474,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
     with _StopFlag() as stop:
         while step < total:
             raw, labels = next(loader)
+            if set_progress is not None:
+                set_progress(step, total)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, ocfg)
             for micro in range(accumulation):
@@ -472,7 +493,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
                 ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
                 ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
                 with ctx:
-                    loss, stats = loss_fn(forward, x, y, target_net=net, generator=gen)
+                    loss, stats = loss_fn(forward, x, y, target_net=target, generator=gen)
                     scaled = loss / accumulation
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 window.add(loss.detach(), stats)

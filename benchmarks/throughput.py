@@ -1,0 +1,240 @@
+"""Training and sampling throughput against the hardware limit (model FLOP utilisation), eager vs compile.
+
+    python benchmarks/throughput.py --device cuda      # DDPM++ CIFAR-10 (batch 256, TF32) and DiT-XL/2
+                                                       # ImageNet (batch 128, bf16); about 5-8 min on an H100
+    python benchmarks/throughput.py                    # CPU: the same script on smaller models
+    python benchmarks/throughput.py --quick            # smoke run (the test suite calls it)
+
+For each case, in eager mode and compiled with torch.compile (run side by side in one process):
+
+* training samples/s of a full IMM step (the no-grad target pass, the gradient pass, backward, the
+  optimizer step), as the trainer does it (``imm.baselines.build_loss``, ``imm.train.make_optimizer``);
+* images/s of 1-step sampling (``imm.sample``; with CFG 1.5, i.e. a doubled batch, for the
+  class-conditional DiT);
+* peak memory (CUDA: max allocated; CPU: the process's peak RSS, for the whole run);
+* model FLOP utilisation: FLOPs counted by ``torch.utils.flop_counter`` on one eager step (matmuls,
+  convolutions, attention; forward and backward) / measured time / the device's peak (dense bf16 or
+  TF32 of the table below), and against the matmul rate measured in the same run;
+* the share of a training step spent in the IMM loss itself (time sampling, noise, r(s,t), weights,
+  kernel matrices): the same loss call on a pass-through network of the same tensor shapes, over the
+  real step time.
+
+Prints a table and one JSON line (also written with --json-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import CONFIGS  # noqa: E402  (the released network configurations)
+
+import imm  # noqa: E402
+from imm.baselines import build_loss  # noqa: E402
+from imm.train import make_optimizer  # noqa: E402
+
+# Dense (non-sparse) peak FLOP/s from NVIDIA's data sheets, by a substring of the device name.
+PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 417.5e12},
+    "H100": {"bf16": 989.4e12, "tf32": 494.7e12},  # SXM (HBM3)
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12},
+}
+
+SMALL = {  # CPU-sized networks: the mnist preset's UNet at 3 channels, DiT-S/2 on 4x32x32 latents
+    "ddpmpp-small": dict(CONFIGS["ddpmpp"], model_channels=32, channel_mult=[1, 2, 2], num_blocks=1,
+                         attn_resolutions=[], dropout=0.0),
+    "ddpmpp-tiny": dict(CONFIGS["ddpmpp"], img_resolution=16, model_channels=16, channel_mult=[1, 2],
+                        num_blocks=1, attn_resolutions=[], dropout=0.0),
+}
+NETWORKS = {**CONFIGS, **SMALL}
+LOSS = {  # the presets' loss and optimizer of each family
+    "ddpmpp": (dict(group_size=4, k=15, a=1, b=5), dict(name="radam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8,
+                                                        weight_decay=0.0)),
+    "dit": (dict(group_size=4, k=12, a=1, b=4, label_dropout=0.1), dict(name="adamw", lr=1e-4, betas=[0.9, 0.999],
+                                                                      eps=1e-8, weight_decay=0.0)),
+}
+CASES = {  # name -> (network, batch, precision)
+    "cuda": [("ddpmpp", 256, "tf32"), ("dit-xl2", 128, "bf16")],
+    "cpu": [("ddpmpp-small", 32, "fp32"), ("dit-s2", 16, "fp32")],
+    "quick": [("ddpmpp-tiny", 8, "fp32")],
+}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(device, precision: str, n: int) -> float:
+    """Achieved FLOP/s of an n x n x n matmul in the case's precision (bf16, or fp32 with TF32 allowed)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = median_seconds(lambda: a @ b, device, 3, 10)
+    return 2 * n**3 / sec
+
+
+def device_peak(device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks["bf16" if precision == "bf16" else "tf32"]
+    return None
+
+
+class PassThrough(torch.nn.Module):
+    """f(x) = w x with the real network's attributes: the IMM loss with (almost) no network cost."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        for key in ("noise_schedule", "T", "eps", "sigma_data", "label_dim", "f_type"):
+            setattr(self, key, getattr(net, key))
+        self.c_skip_c_out = net.c_skip_c_out
+
+    def forward(self, x, t, s, class_labels=None, force_fp32=False, **kwargs):
+        return x * self.w
+
+
+def bench_case(name: str, batch: int, precision: str, device, modes: list[str], repeats: int) -> dict:
+    family = "dit" if name.startswith("dit") else "ddpmpp"
+    loss_cfg, opt_cfg = LOSS[family]
+    mixed = "bf16" if precision == "bf16" else None
+    torch.manual_seed(0)
+    net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision=mixed)).to(device).train()
+    loss_fn = build_loss(loss_cfg)
+    opt = make_optimizer(net.parameters(), opt_cfg)
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
+    y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
+    cfg_scale = 1.5 if net.label_dim else None
+    row = {"case": name, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 1), "batch": batch,
+           "precision": precision, "cfg_scale": cfg_scale}
+
+    def train_step(model):
+        loss, _ = loss_fn(model, x, y, target_net=model, generator=gen)  # both passes compiled, as the trainer
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sample_step(model):
+        with torch.no_grad():
+            imm.sample(model, x * net.sigma_data, y, num_steps=1, cfg_scale=cfg_scale)
+
+    # FLOPs of one eager training step and one sampling call (forward + backward of every op counted)
+    with FlopCounterMode(display=False) as fc:
+        train_step(net)
+    row["train_flops_per_sample"] = fc.get_total_flops() / batch
+    net.eval()
+    with FlopCounterMode(display=False) as fc:
+        sample_step(net)
+    row["sample_flops_per_image"] = fc.get_total_flops() / batch
+    net.train()
+    peak = device_peak(device, precision)
+    measured = matmul_rate(device, precision, 8192 if device.type == "cuda" else 1024)
+    row["matmul_tflops"] = round(measured / 1e12, 3)
+    row["peak_tflops"] = None if peak is None else peak / 1e12
+
+    # the loss alone: the same call on a pass-through network of the same shapes
+    thru = PassThrough(net).to(device)
+    loss_alone = median_seconds(lambda: loss_fn(thru, x, y, generator=gen)[0].backward(), device, 2, repeats)
+
+    for mode in modes:
+        model = torch.compile(net) if mode == "compile" else net
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        train_step(model)  # compiles in compile mode
+        sync(device)
+        first = time.perf_counter() - start
+        step = median_seconds(lambda: train_step(model), device, 1, repeats)
+        r = {"train_samples_s": batch / step, "train_step_s": step, "first_step_s": first}
+        r["train_mfu"] = row["train_flops_per_sample"] * batch / step / peak if peak else None
+        r["train_of_matmul"] = row["train_flops_per_sample"] * batch / step / measured
+        if device.type == "cuda":
+            r["train_peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        net.eval()
+        sample_step(model)
+        sec = median_seconds(lambda: sample_step(model), device, 1, repeats)
+        net.train()
+        r["sample_img_s"] = batch / sec
+        r["sample_mfu"] = row["sample_flops_per_image"] * batch / sec / peak if peak else None
+        r["sample_of_matmul"] = row["sample_flops_per_image"] * batch / sec / measured
+        if device.type == "cuda":
+            r["sample_peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        r["loss_share"] = loss_alone / step
+        row[mode] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+    if len(modes) == 2:
+        row["compile_over_eager_train"] = round(row["eager"]["train_step_s"] / row["compile"]["train_step_s"], 3)
+        row["compile_over_eager_sample"] = round(row["compile"]["sample_img_s"] / row["eager"]["sample_img_s"], 3)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a tiny UNet, eager only, few repeats")
+    parser.add_argument("--no-compile", action="store_true", help="eager mode only")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (median)")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cases = CASES["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
+    modes = ["eager"] if (args.quick or args.no_compile) else ["eager", "compile"]
+    repeats = args.repeats or (2 if args.quick else 5)
+    rows = []
+    for name, batch, precision in cases:
+        rows.append(bench_case(name, batch, precision, device, modes, repeats))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    cols = ["train_samples_s", "train_mfu", "train_of_matmul", "sample_img_s", "sample_mfu", "sample_of_matmul",
+            "loss_share", "train_peak_mem_GiB"]
+    print("| case | mode | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for row in rows:
+        for mode in modes:
+            vals = [row[mode].get(c) for c in cols]
+            print(f"| {row['case']} (batch {row['batch']}, {row['precision']}) | {mode} | "
+                  + " | ".join("-" if v is None else f"{v:.3g}" for v in vals) + " |")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    summary = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "rows": rows}
+    line = json.dumps(summary)
+    print(line)
+    if args.json_out:
+        args.json_out.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

