@@ -155,9 +155,13 @@ def run_mnist(args, out: Path) -> list[dict]:
             entries = {f"{method if solver == '-' else solver}_nfe{nfe}":
                        {"nfe": nfe, **({"solver": solver} if solver != "-" else {})}
                        for solver, nfe in sampler_settings(method, args.solvers, args.quick)}
-            fid_rows = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 100,
-                                   seed=1_000_000 * (seed + 1), device=torch.device("cpu"), progress=False,
-                                   sample_fn=partial(generate, method=method))
+            cache = run_dir / f"fid-{num_images}.json"  # a rerun with more seeds does not redo finished FIDs
+            fid_rows = json.loads(cache.read_text()) if cache.exists() else []
+            if [r["entry"] for r in fid_rows] != list(entries):
+                fid_rows = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 100,
+                                       seed=1_000_000 * (seed + 1), device=torch.device("cpu"), progress=False,
+                                       sample_fn=partial(generate, method=method))
+                cache.write_text(json.dumps(fid_rows))
             for (solver, nfe), r in zip(sampler_settings(method, args.solvers, args.quick), fid_rows):
                 rows.append({"dataset": "mnist", "target": "mnist", "method": method, "solver": solver, "seed": seed,
                              "nfe": nfe, "fid": r["fid"], "num_images": r["num_images"],

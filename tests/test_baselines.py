@@ -129,20 +129,21 @@ def test_build_loss_and_bad_methods():
     assert "group_size" not in cfg["loss"]
 
 
-@pytest.mark.parametrize("method,nfe,ratio", [("flow_matching", 8, 0.5), ("consistency", 2, 0.75)])
-def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, ratio):
-    """Trained through imm.train (loss.method), each baseline's samples get much closer to the target."""
-    cfg = load_train_config("toy2d", [f"loss.method={method}", "training.total_steps=300",
+@pytest.mark.parametrize("method,nfe,steps,ratio", [("flow_matching", 8, 300, 0.5), ("consistency", 2, 600, 0.75)])
+def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ratio):
+    """Trained through imm.train (loss.method), each baseline's samples get much closer to the 8 modes
+    (MMD: about 0.15 at initialisation -> 0.04 flow matching, 0.07-0.11 consistency training)."""
+    cfg = load_train_config("toy2d", [f"loss.method={method}", f"training.total_steps={steps}",
                                       "training.batch_size=256", *TOY_FAST])
     path = train(cfg, tmp_path / method, device="cpu")
     net = imm.load_network(path)
     torch.manual_seed(0)
     init = imm.IMMNetwork(**net.config).eval()
     target = toy2d_sample("gaussians8", 4000, torch.Generator().manual_seed(1))
-    x_T = torch.randn(4000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
-    d = {name: sliced_wasserstein(B.generate(n, x_T, method=method, nfe=nfe), target,
-                                  generator=torch.Generator().manual_seed(3)) for name, n in (("init", init), ("trained", net))}
-    assert d["trained"] < ratio * d["init"], d  # noise of the estimate: about 0.02
+    x_T = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
+    d = {name: mmd(B.generate(n, x_T, method=method, nfe=nfe, generator=torch.Generator().manual_seed(4)), target)
+         for name, n in (("init", init), ("trained", net))}
+    assert d["trained"] < ratio * d["init"], d
     assert (tmp_path / method / "config.yaml").read_text().count(f"method: {method}") == 1
 
 

@@ -6,12 +6,13 @@ Both baselines train the same ``IMMNetwork`` (same backbone, same c_in / c_noise
 plug into the trainer through ``loss.method`` (``imm``, ``flow_matching``, ``consistency``):
 
 * **Flow matching** (``FlowMatchingLoss``; Lipman et al. 2023, the OT path = the paper's ``fm``
-  schedule): x_t = (1 - t) x + t z with z ~ N(0, sigma_d^2 I), velocity target v = z - x. With
-  ``f_type='euler_fm'`` the network is f_{s,t}(x_t) = x_t - (t - s) sigma_d G (App. C.5), so
-  sigma_d G(x_t, t, s=t) is the velocity: the loss is ||G - v / sigma_d||^2 and ``flow_sample`` runs
-  Euler or Heun on dx/dt = sigma_d G(x, t, t). The second time input is always s = t (t - s = 0 for
-  ``temb_type='stride'``), in training and in sampling; G is read through
-  ``IMMNetwork(..., backbone_only=True)``, so only the backbone's preconditioning c_in, c_noise is shared.
+  schedule): x_t = (1 - t) x + t z with z ~ N(0, sigma_d^2 I), velocity target v = z - x. The
+  backbone output G (read with ``IMMNetwork(..., backbone_only=True)``, so the c_in / c_noise
+  preconditioning is shared and ``f_type`` does not matter) is trained so that sigma_d G(x_t, t, t) is
+  the velocity: the loss is ||G - v / sigma_d||^2, and ``flow_sample`` runs Euler or Heun on
+  dx/dt = sigma_d G(x, t, t). The second time input is always s = t (t - s = 0 for
+  ``temb_type='stride'``), in training and in sampling. (With ``f_type='euler_fm'``,
+  f_{s,t} = x_t - (t - s) sigma_d G of App. C.5 is the same Euler step.)
 * **Consistency training** (``ConsistencyTrainingLoss``; iCT, Song & Dhariwal 2024): the special case
   of IMM in Lemma 1/2 of the paper: one particle per group (M = 1), the target time fixed at s = eps
   (the network is f_{eps,t}, a consistency function with the boundary f_{eps,eps} = identity), and the
