@@ -154,7 +154,9 @@ class ConsistencyTrainingLoss:
                  label_dropout: float = 0.0):
         if kernel not in ("pseudo_huber", "energy"):
             raise ValueError(f"consistency training uses kernel pseudo_huber or energy, got {kernel!r}")
-        self.imm = IMMLoss(group_size=1, kernel=kernel, huber_c=huber_c, label_dropout=label_dropout)
+        if not 0 <= label_dropout <= 1:
+            raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+        self.kernel, self.huber_c, self.label_dropout = kernel, float(huber_c), float(label_dropout)
         self.eta_min, self.s0, self.s1 = float(eta_min), int(s0), int(s1)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.step, self.total_steps = 0, 1
@@ -187,7 +189,7 @@ class ConsistencyTrainingLoss:
         t, r, weight = (v.to(device=device, dtype=tdtype) for v in self.sample_times(meta, batch, generator, device))
         s = torch.full_like(t, meta.eps)
         noise = torch.randn(images.shape, generator=generator, device=device, dtype=tdtype) * meta.sigma_data
-        onehot, keep = _onehot(meta, labels, batch, device, self.imm.label_dropout, generator)
+        onehot, keep = _onehot(meta, labels, batch, device, self.label_dropout, generator)
         x = images.to(tdtype)
         shape = (-1,) + (1,) * (x.ndim - 1)
         x_t = schedules.add_noise(x, t.view(shape), noise, meta.noise_schedule)
@@ -195,8 +197,8 @@ class ConsistencyTrainingLoss:
         with torch.no_grad():
             y_r = target_net(x_r, r, s, class_labels=onehot)
         y_t = net(x_t, t, s, class_labels=onehot)
-        mmd2 = group_mmd(y_t.reshape(batch, 1, -1), y_r.detach().reshape(batch, 1, -1), None, self.imm.kernel,
-                         huber_c=self.imm.huber_c)
+        mmd2 = group_mmd(y_t.reshape(batch, 1, -1), y_r.detach().reshape(batch, 1, -1), None, self.kernel,
+                         huber_c=self.huber_c)
         loss, nonfinite = finite_mean(mmd2, weight)
         stats = {"loss": (weight * mmd2).detach(), "mmd2": mmd2.detach(), "t": t, "s": s, "r": r,
                  "weight": weight, "nonfinite": nonfinite,
