@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from . import distributed
+from .checkpoint import atomic_write
 from .encoders import SD_VAE_NAME, SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder
-from .prepare import atomic_zip_path, finish_atomic, source_class_names
+from .prepare import source_class_names
 
 SHARD_META = ".shard.json"
 RUN_META = ".latents.json"
@@ -57,9 +58,7 @@ def stats_path_for(dest) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def _encode_shard(ds, encoder, work: Path, k: int, shard_size: int, batch_size: int, dtype: str,
@@ -258,8 +257,7 @@ def _pack(work: Path, dest: Path, num_shards: int, progress: bool) -> None:
     """Zip the finished work folder (dataset.json + shard folders, no hidden files) atomically."""
     from tqdm import tqdm
 
-    tmp = atomic_zip_path(dest)
-    try:
+    def write_zip(tmp) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.write(work / "dataset.json", "dataset.json")
             for k in tqdm(range(num_shards), unit="shard", desc="zip", disable=not progress):
@@ -267,7 +265,5 @@ def _pack(work: Path, dest: Path, num_shards: int, progress: bool) -> None:
                 for f in sorted(os.listdir(folder)):
                     if f.endswith(".npy"):
                         zf.write(folder / f, f"{k:05d}/{f}")
-        finish_atomic(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(dest, write_zip)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .checkpoint import atomic_write
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -218,20 +219,6 @@ def _worker(name):
     return _process(_WORKER_STATE["source"], name, *_WORKER_STATE["args"])
 
 
-def atomic_zip_path(dest: Path) -> Path:
-    """A fresh temporary file next to ``dest`` (renamed over it when complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def finish_atomic(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
 def prepare_images(source, dest, resolution: int = 256, transform: str | None = None,
                    max_images: int | None = None, min_size: int | None = None, use_labels: bool = True,
                    workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
@@ -260,12 +247,12 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
 
     skipped: Counter = Counter()
     labels_out = []
-    count = 0
-    tmp = atomic_zip_path(dest)
-    pool = None
-    try:
+    names = src.files
+    pool, count = None, 0
+
+    def write_zip(tmp) -> None:
+        nonlocal pool, count
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            names = src.files
             if workers > 1:
                 import multiprocessing
 
@@ -295,12 +282,12 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
             if src.labels is not None and src.class_names:
                 meta["class_names"] = list(src.class_names)
             zf.writestr("dataset.json", json.dumps(meta))
-        finish_atomic(tmp, dest)
+
+    try:
+        atomic_write(dest, write_zip)  # a temporary file next to dest, renamed when complete
     finally:
         if pool is not None:
             pool.terminate()
-        if tmp.exists():
-            tmp.unlink()
     label_dim = 0
     if labels_out:
         label_dim = len(src.class_names) if src.class_names else max(lab for _, lab in labels_out) + 1
