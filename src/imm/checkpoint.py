@@ -15,11 +15,12 @@ configuration as overrides.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -43,16 +44,50 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Reading
 
+# What parsing a damaged file can raise (RecursionError is a RuntimeError, OverflowError an ArithmeticError,
+# JSONDecodeError and UnicodeDecodeError are ValueErrors, KeyError and IndexError LookupErrors).
+_DAMAGED = (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, struct.error,
+            ValueError, TypeError, AttributeError, LookupError, ArithmeticError, RuntimeError)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn whatever a damaged or hostile file raises into one CheckpointError line naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except safe_pickle.UnsafePickleError as e:
+        raise CheckpointError(f"{path}: refused: {_one_line(e)}") from None
+    except _DAMAGED as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file")
+    return path
+
 
 def _file_kind(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(head) == 0:
         raise CheckpointError(f"{path}: file is empty")
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"  # a torch.save zip or a pickle (the release's, or torch.save's legacy format)
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
@@ -63,43 +98,41 @@ def _file_kind(path: Path) -> str:
 def _read_safetensors(path: Path):
     from safetensors import SafetensorError, safe_open
 
-    try:
+    try:  # the header's offsets are checked against the file size before any tensor is read
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
-    config = json.loads(meta["config"]) if "config" in meta else None
-    return config, tensors
-
-
-def _read_pickled(path: Path, kind: str):
+        raise CheckpointError(f"{path}: corrupt safetensors file ({_one_line(e)})") from None
+    if "config" not in meta:
+        return None, tensors
     try:
-        if kind == "torch-zip":
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
-        with open(path, "rb") as f:
-            obj = safe_pickle.load(f)
-        if isinstance(obj, int):  # legacy (pre-1.6) torch.save: a magic number comes first
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
-        return obj
-    except safe_pickle.UnsafePickleError as e:
-        raise CheckpointError(f"{path}: refused: {e}") from None
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError,
-            TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+        return json.loads(meta["config"]), tensors
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: the network configuration in its metadata is not valid JSON "
+                              f"({_one_line(e)})") from None
 
 
-def _module_state(obj) -> dict:
+def _read_object(path: Path):
+    """The object in a pickle or torch.save file, read as data (:func:`imm.safe_pickle.load_torch`)."""
+    with open(path, "rb") as f:
+        return safe_pickle.load_torch(f)
+
+
+def _module_state(obj, path: Path) -> dict:
     state = obj.state
     if not isinstance(state, dict) or "_modules" not in state:
-        raise CheckpointError(f"object {obj!r} is not a torch module")
+        raise CheckpointError(f"{path}: object {obj!r} is not a torch module")
     return state
 
 
-def _module_tensors(obj, prefix: str = "", out: dict | None = None) -> dict:
+def _module_tensors(obj, path: Path, prefix: str = "", out: dict | None = None) -> dict:
     """state_dict of a pickled module tree (parameters, persistent buffers, children)."""
     out = {} if out is None else out
-    state = _module_state(obj)
+    if prefix.count(".") > safe_pickle.MAX_DEPTH:
+        raise CheckpointError(f"{path}: modules nested deeper than {safe_pickle.MAX_DEPTH} levels (or containing "
+                              "themselves)")
+    state = _module_state(obj, path)
     skip = set(state.get("_non_persistent_buffers_set") or ())
     for name, value in (state.get("_parameters") or {}).items():
         if value is not None:
@@ -109,13 +142,13 @@ def _module_tensors(obj, prefix: str = "", out: dict | None = None) -> dict:
             out[prefix + name] = value
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            _module_tensors(child, f"{prefix}{name}.", out)
+            _module_tensors(child, path, f"{prefix}{name}.", out)
     return out
 
 
-def _module_config(obj) -> dict:
+def _module_config(obj, path: Path) -> dict:
     """Constructor arguments of a pickled IMMPrecond/IMMNetwork, as plain data."""
-    state = _module_state(obj)
+    state = _module_state(obj, path)
     if isinstance(state.get("config"), dict):  # our own IMMNetwork pickled whole
         return safe_pickle.to_plain(state["config"])
     args = safe_pickle.to_plain(state.get("_init_args") or [])
@@ -132,39 +165,69 @@ def _module_config(obj) -> dict:
 
 def _training_state(obj, path: Path):
     """(config, first EMA's tensors) of a trainer checkpoint (``imm train``'s training-state-*.pt)."""
-    emas = obj.get("ema") or {}
-    if not emas or not isinstance(obj.get("network_config"), dict):
+    emas = obj.get("ema")
+    if not isinstance(emas, dict) or not emas or not isinstance(obj.get("network_config"), dict):
         raise CheckpointError(f"{path}: training state without network configuration or EMA weights")
-    return dict(obj["network_config"]), dict(next(iter(emas.values())))
+    return dict(obj["network_config"]), next(iter(emas.values()))
 
 
-def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(network configuration or None, state_dict) from any supported file, without building the network."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    kind = _file_kind(path)
-    if kind == "safetensors":
-        return _read_safetensors(path)
-    obj = _read_pickled(path, kind)
+def _interpret(obj, path: Path):
+    """(configuration or None, state_dict) of an unpickled release pickle, torch.save file or training state."""
     if isinstance(obj, dict) and obj.get("format") == "imm-training":
         return _training_state(obj, path)
     net = obj["ema"] if isinstance(obj, dict) and "ema" in obj else obj  # the release keeps the network under 'ema'
     if isinstance(net, safe_pickle.PickledObject):
         if net.name not in NETWORK_CLASSES:
             raise CheckpointError(f"{path}: not an IMM checkpoint (the network is a {net.name}, expected IMMPrecond)")
-        return _module_config(net), _module_tensors(net)
-    if isinstance(net, dict) and net and all(isinstance(v, torch.Tensor) for v in net.values()):
+        return _module_config(net, path), _module_tensors(net, path)
+    if isinstance(net, dict) and net and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in net.items()):
         if not any(k.startswith("model.") for k in net):  # a bare backbone state_dict
             net = {f"model.{k}": v for k, v in net.items()}
         return None, dict(net)
     raise CheckpointError(f"{path}: not an IMM checkpoint (found {type(net).__name__}; expected a dict with 'ema', a network or a state_dict)")
 
 
+def _checked(config, tensors, path: Path):
+    """The configuration is a mapping of names to plain (JSON-writable) data; tensors map names to tensors."""
+    if config is not None:
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise CheckpointError(f"{path}: the network configuration is a {type(config).__name__}, not a mapping "
+                                  "of names to values")
+        json.dumps(config, default=repr)  # refuses cycles, deep nesting and keys JSON cannot write
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise CheckpointError(f"{path}: the weights are not a mapping of names to tensors")
+    return config, tensors
+
+
+def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(network configuration or None, state_dict) from any supported file, without building the network.
+
+    Raises :class:`CheckpointError` (one line naming the file) for any file it cannot read."""
+    path = _existing_file(path)
+    with _reading(path):
+        if _file_kind(path) == "safetensors":
+            return _checked(*_read_safetensors(path), path)
+        return _checked(*_interpret(_read_object(path), path), path)
+
+
+def read_training_state(path) -> dict:
+    """The whole of a trainer checkpoint (``training-state-*.pt``: step, config, model, EMAs, optimizer), as data."""
+    path = _existing_file(path)
+    with _reading(path):
+        state = _read_object(path) if _file_kind(path) == "torch" else None
+    if not (isinstance(state, dict) and state.get("format") == "imm-training"):
+        raise CheckpointError(f"{path}: not a training state written by imm train")
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # Building
+
+# A network may need at most twice the tensor bytes its file holds (a float16 file fills a float32 network),
+# plus this much for buffers no file stores.
+_UNSTORED_BYTES = 64 * 2**20
 
 
 def check_state_dict(net: torch.nn.Module, tensors: dict, source: str = "checkpoint") -> None:
@@ -190,16 +253,61 @@ def build_network(config: dict, source: str = "config") -> IMMNetwork:
         raise CheckpointError(f"{source}: bad network configuration: {e}") from None
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    except (ArithmeticError, LookupError, AttributeError, RuntimeError) as e:  # values no network accepts
+        raise CheckpointError(f"{source}: bad network configuration ({type(e).__name__}: {_one_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _at_most(num_tensors: int):
+    """Stop a network's construction as soon as it registers more parameters (or modules) than ``num_tensors``
+    can fill: a configuration with depth=100000 fails after a few blocks instead of building them all."""
+    count = {"parameters": 0, "modules": 0}
+    limits = {"parameters": num_tensors + 16, "modules": 4 * num_tensors + 64}
+
+    def registered(kind):
+        def hook(module, name, value):
+            count[kind] += 1
+            if count[kind] > limits[kind]:
+                raise ValueError(f"the configuration builds more than {limits[kind]:,} {kind}, but the file holds "
+                                 f"only {num_tensors:,} tensors")
+        return hook
+
+    handles = [torch.nn.modules.module.register_module_parameter_registration_hook(registered("parameters")),
+               torch.nn.modules.module.register_module_module_registration_hook(registered("modules"))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_fits(config: dict, tensors: dict, source: str) -> None:
+    """Build ``config``'s network on the meta device (no memory), bounded by the tensors at hand, and refuse it
+    when its tensors disagree with them or need more bytes than they hold (broadcast or repeated views)."""
+    with torch.device("meta"), _at_most(len(tensors)):
+        net = build_network(config, source=source)
+    check_state_dict(net, tensors, source=source)
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(net.parameters(), net.buffers()))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
+    have = sum(storages.values())
+    if need > 2 * have + _UNSTORED_BYTES:
+        raise CheckpointError(f"{source}: the configuration describes a network of {need / 2**20:,.1f} MiB, more "
+                              f"than the {have / 2**20:,.1f} MiB of tensor data in the file can fill")
 
 
 def network_from_tensors(config: dict, tensors: dict, source: str = "checkpoint", device="cpu") -> IMMNetwork:
-    """Build the network of ``config``, check and load ``tensors``, return it in eval mode without grad."""
+    """Build the network of ``config``, check and load ``tensors``, return it in eval mode without grad.
+
+    Nothing is allocated before the configuration is checked against the tensors (:func:`_check_fits`)."""
     if "img_resolution" not in config or "img_channels" not in config:
         raise CheckpointError(f"{source}: the file carries no network configuration; pass it as overrides "
                               "(or a config file's network: section), e.g. img_resolution, img_channels, model_type")
+    _check_fits(config, tensors, source)
     net = build_network(config, source=source)
-    check_state_dict(net, tensors, source=source)
-    net.load_state_dict(tensors, strict=True)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except (RuntimeError, TypeError) as e:  # e.g. complex tensors for a float network
+        raise CheckpointError(f"{source}: cannot load the tensors ({_one_line(e)})") from None
     return net.eval().requires_grad_(False).to(device)
 
 
@@ -222,11 +330,16 @@ def load_network(path, device: str | torch.device = "cpu", **overrides) -> IMMNe
 
 
 def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)``, fsync it, then rename over ``path``: a crash leaves the old file intact."""
+    """Call ``write(tmp_path)``, fsync it, then rename over ``path``: a crash leaves the old file intact.
+
+    The temporary file is ``.NAME.<16 hex digits>.tmp`` next to ``path`` (the trainer removes orphans of
+    a kill at its next start), created like ``open()`` creates files: mode 0o666 less the umask, not
+    ``mkstemp``'s 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.urandom(8).hex()}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -30,25 +30,33 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str) -> dict:
-    """A preset by name (``cifar10``) or a YAML file by path."""
+def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
+    """A preset by name (``cifar10``) or a YAML file by path (``_extending``: the configs whose ``base:`` led here)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+        text, identity = path.read_text(), str(path.resolve())
     elif name_or_path in preset_names():
         text = (resources.files("imm") / "presets" / f"{name_or_path}.yaml").read_text()
+        identity = f"preset {name_or_path}"
     else:
         raise ConfigError(f"unknown config {name_or_path!r}: not a file, and presets are {', '.join(preset_names())}")
     try:
         cfg = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {name_or_path}: invalid YAML ({e})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"config {name_or_path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {name_or_path}: top level must be a mapping")
     base = cfg.pop("base", None)  # a preset may extend another one: `base: imagenet256`
-    return merge(load_config(base), cfg) if base else cfg
+    if not base:
+        return cfg
+    if not isinstance(base, str):
+        raise ConfigError(f"config {name_or_path}: base must name a preset or a file, got {base!r:.60}")
+    if identity in _extending:
+        chain = " -> ".join([*_extending[_extending.index(identity):], identity])
+        raise ConfigError(f"config {name_or_path}: its base: chain comes back to itself ({chain})")
+    return merge(load_config(base, (*_extending, identity)), cfg)
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -40,7 +40,9 @@ Formats
   Otherwise the dataset is unlabelled. Grayscale (and 1-bit) images have 1 channel, colour images
   (RGB, palette, CMYK, YCbCr) 3, images with alpha keep it (LA: 2, RGBA: 4, as EDM does); 16-bit and
   float images are refused. All items must share one shape (checked on every file's header at
-  start-up, and again whenever an item is loaded) and be square. A zip archive is opened lazily,
+  start-up, and again whenever an item is loaded) and be square. An item that does not load (a file
+  truncated after its header, which the start-up check reads alone) raises :class:`UnreadableSample`
+  naming the file; :func:`make_loader` can skip such items instead. A zip archive is opened lazily,
   once per process (the handle is reopened after a fork and never pickled), so the dataset is
   safe with ``DataLoader`` workers.
 * :class:`NpzDataset` -- one ``.npz`` file: images under ``arr_0`` (ADM's convention), ``images``
@@ -98,10 +100,15 @@ from .config import ConfigError
 __all__ = [
     "RawDataset", "ImageFolderDataset", "NpzDataset", "MNISTDataset", "Toy2DDataset", "TOY2D_NAMES",
     "build_dataset", "DATASET_KINDS", "ShardedInfiniteSampler", "InfiniteLoader", "make_loader",
-    "random_xflip",
+    "random_xflip", "UnreadableSample",
 ]
 
 UNLABELLED = -1
+
+
+class UnreadableSample(ValueError):
+    """An item that cannot be loaded (a truncated or corrupt file, a wrong shape); the message names it."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Base class
@@ -166,10 +173,15 @@ class RawDataset(torch.utils.data.Dataset):
         if not -len(self) <= idx < len(self):
             raise IndexError(f"index {idx} out of range for a dataset of {len(self)} items")
         raw_index = int(self._raw_idx[idx])
-        arr = self._load_raw(raw_index)
+        try:
+            arr = self._load_raw(raw_index)
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises for a damaged file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UnreadableSample(f"dataset {getattr(self, 'path', None) or self.name}: cannot read "
+                                   f"{self._item_name(raw_index)}: {reason}") from exc
         if tuple(arr.shape) != self.raw_shape:
-            raise ValueError(f"dataset {self.name}: item {self._item_name(raw_index)} has shape "
-                             f"{'x'.join(map(str, arr.shape))}, the others {'x'.join(map(str, self.raw_shape))}")
+            raise UnreadableSample(f"dataset {self.name}: item {self._item_name(raw_index)} has shape "
+                                   f"{'x'.join(map(str, arr.shape))}, the others {'x'.join(map(str, self.raw_shape))}")
         if self._flips[idx]:
             arr = arr[:, :, ::-1]
         tensor = torch.from_numpy(np.array(arr, order="C", copy=True))  # never a view of stored data
@@ -938,18 +950,60 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
                 f"seed={self.seed}, shuffle={self.shuffle}, global_batch={self.global_batch}, start={self.start})")
 
 
+class _SkipUnreadable(torch.utils.data.Dataset):
+    """A dataset's batches where an unreadable item is replaced by the next readable one (``idx + 1``,
+    ``idx + 2`` ... modulo the length): the stream stays deterministic, so a resumed run reads what an
+    uninterrupted one read. A batch comes with the ``(index, message)`` of the items passed over (see
+    :func:`_collate_skipping`). After ``limit + 1`` unreadable items in a row it stops looking and puts
+    zeros in their place: the consumer, seeing more than ``limit`` unreadable items, refuses to go on
+    before using that batch."""
+
+    def __init__(self, dataset: RawDataset, limit: int):
+        self.dataset, self.limit = dataset, int(limit)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> tuple[list, list]:
+        items, skipped = [], []
+        for idx in indices:
+            try:
+                items.append(self.dataset[idx])
+            except UnreadableSample as exc:
+                skipped.append((idx, str(exc)))
+                items.append(self._next_readable(idx, skipped))
+        return items, skipped
+
+    def _next_readable(self, idx: int, skipped: list) -> tuple[torch.Tensor, int]:
+        n = len(self.dataset)
+        for k in range(1, min(self.limit + 1, n)):
+            try:
+                return self.dataset[(idx + k) % n]
+            except UnreadableSample as exc:
+                skipped.append(((idx + k) % n, str(exc)))
+        return torch.zeros(self.dataset.raw_shape, dtype=self.dataset.dtype), UNLABELLED
+
+
+def _collate_skipping(fetched: tuple[list, list]):
+    items, skipped = fetched
+    raw, labels = torch.utils.data.default_collate(items)
+    return raw, labels, skipped
+
+
 class InfiniteLoader:
     """An endless iterator of ``(raw_batch, labels)`` made by :func:`make_loader`.
 
     ``raw_batch`` is ``[batch_per_rank, C, H, W]`` (the dataset's dtype), ``labels`` ``int64
     [batch_per_rank]`` (-1 when unlabelled). Attributes: ``sampler``, ``loader`` (the DataLoader),
-    ``step`` (batches yielded so far plus ``start_step``).
+    ``step`` (batches yielded so far plus ``start_step``), ``unreadable`` (``{index: message}`` of the
+    items skipped so far, with ``make_loader(max_unreadable=...)``).
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, sampler: ShardedInfiniteSampler, start_step: int):
         self.loader = loader
         self.sampler = sampler
         self.step = int(start_step)
+        self.unreadable: dict[int, str] = {}
         self._it = None
 
     def __iter__(self) -> InfiniteLoader:
@@ -960,6 +1014,8 @@ class InfiniteLoader:
             self._it = iter(self.loader)
         batch = next(self._it)
         self.step += 1
+        if len(batch) == 3:  # _collate_skipping's list of skipped items
+            self.unreadable.update(batch[2])
         return batch[0], batch[1]
 
     def close(self) -> None:
@@ -972,7 +1028,7 @@ class InfiniteLoader:
 def make_loader(dataset, batch_per_rank: int, global_batch: int | None = None, rank: int = 0, world: int = 1,
                 seed: int = 0, start_step: int = 0, num_workers: int = 0, shuffle: bool = True,
                 pin_memory: bool = False, prefetch_factor: int | None = None,
-                multiprocessing_context=None) -> InfiniteLoader:
+                multiprocessing_context=None, max_unreadable: int | None = None) -> InfiniteLoader:
     """An endless iterator of this rank's ``(raw_batch, labels)``, step after step.
 
     ``global_batch`` (default ``batch_per_rank * world``) must equal ``batch_per_rank * world``. At step
@@ -981,6 +1037,10 @@ def make_loader(dataset, batch_per_rank: int, global_batch: int | None = None, r
     ranks' batches, concatenated in rank order, are the 1-process batch of that step, and resuming at
     ``start_step`` continues exactly where an uninterrupted run would be. Works with any
     ``num_workers`` (the sampler runs in this process; batches keep their order).
+
+    With ``max_unreadable`` (an int), an item that raises :class:`UnreadableSample` is replaced by the
+    next readable one and recorded in the loader's ``unreadable`` (the caller decides when there are too
+    many; at most ``max_unreadable + 1`` are tried in a row); without it such an item raises.
     """
     batch_per_rank, world = int(batch_per_rank), int(world)
     if batch_per_rank < 1:
@@ -999,6 +1059,9 @@ def make_loader(dataset, batch_per_rank: int, global_batch: int | None = None, r
         kwargs["persistent_workers"] = False
         if multiprocessing_context is not None:
             kwargs["multiprocessing_context"] = multiprocessing_context
+    if max_unreadable is not None:
+        dataset = _SkipUnreadable(dataset, max_unreadable)
+        kwargs["collate_fn"] = _collate_skipping
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_per_rank, sampler=sampler,
                                          num_workers=int(num_workers), pin_memory=pin_memory, drop_last=False,
                                          **kwargs)

@@ -67,14 +67,15 @@ def check_images(images, what: str = "samples") -> np.ndarray:
 
 def load_images(path) -> np.ndarray:
     """Sample images as uint8 NHWC: a folder of PNGs (recursively, sorted by path) or an ``.npz`` with
-    uint8 NHWC images under ``arr_0``."""
+    uint8 NHWC images under ``arr_0``. A PNG that does not decode, or is a FIFO or device, raises
+    ValueError naming it."""
     from .images import load_png
 
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"samples not found: {path}")
     if path.is_dir():
-        files = sorted(path.rglob("*.png"))
+        files = sorted(f for f in path.rglob("*.png") if not f.is_dir())
         if not files:
             raise ValueError(f"samples: no .png files in {path}")
         arrays = [load_png(f) for f in files]
@@ -86,6 +87,8 @@ def load_images(path) -> np.ndarray:
                 raise ValueError(f"samples: {f} is not an 8-bit image (dtype {a.dtype})")
         return check_images(np.stack(arrays), f"samples {path}")
     unreadable = f"samples: {path} is neither a folder of PNGs nor a readable .npz"
+    if not path.is_file():  # a FIFO or device: reading could block forever
+        raise ValueError(f"{unreadable} (not a regular file)")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...

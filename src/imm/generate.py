@@ -4,12 +4,17 @@ Grid mode writes ``OUT/<entry>_samples.png`` for every sampling entry of the con
 output). With ``num_images`` it writes, per entry, ``OUT/<entry>/<index>.png`` and ``OUT/<entry>.npz``
 (uint8 NHWC under ``arr_0``, class ids under ``arr_1`` for conditional nets: the ADM evaluator's
 layout). Image i always uses seed ``seed + i`` for its label and starting noise, so any subset is
-reproducible; under torchrun each rank takes every world_size-th index, and PNGs that already
-exist are kept, so an interrupted run continues where it stopped.
+reproducible; under torchrun each rank takes every world_size-th index. An interrupted run continues
+where it stopped: PNGs that decode completely are kept, damaged ones are drawn again.
+``OUT/<entry>.settings.json`` records what the images of ``OUT/<entry>/`` come from (a digest of the
+network's tensors, the network configuration, the seed, the sampling entry, the encoder and the
+labels rule); a run with other settings into the same folder is refused instead of mixing the two.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -19,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, network_from_tensors, read_checkpoint
+from .checkpoint import CheckpointError, atomic_write, network_from_tensors, read_checkpoint
 from .config import ConfigError
 from .encoders import build_encoder
 from .images import load_png, save_grid, save_png, to_hwc
@@ -90,15 +95,92 @@ def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed
     return paths
 
 
+LABELS_RULE = "image i: class id = first torch.randint(0, label_dim) of torch.Generator().manual_seed(seed + i)"
+
+
+def weights_digest(net) -> str:
+    """sha256 over the network's tensors (names, dtypes, shapes, bytes): the same for the same weights
+    in any file format."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {t.numel()}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def image_settings(net, digest: str, entry: dict, seed: int, encoder_cfg) -> dict:
+    """What the images of one sampling entry depend on, as plain JSON data."""
+    settings = {"weights_sha256": digest, "network": net.config, "seed": int(seed), "sampling": entry,
+                "encoder": encoder_cfg, "labels": LABELS_RULE}
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def _differences(recorded, settings: dict) -> list[str]:
+    """``key: old there, new now`` for each differing top-level key (or sub-key of a dict)."""
+    if not isinstance(recorded, dict):
+        return [f"the file holds {type(recorded).__name__}, not settings"]
+
+    def shown(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    out = []
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{key}.{k}: {shown(old.get(k))} there, {shown(new.get(k))} now"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            out.append(f"{key}: {shown(old)} there, {shown(new)} now")
+    return out
+
+
+def claim_folder(folder: Path, settings: dict) -> None:
+    """Make sure ``folder`` holds images of ``settings`` only: rank 0 records them in
+    ``<folder>.settings.json`` on first use; every rank refuses (ConfigError naming the folder and what
+    differs) a folder of other images."""
+    path = folder.with_name(folder.name + ".settings.json")
+    advice = "pass another --out (or delete the folder)"
+    if path.exists():
+        if not path.is_file():  # a FIFO would block the read
+            raise ConfigError(f"{path}: not a regular file; {advice}")
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable settings ({e}); {advice}") from None
+        differs = _differences(recorded, settings)
+        if differs:
+            shown = "; ".join(differs[:4]) + (f"; ... ({len(differs)} in all)" if len(differs) > 4 else "")
+            raise ConfigError(f"{folder} holds images of other settings ({shown}); {advice}")
+    elif any(folder.glob("*.png")):
+        raise ConfigError(f"{folder} holds PNGs but there is no {path.name}, so they may come from other settings; "
+                          f"{advice}")
+    elif distributed.is_main():
+        text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    distributed.barrier()  # no rank writes images before every rank has checked the folder
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_png(path)
+        return True
+    except ValueError:
+        return False
+
+
 def generate_images(net, encoder, entries: dict, out: Path, num_images: int, batch_size: int, seed: int,
-                    device, progress: bool = True) -> list[Path]:
+                    device, progress: bool = True, encoder_cfg=None) -> list[Path]:
     """``num_images`` seeded images per entry, as PNGs and one ADM-style .npz per entry."""
     rank, world = distributed.rank(), distributed.world_size()
+    digest = weights_digest(net)
     npz_paths = []
     for name, kwargs in entries.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in range(rank, num_images, world) if not (folder / f"{i:06d}.png").exists()]
+        claim_folder(folder, image_settings(net, digest, kwargs, seed, encoder_cfg))
+        todo = [i for i in range(rank, num_images, world) if not _readable(folder / f"{i:06d}.png")]
         batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
         bar = tqdm(batches, desc=name, unit="batch", disable=not (progress and distributed.is_main()))
         for indices in bar:
@@ -115,10 +197,15 @@ def generate_images(net, encoder, entries: dict, out: Path, num_images: int, bat
             arrays = {"arr_0": np.stack([load_png(folder / f"{i:06d}.png") for i in range(num_images)])}
             if net.label_dim:
                 arrays["arr_1"] = seeded_labels(net, range(num_images), seed)
-            np.savez(npz, **arrays)
+            atomic_write(npz, lambda tmp: _save_npz(tmp, arrays))
         distributed.barrier()
         npz_paths.append(npz)
     return npz_paths
+
+
+def _save_npz(path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+        np.savez(f, **arrays)
 
 
 def seeded_labels(net, indices, seed: int) -> np.ndarray:
@@ -154,4 +241,5 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
         return generate_grids(net, encoder, all_entries, out, batch_size, seed, device)
     if num_images < 1:
         raise ConfigError("--num-images must be at least 1")
-    return generate_images(net, encoder, all_entries, out, num_images, batch_size, seed, device, progress)
+    return generate_images(net, encoder, all_entries, out, num_images, batch_size, seed, device, progress,
+                           cfg.get("encoder"))

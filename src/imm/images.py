@@ -41,6 +41,15 @@ def save_png(image_hwc: np.ndarray, path) -> None:
 
 
 def load_png(path) -> np.ndarray:
-    """A PNG as uint8 HWC (grayscale gets a channel axis)."""
-    arr = np.asarray(Image.open(path))
+    """A PNG as HWC array (grayscale gets a channel axis), decoded completely. Anything but a regular
+    file (a FIFO would block the read) and any file that does not decode raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr

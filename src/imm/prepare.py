@@ -9,9 +9,12 @@
   dropping the leading folders that all files share, the top-level folder of each file is its class
   when there are at least two such folders (sorted names -> ids ``0 .. K-1``; images deeper down
   belong to their top-level folder). A ``dataset.json`` in the source (EDM's format) wins.
-* every image is RGB (grayscale, palette, CMYK, alpha ... are converted) and ``resolution`` square
-  after one of :data:`TRANSFORMS` (or, without a transform, must already be that size);
-* unreadable files and images whose shorter side is below ``min_size`` are skipped and counted;
+* every image is RGB (grayscale, palette, CMYK, alpha ... are converted; 16-bit samples are scaled
+  to 8 bits with rounding, see :func:`decode_image`) and ``resolution`` square after one of
+  :data:`TRANSFORMS` (or, without a transform, must already be that size);
+* files that are not regular files (FIFOs, devices: never opened), unreadable files, images of a bit
+  depth :func:`decode_image` cannot scale and images whose shorter side is below ``min_size`` are
+  skipped, counted and the first few named per reason;
 * the archive is written to a temporary file next to ``dest`` and renamed at the end, so an
   interrupted run never leaves a finished-looking ``dest``.
 
@@ -24,8 +27,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga")
 ITEMS_PER_FOLDER = 1000
+SHOWN_SKIPPED = 5  # file names per skip reason in the summary
 
 
 def default_min_size(resolution: int) -> int:
@@ -90,6 +94,41 @@ _TRANSFORM_FNS = {"center-crop": center_crop, "center-crop-dhariwal": center_cro
                   "center-crop-wide": center_crop_wide}
 
 
+# Pillow decodes 16-bit-per-sample colour PNGs to the high byte of each sample (raw mode RGB;16B);
+# the same data read as little-endian samples (RGB;16L) gives the low bytes.
+_LOW_BYTES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def scale_16bit(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 rounded to nearest (``v * 255 / 65535`` is never exactly ``k + 1/2``)."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """An encoded image, decoded completely, as an 8-bit Pillow image; None for a bit depth with no
+    exact 8-bit scaling here. 16-bit samples are scaled with :func:`scale_16bit`: grayscale (Pillow's
+    ``I;16*`` modes, or ``I`` holding 0..65535) and 16-bit RGB/RGBA PNGs (both bytes of each sample).
+    Other images with more than 8 bits per sample (16-bit gray+alpha PNGs, other formats' 16-bit
+    colour, float or 32-bit images) give None. Truncated or corrupt data raise."""
+    with Image.open(io.BytesIO(data)) as im:
+        rawmode = im.tile[0][3] if im.tile else None
+        im.load()
+        if im.mode.startswith("I"):
+            values = np.asarray(im)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                return None
+            return Image.fromarray(scale_16bit(values), "L")
+        if im.format == "PNG" and rawmode in _LOW_BYTES:
+            high = np.asarray(im).astype(np.uint16)
+            with Image.open(io.BytesIO(data)) as low:
+                low.tile = [(t[0], t[1], t[2], _LOW_BYTES[rawmode]) for t in low.tile]
+                low.load()
+                return Image.fromarray(scale_16bit(high * 256 + np.asarray(low)), im.mode)
+        if im.mode == "F" or ";16" in str(rawmode):
+            return None
+        return im.copy()
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any 8-bit Pillow image as RGB (alpha is dropped, i.e. composited on black)."""
     if img.mode == "RGB":
@@ -121,6 +160,15 @@ def apply_transform(img: Image.Image, transform: str | None, resolution: int, na
 # Reading the source
 
 
+def _special_file(path: Path) -> bool:
+    """A FIFO, device or socket (opening a FIFO blocks until a writer comes). A broken link is not
+    special: reading it fails and it is counted as unreadable."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class Source:
     """Image files of a folder or a zip archive, with class labels (see the module docstring)."""
 
@@ -138,13 +186,16 @@ class Source:
                 rel = os.path.relpath(dirpath, p)
                 names += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
                           for f in filenames if not f.startswith(".")]
-        elif zipfile.is_zipfile(p):
+        elif p.is_file() and zipfile.is_zipfile(p):  # is_file first: never open a FIFO
             self.is_zip = True
             names = [n for n in self._zipfile().namelist() if not n.endswith("/")
                      and not any(part.startswith(".") or part == "__MACOSX" for part in n.split("/"))]
         else:
             raise ValueError(f"source {p} is neither a folder nor a zip archive")
-        self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        special = set() if self.is_zip else {n for n in files if _special_file(p / n)}
+        self.not_regular = sorted(special)  # skipped unopened
+        self.files = [n for n in files if n not in special]
         if not self.files:
             raise ValueError(f"source {p} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.labels, self.class_names = self._find_labels(names) if use_labels else (None, None)
@@ -157,7 +208,12 @@ class Source:
     def read(self, name: str) -> bytes:
         if self.is_zip:
             return self._zipfile().read(name)
-        return (self.path / name).read_bytes()
+        # O_NONBLOCK: a file swapped for a FIFO after the listing is refused, not waited on
+        fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{self.path / name}: not a regular file")
+            return f.read()
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _zip=None)
@@ -189,15 +245,16 @@ class Source:
 # --------------------------------------------------------------------------------------------------
 # imm prepare images
 
-SKIP_REASONS = ("unreadable", "too small")
+SKIP_REASONS = ("not a regular file", "unreadable", "unsupported bit depth", "too small")
 
 
 def _process(source: Source, name: str, transform: str | None, resolution: int, min_size: int):
     """One source file -> ``(png bytes, None)`` or ``(None, skip reason)``; wrong size raises."""
     try:
-        with Image.open(io.BytesIO(source.read(name))) as im:
-            im.load()  # decode now: truncated and corrupt files fail here
-            img = to_rgb(im.copy())
+        img = decode_image(source.read(name))  # decoded now: truncated and corrupt files fail here
+        if img is None:
+            return None, "unsupported bit depth"
+        img = to_rgb(img)
     except Exception:
         return None, "unreadable"
     if min(img.size) < min_size:
@@ -224,7 +281,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
                    workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
     """Write the EDM-style PNG zip ``dest`` from ``source`` (see the module docstring).
 
-    Returns ``{"path", "count", "skipped": {reason: n}, "label_dim", "class_names"}``.
+    Returns ``{"path", "count", "skipped": {reason: [source names]}, "label_dim", "class_names"}``.
     """
     resolution = int(resolution)
     if resolution < 8:
@@ -245,7 +302,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
 
     from tqdm import tqdm
 
-    skipped: Counter = Counter()
+    skipped = {"not a regular file": list(src.not_regular)} if src.not_regular else {}
     labels_out = []
     names = src.files
     pool, count = None, 0
@@ -265,8 +322,8 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
             for i, (png, reason) in enumerate(results):
                 bar.update(1)
                 if reason is not None:
-                    skipped[reason] += 1
-                    bar.set_postfix(skipped=sum(skipped.values()))
+                    skipped.setdefault(reason, []).append(names[i])
+                    bar.set_postfix(skipped=sum(map(len, skipped.values())))
                     continue
                 arcname = item_name(count)
                 zf.writestr(arcname, png)
@@ -291,15 +348,20 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
     label_dim = 0
     if labels_out:
         label_dim = len(src.class_names) if src.class_names else max(lab for _, lab in labels_out) + 1
-    return {"path": str(dest), "count": count, "skipped": {r: skipped[r] for r in SKIP_REASONS if skipped[r]},
+    return {"path": str(dest), "count": count, "skipped": {r: skipped[r] for r in SKIP_REASONS if r in skipped},
             "label_dim": label_dim, "class_names": src.class_names if src.labels is not None else None}
 
 
-def skip_summary(skipped) -> str:
-    total = sum(skipped.values())
-    if not total:
+def skip_summary(skipped: dict) -> str:
+    """``skipped N: n1 reason1, n2 reason2 (reason1: first names ...; reason2: ...)`` from
+    ``{reason: [names]}`` in :data:`SKIP_REASONS` order."""
+    groups = [(r, skipped[r]) for r in SKIP_REASONS if skipped.get(r)]
+    if not groups:
         return "none skipped"
-    return f"skipped {total}: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n)
+    counts = ", ".join(f"{len(names)} {r}" for r, names in groups)
+    shown = "; ".join(f"{r}: " + ", ".join(names[:SHOWN_SKIPPED]) + (", ..." if len(names) > SHOWN_SKIPPED else "")
+                      for r, names in groups)
+    return f"skipped {sum(len(names) for _, names in groups)}: {counts} ({shown})"
 
 
 # --------------------------------------------------------------------------------------------------

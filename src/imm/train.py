@@ -11,9 +11,11 @@ VAE latent draws, dropout masks) comes from a generator seeded by ``(seed, step,
 * resuming from a checkpoint gives the same weights, bit for bit, as an uninterrupted run (CPU).
 
 Checkpoints (``RUN/checkpoints/training-state-STEP.pt``) hold the online network, every EMA, the
-optimizer, the step and the config; they are written atomically and the last ``keep_last`` are kept.
-Restarting the same command resumes from the latest one. ``imm.load_network`` reads them (the first
-EMA), and the final EMA is also written as ``RUN/network.safetensors``.
+optimizer, the step and the config; they are written atomically and the last ``keep_last`` good ones
+are kept (:func:`rotate_checkpoints`). Restarting the same command resumes from the latest readable
+one (:func:`resume_state`); a run stopped by non-finite steps writes none (:func:`_diverged`).
+``imm.load_network`` reads them (the first EMA), and the final EMA is also written as
+``RUN/network.safetensors``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import json
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -45,12 +49,32 @@ OPTIMIZER_DEFAULTS = dict(name="radam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8, w
                           warmup_steps=0, grad_clip=None)
 TRAINING_DEFAULTS = dict(total_steps=400_000, batch_size=4096, batch_per_device=None, seed=0,
                          ema_decays=[0.9999], ema_warmup=False, precision="tf32", compile=False, xflip=False,
-                         num_workers=2, parallel="ddp", max_nonfinite_steps=20)
+                         num_workers=2, parallel="ddp", max_nonfinite_steps=20, init_from=None,
+                         max_unreadable_fraction=0.01)
 LOGGING_DEFAULTS = dict(log_every=100, checkpoint_every=10_000, keep_last=3, sample_every=10_000,
                         sample_steps=[1, 2, 4], sample_count=64, tensorboard=True, wandb=False, progress=True,
                         fid_every=0, fid_ref=None, fid_num_images=1000, fid_steps=[1, 2, 4])
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# What each numeric key must be (a "?" allows null); the list keys apply it to every element.
+NUMBER_KINDS = {
+    "count": (lambda v: v >= 1 and float(v).is_integer(), "a positive integer"),
+    "index": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+    "positive": (lambda v: v > 0, "a number > 0"),
+    "nonneg": (lambda v: v >= 0, "a number >= 0"),
+    "fraction": (lambda v: 0 <= v <= 1, "a number between 0 and 1"),
+    "beta": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+NUMBER_KEYS = {
+    "training.total_steps": "count", "training.batch_size": "count", "training.batch_per_device": "count?",
+    "training.seed": "index", "training.num_workers": "index", "training.max_nonfinite_steps": "count",
+    "training.max_unreadable_fraction": "fraction", "training.ema_decays": "[fraction]",
+    "optimizer.lr": "positive", "optimizer.eps": "nonneg", "optimizer.weight_decay": "nonneg",
+    "optimizer.warmup_steps": "index", "optimizer.grad_clip": "nonneg?", "optimizer.betas": "[beta]",
+    "logging.log_every": "count", "logging.checkpoint_every": "count", "logging.keep_last": "index",
+    "logging.sample_every": "count", "logging.sample_count": "count", "logging.sample_steps": "[count]",
+    "logging.fid_every": "index", "logging.fid_num_images": "count", "logging.fid_steps": "[count]",
+}
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +94,33 @@ def _check_keys(section: str, given: dict, allowed) -> None:
 
 def _init_defaults(cls) -> dict:
     return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_numbers(cfg: dict) -> None:
+    """Each key of NUMBER_KEYS holds what it must, else a one-line ConfigError; integral floats become ints."""
+    for key, kind in NUMBER_KEYS.items():
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if kind.endswith("?") and value is None:
+            continue
+        base = kind.strip("[]?")
+        test, what = NUMBER_KINDS[base]
+        integral = base in ("count", "index")
+        if kind.startswith("["):
+            length = 2 if name == "betas" else None
+            if not (isinstance(value, (list, tuple)) and len(value) == (length or len(value))
+                    and all(_is_number(v) and test(v) for v in value)):
+                raise ConfigError(f"{key} must be a list of {f'{length} ' if length else ''}numbers, each {what}; "
+                                  f"got {value!r}")
+            cfg[section][name] = [int(v) if integral else v for v in value]
+        elif not (_is_number(value) and test(value)):
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+        elif integral:
+            cfg[section][name] = int(value)
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -93,6 +144,7 @@ def resolve_config(cfg: dict) -> dict:
     cfg["loss"] = {"method": method, **loss_defaults, **given}
     if not cfg.get("dataset"):
         raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
+    _check_numbers(cfg)
     if cfg["training"]["precision"] not in PRECISIONS:
         raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}")
     if cfg["optimizer"]["name"] not in ("radam", "adamw"):
@@ -206,10 +258,16 @@ def _state_dict(module) -> dict:
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("training-state-*.pt"))
+    """The run's checkpoints, ``training-state-STEP.pt``, oldest first."""
+    paths = (run_dir / "checkpoints").glob("training-state-*.pt")
+    return sorted((p for p in paths if re.fullmatch(r"training-state-[0-9]+\.pt", p.name)), key=_step_of)
 
 
-def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer, keep_last: int) -> Path:
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("training-state-").removesuffix(".pt"))
+
+
+def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer) -> Path:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model_sd = _state_dict(net)
@@ -220,19 +278,113 @@ def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, op
         state = {"format": "imm-training", "version": 1, "step": step, "config": cfg,
                  "network_config": net.config, "model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for old in checkpoint_paths(run_dir)[:-keep_last] if keep_last else []:
-            old.unlink(missing_ok=True)
     distributed.barrier()
     return path
 
 
+def rotate_checkpoints(run_dir: Path, good: list[Path], keep_last: int) -> None:
+    """Delete the checkpoints older than the ``keep_last``-th newest *good* one.
+
+    ``good`` (oldest first) holds the checkpoints this run resumed from or wrote whose next step had
+    finite gradients. Anything else (a checkpoint that led into non-finite steps, older files from
+    before this start, never read and perhaps unreadable) counts for nothing, so rotation never
+    deletes a good checkpoint in favour of them; older files go once ``keep_last`` good ones are newer.
+    """
+    if not keep_last or len(good) < keep_last or not distributed.is_main():
+        return
+    oldest_kept = _step_of(good[-keep_last])
+    for path in checkpoint_paths(run_dir):
+        if _step_of(path) < oldest_kept:
+            path.unlink(missing_ok=True)
+
+
+def _set_aside(paths: list[Path], suffix: str) -> None:
+    """Rename checkpoints to NAME.pt + suffix (kept for inspection; no longer resumed or rotated)."""
+    if distributed.is_main():
+        for path in paths:
+            path.replace(path.with_name(path.name + suffix))
+    distributed.barrier()
+
+
+def remove_orphans(run_dir: Path) -> None:
+    """Delete the temporary files (``.NAME.*.tmp``) that a kill during :func:`atomic_write` left behind."""
+    if distributed.is_main():
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+            for path in folder.glob(".*.tmp"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+
+
+def resume_state(run_dir: Path, start_over: bool = False):
+    """:func:`load_latest_state`, with the unreadable checkpoints newer than the one it found renamed
+    ``*.corrupt`` (rotation by step number would otherwise keep them and delete readable ones). When
+    there are checkpoints but none is readable, refuse, unless ``start_over`` (set them all aside and
+    train from step 0)."""
+    paths = checkpoint_paths(run_dir)
+    path, state = load_latest_state(run_dir)
+    unreadable = paths[paths.index(path) + 1:] if path is not None else paths
+    if path is None and unreadable and not start_over:
+        raise TrainingError(f"no readable checkpoint in {run_dir / 'checkpoints'} "
+                            f"({', '.join(p.name for p in unreadable)} cannot be read); rerun with --start-over "
+                            "(train(..., start_over=True)) to set them aside as *.corrupt and train from step 0")
+    distributed.barrier()  # every rank has read before any file moves
+    _set_aside(unreadable, ".corrupt")
+    return path, state
+
+
+def warm_start(path, net: IMMNetwork, emas) -> None:
+    """``training.init_from``: a fresh run starts from the weights of a trained network of the same
+    architecture (any file ``imm.load_network`` reads; of a trainer checkpoint, its first EMA), copied
+    into the online network and every EMA. A flow-matching baseline's network is a warm start for IMM:
+    with ``f_type='euler_fm'`` it already is the Euler sampler of f_{s,t} (App. C.5)."""
+    from .checkpoint import check_state_dict, read_checkpoint
+
+    _, tensors = read_checkpoint(path)
+    check_state_dict(net, tensors, source=f"training.init_from={path}")
+    for module in (net, *emas):
+        module.load_state_dict(tensors, strict=True)
+
+
+def _diverged(run_dir: Path, step: int, streak: int, lr: float) -> str:
+    """Set aside the checkpoints that lead into a streak of non-finite steps (their next step is the
+    streak's first whatever the learning rate) and say where a rerun resumes."""
+    first = step - streak
+    doomed = [p for p in checkpoint_paths(run_dir) if _step_of(p) >= first]
+    _set_aside(doomed, ".diverged")
+    left = checkpoint_paths(run_dir)
+    aside = f"; {', '.join(p.name for p in doomed)}, which they start from, is renamed *.diverged" if doomed else ""
+    resume = f"{left[-1].name} (step {_step_of(left[-1])})" if left else "step 0 (no earlier checkpoint)"
+    return (f"{streak} steps in a row had non-finite gradients (steps {first + 1}-{step}); stopped without "
+            f"writing a checkpoint{aside}. A rerun resumes from {resume}: lower the learning rate "
+            f"(e.g. optimizer.lr={lr / 10:g}), use fp32/bf16, or check the data.")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to ``step`` only: a resumed run logs the later steps again, and
+    a kill may have torn the last line. Rewritten atomically, and only when a line goes."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    keep = [line for line in lines if _logged_step(line) <= step]
+    if len(keep) < len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line that is not one (torn by a kill)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def load_latest_state(run_dir: Path):
     """The newest readable training state (an unreadable newest one falls back to the one before)."""
-    from . import safe_pickle
+    from .checkpoint import read_training_state
 
     for path in reversed(checkpoint_paths(run_dir)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+            state = read_training_state(path)
             if isinstance(state, dict) and state.get("format") == "imm-training":
                 return path, state
         except Exception as e:  # noqa: BLE001 - a torn or corrupt file: try the previous one
@@ -267,11 +419,12 @@ class _StopFlag:
 class Logger:
     """metrics.jsonl, TensorBoard (and W&B when asked and installed) on the main process."""
 
-    def __init__(self, run_dir: Path, cfg: dict):
+    def __init__(self, run_dir: Path, cfg: dict, start_step: int):
         self.enabled = distributed.is_main()
         self.tb = self.wandb = None
         if not self.enabled:
             return
+        _drop_metrics_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         log = cfg["logging"]
         if log["tensorboard"]:
@@ -376,8 +529,12 @@ class PeriodicFID:
 # The loop
 
 
-def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path:
-    """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network."""
+def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_over: bool = False) -> Path:
+    """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network.
+
+    ``start_over``: when the run has checkpoints but none is readable, set them aside (``*.corrupt``)
+    and train from step 0 instead of refusing (``imm train --start-over``).
+    """
     cfg = resolve_config(cfg)
     tcfg, ocfg, log = cfg["training"], cfg["optimizer"], cfg["logging"]
     run_dir = Path(run_dir)
@@ -413,7 +570,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step = 0
-    state_path, state = load_latest_state(run_dir)
+    remove_orphans(run_dir)
+    state_path, state = resume_state(run_dir, start_over)
     if state is not None:
         net.load_state_dict(state["model"])
         for d, e in emas.items():
@@ -421,6 +579,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
                 raise TrainingError(f"{state_path}: has no EMA with decay {d} (it has {', '.join(state['ema'])})")
             e.load_state_dict(state["ema"][str(d)])
         start_step = int(state["step"])
+    elif tcfg["init_from"]:
+        warm_start(tcfg["init_from"], net, emas.values())
 
     # -- parallelism --------------------------------------------------------------------------------
     model = net
@@ -456,10 +616,12 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
         print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
               f"global batch {tcfg['batch_size']} = {world} x {accumulation} x {chunk}, run dir {run_dir}")
     if start_step >= total:
-        return _finish(run_dir, emas, encoder, cfg, total, Logger(run_dir, cfg), device)
+        return _finish(run_dir, emas, encoder, cfg, total, Logger(run_dir, cfg, start_step), device)
+    max_unreadable = int(tcfg["max_unreadable_fraction"] * len(dataset))
     loader = make_loader(dataset, chunk * accumulation, int(tcfg["batch_size"]), rank, world,
-                         seed=int(tcfg["seed"]), start_step=start_step, num_workers=int(tcfg["num_workers"]))
-    logger = Logger(run_dir, cfg)
+                         seed=int(tcfg["seed"]), start_step=start_step, num_workers=int(tcfg["num_workers"]),
+                         max_unreadable=max_unreadable)
+    logger = Logger(run_dir, cfg, start_step)
     show = log["progress"] if progress is None else progress
     bar = None
     if show and distributed.is_main():
@@ -469,11 +631,15 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
 
     params = [p for p in net.parameters() if p.requires_grad]
     nonfinite_in_a_row = 0
+    good, pending = [], state_path  # checkpoints whose next step was finite; the newest, until its next step
+    n_unreadable = 0  # samples the loader skipped so far
     window = _Window(device)
     step = start_step
     with _StopFlag() as stop:
         while step < total:
             raw, labels = next(loader)
+            n_unreadable = _check_unreadable(loader.unreadable, n_unreadable, max_unreadable, len(dataset),
+                                             tcfg["max_unreadable_fraction"], device)
             if set_progress is not None:
                 set_progress(step, total)
             for group in optimizer.param_groups:
@@ -509,9 +675,13 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
                 for d, e in emas.items():
                     update_ema(e, net, ema_decay(d, step, tcfg["ema_warmup"]))
                 nonfinite_in_a_row = 0
+                if pending is not None:
+                    good.append(pending)
+                    pending = None
+                    rotate_checkpoints(run_dir, good, int(log["keep_last"]))
             else:
                 nonfinite_in_a_row += 1
-                logger.scalars(step, {"train/nonfinite_step": 1.0})
+                logger.scalars(step + 1, {"train/nonfinite_step": 1.0})
             if scaler:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -519,32 +689,36 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None) -> Path
             step += 1
             if bar is not None:
                 bar.update(1)
-            if nonfinite_in_a_row >= int(tcfg["max_nonfinite_steps"]):
-                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
-                raise TrainingError(f"{nonfinite_in_a_row} steps in a row had non-finite gradients (step {step}); "
-                                    "stopping. Lower the learning rate, use fp32/bf16, or check the data.")
+            if nonfinite_in_a_row >= int(tcfg["max_nonfinite_steps"]):  # diverged: no checkpoint of it
+                raise TrainingError(_diverged(run_dir, step, nonfinite_in_a_row, float(ocfg["lr"])))
             if step % int(log["log_every"]) == 0 or step == total:
                 values = window.flush(tcfg["batch_size"], optimizer.param_groups[0]["lr"])
+                if loader.unreadable:
+                    values["data/unreadable_samples"] = len(loader.unreadable)
                 logger.scalars(step, values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['train/loss']:.4g}", img_s=f"{values['train/images_per_s']:.0f}")
-            if step % int(log["checkpoint_every"]) == 0 and step < total:
-                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+            if step % int(log["checkpoint_every"]) == 0 and step < total and not nonfinite_in_a_row:
+                pending = save_training_state(run_dir, step, cfg, net, emas, optimizer)
             if step % int(log["sample_every"]) == 0 and step < total:
                 sample_grids(next(iter(emas.values())), encoder, cfg, run_dir, step, logger, device)
             if periodic_fid is not None and step % int(log["fid_every"]) == 0:
                 periodic_fid(next(iter(emas.values())), encoder, step, logger)
             if _agree(stop.raised, device):
-                save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+                if not nonfinite_in_a_row:  # the state the non-finite steps started from is no checkpoint
+                    save_training_state(run_dir, step, cfg, net, emas, optimizer)
                 if bar is not None:
                     bar.close()
                 logger.close()
                 loader.close()
-                raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint written, rerun to resume")
+                raise KeyboardInterrupt(f"stopped by signal at step {step}; " + (
+                    "checkpoint written, rerun to resume" if not nonfinite_in_a_row else
+                    "no checkpoint written (inside a run of non-finite steps), rerun to resume from the last one"))
     if bar is not None:
         bar.close()
     loader.close()
-    save_training_state(run_dir, step, cfg, net, emas, optimizer, int(log["keep_last"]))
+    good.append(save_training_state(run_dir, step, cfg, net, emas, optimizer))
+    rotate_checkpoints(run_dir, good, int(log["keep_last"]))
     return _finish(run_dir, emas, encoder, cfg, step, logger, device)
 
 
@@ -602,6 +776,19 @@ class _Window:
                 out[f"loss_by_t/{lo:.2f}-{hi:.2f}"] = v
         self.reset()
         return out
+
+
+def _check_unreadable(unreadable: dict, reported: int, limit: int, size: int, fraction: float, device) -> int:
+    """Print the first few unreadable samples the loader skipped (``unreadable``: index -> message);
+    refuse, on every rank, once more than ``limit`` are. Returns how many there are now."""
+    for message in itertools.islice(unreadable.values(), reported, 5):
+        print(f"imm train: skipping an unreadable sample, the next readable one is used instead ({message})")
+    if _agree(len(unreadable) > limit, device):
+        first = next(iter(unreadable.values()), "seen by another process")
+        raise TrainingError(f"{len(unreadable)} of the {size} samples are unreadable, more than "
+                            f"training.max_unreadable_fraction={fraction} allows (fix or remove the files, or "
+                            f"raise it); first: {first}")
+    return len(unreadable)
 
 
 def _agree(flag: bool, device) -> bool:
