@@ -278,7 +278,7 @@ def test_sample_times_range(mode):
     if mode == "uniform":
         assert abs(t.mean().item() - 0.5) < 0.01
         assert abs((s - 0.006).mean().item() - (t - 0.006).mean().item() / 2) < 0.01
-    else:  # eta_t ~ LogNormal(-1.1, 2) truncated: median eta_t ~ exp(-1.1) = 0.33 -> t ~ 0.25
+    elif mode == "lognormal":  # eta_t ~ LogNormal(-1.1, 2) truncated: median eta_t ~ exp(-1.1) = 0.33 -> t ~ 0.25
         nt = t / (1 - t)
         assert abs(nt.log().median().item() + 1.1) < 0.15
 

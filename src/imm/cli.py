@@ -305,8 +305,10 @@ EXAMPLES_PREPARE_IMAGES = """examples:
   imm prepare images --source cifar-png/ --dest cifar10-32x32.zip --resolution 32    # already 32x32
 
 Class sub-folders (sorted names -> class ids 0..K-1) become labels in dataset.json; a folder of
-loose images is unlabelled. Unreadable files and images smaller than --min-size are skipped and
-counted. The zip is written to a temporary file and renamed when complete.
+loose images is unlabelled. Unreadable files, files that are not regular files (FIFOs, devices:
+never opened), images of an unsupported bit depth and images smaller than --min-size are skipped,
+counted and named (the first few per reason). 16-bit images are scaled to 8 bits with rounding.
+The zip is written to a temporary file and renamed when complete.
 """
 
 EXAMPLES_PREPARE_LATENTS = """examples:

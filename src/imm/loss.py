@@ -26,7 +26,7 @@ import torch
 from . import schedules
 from .precond import c_skip_c_out
 
-TIME_SAMPLINGS = ("uniform", "lognormal")
+TIME_SAMPLINGS = ("uniform", "lognormal", "lognormal_authors")
 MAPPINGS = ("eta_decrement", "time_decrement", "logsnr_decrement", "inverse_eta_increment")
 KERNELS = ("laplace", "rbf", "energy", "pseudo_huber")
 
@@ -75,6 +75,11 @@ def sample_times(
       [eta(eps), eta(T)], then eta_s from the same law restricted to [eta(eps), eta_t]; both mapped back
       with eta^-1. The restriction is an exact truncation (inverse CDF), followed by [U]'s safety clamp
       ``eta_s = min(eta_s, eta_t).clamp(min=eta(eps))`` (reference notes Sec. 8 step 1).
+    * ``lognormal_authors``: ``lognormal`` with the bounds as the authors'-style training code passes
+      them (shared/reference/imm_method.md, "Later findings"): the first draw's lower bound
+      max(eta(eps), 1e-8) is used as a bound on log eta, so eta_t >= exp(max(eta(eps), 1e-8)) >= 1,
+      i.e. t >= 1/2 on the OT-FM path; the second draw's lower bound is eta = 1e-8, so s still covers
+      [eps, t] (after the same clamp).
 
     Drawn in float64 and returned in ``dtype``; the draws are two ``rand(n)`` calls on ``generator``.
     """
@@ -89,8 +94,11 @@ def sample_times(
     else:
         bounds = torch.tensor([eps, T], dtype=torch.float64, device=u_t.device)
         eta_lo, eta_hi = schedules.eta(bounds, schedule).unbind()
-        nt = _truncated_lognormal(u_t, eta_lo, eta_hi, P_mean, P_std)
-        ns = _truncated_lognormal(u_s, eta_lo.expand_as(nt), nt, P_mean, P_std)
+        t_lo, s_lo = eta_lo, eta_lo
+        if mode == "lognormal_authors":
+            t_lo, s_lo = torch.exp(eta_lo.clamp(min=1e-8)), torch.full_like(eta_lo, 1e-8)
+        nt = _truncated_lognormal(u_t, t_lo, eta_hi, P_mean, P_std)
+        ns = _truncated_lognormal(u_s, s_lo.expand_as(nt), nt, P_mean, P_std)
         ns = torch.minimum(ns, nt).clamp(min=eta_lo)
         t = schedules.eta_to_t(nt, schedule).clamp(eps, T)
         s = torch.minimum(schedules.eta_to_t(ns, schedule).clamp(min=eps), t)
@@ -348,6 +356,10 @@ class IMMLoss:
     Options (paper defaults; CIFAR-10 uses k=15, b=5):
       group_size M=4; time_sampling 'uniform' | 'lognormal' (P_mean, P_std in eta, [U]);
       mapping r(s,t) of ``MAPPINGS`` with k=12, optional ``mapping_step`` and ``min_gap`` Delta;
+      gap annealing (ours, not in the paper): with ``k_start`` the mapping's k moves linearly from
+      k_start to k over the first ``k_anneal_steps`` steps (default: the whole run), so the gap
+      range/2^k shrinks geometrically from coarse (fast propagation of the data signal to long jumps)
+      to the final fine gap; the trainer calls ``set_progress(step, total_steps)`` before each step;
       kernel of ``KERNELS`` ('laplace'), kernel_eps=1e-8, clamp_squared=False, huber_c;
       weighting exponents a=1, b=4;
       target_fp32: the no-grad pass with force_fp32=True ([U]); share_dropout: both passes see the same
@@ -365,6 +377,8 @@ class IMMLoss:
         k: int = 12,
         mapping_step: float | None = None,
         min_gap: float | None = None,
+        k_start: float | None = None,
+        k_anneal_steps: int | None = None,
         kernel: str = "laplace",
         kernel_eps: float = 1e-8,
         clamp_squared: bool = False,
@@ -386,7 +400,14 @@ class IMMLoss:
         self.time_sampling = _check("time_sampling", time_sampling, TIME_SAMPLINGS)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.mapping = _check("mapping", mapping, MAPPINGS)
-        self.k = int(k)
+        if k_start is not None and mapping_step is not None:
+            raise ValueError("k_start anneals k and so the mapping's default step; it cannot be used with mapping_step")
+        if k_anneal_steps is not None and k_anneal_steps < 1:
+            raise ValueError(f"k_anneal_steps must be a positive number of steps, got {k_anneal_steps}")
+        self.k_end = float(k)
+        self.k_start = None if k_start is None else float(k_start)
+        self.k_anneal_steps = k_anneal_steps
+        self.k = self.k_end if self.k_start is None else self.k_start  # the k in use; see set_progress
         self.mapping_step = mapping_step
         self.min_gap = min_gap
         self.kernel = _check("kernel", kernel, KERNELS)
@@ -398,6 +419,13 @@ class IMMLoss:
         self.share_dropout = bool(share_dropout)
         self.label_dropout = float(label_dropout)
         self.same_dropped_labels = bool(same_dropped_labels)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Gap annealing: k at ``step`` (0-based) = k_start + (k_end - k_start) min(1, step / N), with N =
+        ``k_anneal_steps`` or ``total_steps``; a no-op without ``k_start``."""
+        if self.k_start is not None:
+            frac = min(1.0, step / max(1, self.k_anneal_steps or total_steps))
+            self.k = self.k_start + (self.k_end - self.k_start) * frac
 
     # -- step 1-5 of Alg. 3: everything random except the networks' own dropout ------------------------
     def sample(self, net, images: torch.Tensor, labels: torch.Tensor | None = None,
