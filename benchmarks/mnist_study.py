@@ -157,6 +157,7 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
                               sample_fn=lambda *a, **kw: generate(*a, method=method, **kw))
             for n, r in zip(todo, got):
                 cache[f"{step}/{n}"] = r["fid"]
+            cache = {**load_rows(cache_path), **cache}  # another process may have added entries meanwhile
             save_json(cache_path, cache)
         rows += [{"budget": budget, "steps": step, "nfe": n, "fid": cache[f"{step}/{n}"]} for n in nfes]
     return rows
