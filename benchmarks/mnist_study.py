@@ -257,7 +257,8 @@ def ranked_table(summary: list[dict], nfes: list[int]) -> str:
     for v in variants:
         seeds = max(s["seeds"] for s in summary if s["variant"] == v)
         lines.append(f"| {v} | {seeds} | " + " | ".join(
-            f"{cell[v, n]['fid']:.1f} ± {cell[v, n]['fid_std']:.1f}" if (v, n) in cell else "" for n in nfes) + " |")
+            f"{cell[v, n]['fid']:.1f}" + (f" ± {cell[v, n]['fid_std']:.1f}" if cell[v, n]["seeds"] > 1 else "")
+            if (v, n) in cell else "" for n in nfes) + " |")
     return "\n".join(lines)
 
 
