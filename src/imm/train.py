@@ -553,7 +553,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     net_cfg = network_config(cfg, dataset, encoder)
     check_data(dataset, encoder, net_cfg)
     loss_fn = build_loss(cfg["loss"])
-    set_progress = getattr(loss_fn, "set_progress", None)  # consistency training's N(k) curriculum
+    set_progress = getattr(loss_fn, "set_progress", None)  # iCT's N(k) curriculum, IMM's gap annealing
     chunk, accumulation = batch_layout(int(tcfg["batch_size"]), tcfg["batch_per_device"], world, loss_fn.group_size)
     try:
         torch.manual_seed(int(tcfg["seed"]))
