@@ -121,7 +121,7 @@ def train_variant(out: Path, name: str, method: str, overrides: list[str], seed:
         return run_dir  # finished (a longer run's checkpoint serves a shorter budget); a longer budget resumes
     cfg = load_train_config("mnist", setup + [f"loss.method={method}", *overrides, f"training.total_steps={steps}",
                                               f"training.seed={seed}", f"logging.log_every={max(1, steps // 20)}",
-                                              f"logging.checkpoint_every={checkpoint_every if keep_all else steps}",
+                                              f"logging.checkpoint_every={checkpoint_every}",  # a killed run resumes
                                               f"logging.keep_last={0 if keep_all else 1}"])
     t0 = time.perf_counter()
     train(cfg, run_dir, progress=False)
@@ -176,8 +176,23 @@ def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, checkpoi
     return [f"training.init_from={ckpt}"], budget - round(fraction * budget)
 
 
+def cached_rows(task: dict) -> list[dict]:
+    """--cached-only: the rows of ``task`` whose FIDs are already cached (no training, no evaluation)."""
+    run_dir = task["out"] / "runs" / f"{task['run'].replace(' ', '_').replace('=', '')}-seed{task['seed']}"
+    cache = load_rows(run_dir / f"fid-{task['num_images']}.json")
+    rows = []
+    for budget in task["budgets"]:
+        steps = method_steps(budget - round(task["pretrain"] * budget), task["method"]) if task["pretrain"] else \
+            method_steps(budget, task["method"])
+        rows += [{"variant": task["name"], "method": task["method"], "seed": task["seed"], "budget": budget,
+                  "steps": steps, "nfe": n, "fid": cache[f"{steps}/{n}"]} for n in task["nfes"] if f"{steps}/{n}" in cache]
+    return rows
+
+
 def job(task: dict) -> list[dict]:
     """One variant and seed: train, then evaluate; single-threaded so that --jobs processes share the cores."""
+    if task.get("cached_only"):
+        return cached_rows(task)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     overrides, budgets = task["overrides"], task["budgets"]
@@ -301,7 +316,8 @@ def plan(args) -> list[tuple]:
             common = {"out": args.out, "name": name, "method": method, "overrides": overrides,
                       "pretrain": pretrain[0] if pretrain else 0, "seed": seed,
                       "nfes": NFES[method][:2] if args.quick else NFES[method], "num_images": args.num_images,
-                      "setup": QUICK_SETUP if args.quick else SETUP, "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY}
+                      "setup": QUICK_SETUP if args.quick else SETUP, "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY,
+                      "cached_only": args.cached_only}
             if method in LENGTH_SCHEDULED and len(budgets) > 1:  # one run per budget, each with its full schedule
                 tasks += [{**common, "run": f"{name} B{b}", "budgets": [b]} for b in budgets]
             else:
@@ -321,13 +337,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=256, help="samples per FID (default 256)")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes side by side")
     parser.add_argument("--quick", action="store_true", help="smoke run: budgets 3 and 6, 8 FID images, NFE 1 and 2")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train and evaluate nothing: tables and plot from the cached FIDs (missing ones left out)")
     args = parser.parse_args(argv)
     if args.quick:
         args.budgets, args.budget, args.num_images, args.jobs = [3, 6], 3, 8, 1
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = plan(args)
     t0 = time.perf_counter()
-    if args.jobs == 1:
+    if args.jobs == 1 or args.cached_only:
         rows = [r for t in tasks for r in job(t)]
     else:
         with ProcessPoolExecutor(args.jobs) as pool:

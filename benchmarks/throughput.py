@@ -4,6 +4,8 @@
                                                        # ImageNet (batch 128, bf16); about 5-8 min on an H100
     python benchmarks/throughput.py                    # CPU: the same script on smaller models
     python benchmarks/throughput.py --quick            # smoke run (the test suite calls it)
+    python benchmarks/throughput.py --compare-checkpointing --cases dit-s2   # peak memory with and without
+                                                       # training.activation_checkpointing (one process each)
 
 For each case, in eager mode and compiled with torch.compile (run side by side in one process):
 
@@ -29,7 +31,9 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from forward import CONFIGS  # noqa: E402  (the released network configurations)
 
 import imm  # noqa: E402
 from imm.baselines import build_loss  # noqa: E402
+from imm.networks import set_activation_checkpointing  # noqa: E402
 from imm.train import make_optimizer  # noqa: E402
 
 # Dense (non-sparse) peak FLOP/s from NVIDIA's data sheets, by a substring of the device name.
@@ -123,12 +128,14 @@ class PassThrough(torch.nn.Module):
         return x * self.w
 
 
-def bench_case(name: str, batch: int, precision: str, device, modes: list[str], repeats: int) -> dict:
+def bench_case(name: str, batch: int, precision: str, device, modes: list[str], repeats: int,
+               checkpointing: bool = False) -> dict:
     family = "dit" if name.startswith("dit") else "ddpmpp"
     loss_cfg, opt_cfg = LOSS[family]
     mixed = "bf16" if precision == "bf16" else None
     torch.manual_seed(0)
     net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision=mixed)).to(device).train()
+    set_activation_checkpointing(net, checkpointing)
     loss_fn = build_loss(loss_cfg)
     opt = make_optimizer(net.parameters(), opt_cfg)
     gen = torch.Generator(device).manual_seed(0)
@@ -136,7 +143,7 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
     cfg_scale = 1.5 if net.label_dim else None
     row = {"case": name, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 1), "batch": batch,
-           "precision": precision, "cfg_scale": cfg_scale}
+           "precision": precision, "cfg_scale": cfg_scale, "activation_checkpointing": checkpointing}
 
     def train_step(model):
         loss, _ = loss_fn(model, x, y, target_net=model, generator=gen)  # both passes compiled, as the trainer
@@ -198,6 +205,62 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     return row
 
 
+def training_memory(name: str, batch: int, precision: str, device, checkpointing: bool, repeats: int) -> dict:
+    """Peak memory of IMM training steps above what the process held before them (CUDA: allocated bytes;
+    CPU: peak RSS, whose high-water mark only the steps can raise here), and the median step time."""
+    family = "dit" if name.startswith("dit") else "ddpmpp"
+    loss_cfg, opt_cfg = LOSS[family]
+    torch.manual_seed(0)
+    net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision="bf16" if precision == "bf16" else None))
+    net = net.to(device).train()
+    set_activation_checkpointing(net, checkpointing)
+    loss_fn, opt = build_loss(loss_cfg), make_optimizer(net.parameters(), opt_cfg)
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
+    y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
+
+    def train_step():
+        loss, _ = loss_fn(net, x, y, target_net=net, generator=gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def held() -> float:  # GiB
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    for p in net.parameters():  # the optimizer's state exists before the measured steps (zero grads: no change)
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = held()
+    step = median_seconds(train_step, device, 1, repeats)
+    return {"case": name, "batch": batch, "activation_checkpointing": checkpointing, "before_GiB": round(before, 3),
+            "peak_GiB": round(held(), 3), "steps_GiB": round(held() - before, 3), "train_step_s": step}
+
+
+def compare_checkpointing(args) -> int:
+    """Each case, once plain and once with activation checkpointing, each in its own process (so that its peak
+    memory is its own), alternating twice; the memory the training steps add, and the step-time ratio."""
+    device_kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    known = {c[0]: c for c in CASES[device_kind]}
+    print("| case | plain: steps add GiB | checkpointed: steps add GiB | memory ratio | step time ratio |")
+    print("|---|---|---|---|---|")
+    for case in args.cases or list(known):
+        runs = {False: [], True: []}
+        for ckpt in (False, True, False, True):
+            cmd = [sys.executable, __file__, "--device", args.device, "--cases", case, "--memory-child",
+                   "--repeats", str(args.repeats or 3), *(["--activation-checkpointing"] if ckpt else [])]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[ckpt].append(json.loads(out.strip().splitlines()[-1]))
+        mem = {k: statistics.median(r["steps_GiB"] for r in v) for k, v in runs.items()}
+        step = {k: statistics.median(r["train_step_s"] for r in v) for k, v in runs.items()}
+        print(f"| {case} (batch {runs[False][0]['batch']}) | {mem[False]:.3f} | {mem[True]:.3f} | "
+              f"{mem[True] / mem[False]:.2f} | {step[True] / step[False]:.2f} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,17 +268,36 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager mode only")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (median)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON summary here")
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=None,
+                        help=f"comma-separated networks of {', '.join(NETWORKS)} (default: the device's cases)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in the backward pass")
+    parser.add_argument("--compare-checkpointing", action="store_true",
+                        help="peak memory and step time with and without activation checkpointing, per case")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cases and not set(args.cases) <= set(NETWORKS):
+        parser.error(f"unknown case {sorted(set(args.cases) - set(NETWORKS))[0]!r}; choose from {', '.join(NETWORKS)}")
+    if args.compare_checkpointing:
+        return compare_checkpointing(args)
+    if args.memory_child:
+        table = CASES["cuda" if args.device.startswith("cuda") else "cpu"]
+        name, batch, precision = next((c for c in table if c[0] == args.cases[0]), (args.cases[0], *table[0][1:]))
+        print(json.dumps(training_memory(name, batch, precision, torch.device(args.device),
+                                         args.activation_checkpointing, args.repeats or 3)))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cases = CASES["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
+    if args.cases:  # the batch and precision of the device's case of that network, else the first case's
+        known = {c[0]: c for c in cases}
+        cases = [known.get(n, (n, *cases[0][1:])) for n in args.cases]
     modes = ["eager"] if (args.quick or args.no_compile) else ["eager", "compile"]
     repeats = args.repeats or (2 if args.quick else 5)
     rows = []
     for name, batch, precision in cases:
-        rows.append(bench_case(name, batch, precision, device, modes, repeats))
+        rows.append(bench_case(name, batch, precision, device, modes, repeats, args.activation_checkpointing))
         print(f"{name}: done", file=sys.stderr, flush=True)
     cols = ["train_samples_s", "train_mfu", "train_of_matmul", "sample_img_s", "sample_mfu", "sample_of_matmul",
             "loss_share", "train_peak_mem_GiB"]

@@ -32,3 +32,15 @@ def tiny_vae_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A tiny randomly initialised transformers Dinov2Model (hidden 32, 2 layers, patch 14) in a folder."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                       patch_size=14, image_size=224)
+    path = tmp_path_factory.mktemp("tiny_dinov2")
+    transformers.Dinov2Model(config).save_pretrained(path)
+    return path

@@ -177,3 +177,12 @@ def test_mnist_study_quick_modes(tmp_path):
     warm = out / "runs" / "FM_50%_then_IMM,_euler_fm-seed0"
     assert json.loads((warm / "done.json").read_text())["steps"] == 1  # 3 - round(1.5): the IMM share of the budget
     assert "init_from: " + str(out / "runs" / "flow_matching-seed0") in (warm / "config.yaml").read_text()
+    # --cached-only rebuilds the tables from the caches alone: the same rows, and a variant never run has none
+    before = {json.dumps(r, sort_keys=True) for r in budget["rows"]}
+    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--cached-only"]) == 0
+    again = json.loads((out / "budget.json").read_text())["rows"]
+    assert {json.dumps(r, sort_keys=True) for r in again} == before
+    assert not (out / "runs" / "consistency_B3-seed0").exists()
+    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--cached-only"]) == 0
+    assert {r["variant"] for r in json.loads((out / "levers.json").read_text())["rows"]} == {
+        "imm", "flow_matching", "FM 50% then IMM, euler_fm"}  # the budget curve's IMM run serves the lever table

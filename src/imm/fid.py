@@ -90,7 +90,7 @@ def feature_statistics(feats, chunk_size: int = 8192) -> tuple[np.ndarray, np.nd
     return mu, sigma
 
 
-def _check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
+def check_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     mu = np.atleast_1d(np.asarray(mu.detach().cpu() if isinstance(mu, torch.Tensor) else mu))
     sigma = np.atleast_2d(np.asarray(sigma.detach().cpu() if isinstance(sigma, torch.Tensor) else sigma))
     for value, what in ((mu, "mu"), (sigma, "sigma")):
@@ -118,8 +118,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         from scipy import linalg
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("frechet_distance needs scipy: pip install scipy") from e
-    mu1, sigma1 = _check_stats(mu1, sigma1, "1")
-    mu2, sigma2 = _check_stats(mu2, sigma2, "2")
+    mu1, sigma1 = check_statistics(mu1, sigma1, "1")
+    mu2, sigma2 = check_statistics(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
         raise ValueError(f"statistics of different dimension: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
@@ -154,7 +154,7 @@ def frechet_distance_to_features(feats, mu_ref, sigma_ref, mu=None, sigma=None) 
         mu, sigma = feature_statistics(feats)
     if feats.shape[0] >= feats.shape[1]:
         return frechet_distance(mu, sigma, mu_ref, sigma_ref)
-    mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "_ref")
+    mu_ref, sigma_ref = check_statistics(mu_ref, sigma_ref, "_ref")
     if mu_ref.shape != mu.shape:
         raise ValueError(f"statistics of different dimension: {mu.shape[0]} vs {mu_ref.shape[0]}")
     a = (feats.astype(np.float64) - mu) / np.sqrt(feats.shape[0] - 1)
@@ -165,9 +165,10 @@ def frechet_distance_to_features(feats, mu_ref, sigma_ref, mu=None, sigma=None) 
     return float(diff @ diff + np.trace(sigma) + np.trace(sigma_ref) - 2 * tr_covmean)
 
 
-def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` float64 from an ``.npz`` with keys ``mu`` and ``sigma`` (EDM ``fid-refs``, ADM
+def load_statistics(path, keys: tuple[str, str] = ("mu", "sigma"), missing_hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` float64 from an ``.npz`` under ``keys`` (``mu`` and ``sigma``: EDM ``fid-refs``, ADM
     ``VIRTUAL_*.npz``, :func:`save_statistics`); other entries (ADM's images ``arr_0``) are not read.
+    ``missing_hint`` ends the message when the keys are missing.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything else that is not
     such a file (not an npz, pickled objects, missing keys, wrong shapes or dtypes).
@@ -180,15 +181,15 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path} is a single .npy array, not an .npz with 'mu' and 'sigma'")
+            raise ValueError(f"{path} is a single .npy array, not an .npz with {keys[0]!r} and {keys[1]!r}")
         with loaded as f:
-            keys = list(f.keys())
-            missing = [k for k in ("mu", "sigma") if k not in keys]
+            found = list(f.keys())
+            missing = [k for k in keys if k not in found]
             if missing:
-                hint = " (it holds images in 'arr_0': compute their statistics first)" if "arr_0" in keys else ""
+                hint = " (it holds images in 'arr_0': compute their statistics first)" if "arr_0" in found else ""
                 raise ValueError(f"{path} has no {' / '.join(repr(k) for k in missing)} entry; "
-                                 f"keys are {keys}{hint}")
-            mu, sigma = f["mu"], f["sigma"]
+                                 f"keys are {found}{hint}{missing_hint}")
+            mu, sigma = f[keys[0]], f[keys[1]]
     except ValueError as e:
         if str(path) in str(e):
             raise
@@ -196,23 +197,26 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path}: not a readable statistics .npz ({e})") from e
     try:
-        return _check_stats(mu, sigma, "")
+        return check_statistics(mu, sigma, "")
     except ValueError as e:
         raise ValueError(f"{path}: malformed statistics: {e}") from None
 
 
-def save_statistics(path, mu, sigma, **extra) -> Path:
-    """Write ``mu``, ``sigma`` (float64) and any ``extra`` arrays to ``path`` as an uncompressed ``.npz``
-    (exactly that path, atomically). Readable by :func:`load_statistics` and EDM's ``fid.py``."""
-    mu, sigma = _check_stats(mu, sigma, "")
-    for key in ("mu", "sigma"):
-        if key in extra:
-            raise ValueError(f"{key!r} given twice")
+def save_statistics(path, mu=None, sigma=None, **extra) -> Path:
+    """Write ``mu``, ``sigma`` (float64, checked; may be left out when ``extra`` holds other statistics)
+    and any ``extra`` arrays to ``path`` as an uncompressed ``.npz`` (exactly that path, atomically).
+    Readable by :func:`load_statistics` and EDM's ``fid.py``."""
+    arrays = {k: np.asarray(v) for k, v in extra.items()}
+    if mu is not None or sigma is not None:
+        for key in ("mu", "sigma"):
+            if key in extra:
+                raise ValueError(f"{key!r} given twice")
+        arrays["mu"], arrays["sigma"] = check_statistics(mu, sigma, "")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
+        np.savez(f, **arrays)
     os.replace(tmp, path)
     return path
 

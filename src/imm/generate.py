@@ -32,7 +32,7 @@ from .sampling import sample
 
 SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
                  "pushforward": "pushforward", "restart": "restart"}
-ENTRY_KEYS = ("name", "discretization", "num_steps", "mid_nt", "cfg_scale")
+ENTRY_KEYS = ("name", "discretization", "num_steps", "mid_nt", "cfg_scale", "cfg_interval")
 
 
 def sampling_entries(cfg: dict) -> dict[str, dict]:

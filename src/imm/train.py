@@ -34,26 +34,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, phema
 from .baselines import LOSSES, build_loss, generate
-from .checkpoint import CheckpointError, atomic_write, save_network
+from .checkpoint import CheckpointError, atomic_write, save_network, save_weights
 from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
 from .images import save_grid
+from .networks import set_activation_checkpointing
 from .precond import IMMNetwork
 
 SECTIONS = ("resolution", "channels", "label_dim", "dataset", "encoder", "network", "loss", "optimizer",
             "training", "logging", "sampling", "eval")
 OPTIMIZER_DEFAULTS = dict(name="radam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
                           warmup_steps=0, grad_clip=None)
+# phema_snapshot_every=10_000: 40 snapshots per profile over the cifar10 preset's 400k steps, which fit every
+# width between the tracked 0.05 and 0.10 to < 0.1 % (L2 error of the profile, phema.reconstruction_weights),
+# 0.03 and 0.2 to < 1 %; one snapshot is one EMA network (DDPM++ 224 MB, DiT-XL/2 2.7 GB).
 TRAINING_DEFAULTS = dict(total_steps=400_000, batch_size=4096, batch_per_device=None, seed=0,
                          ema_decays=[0.9999], ema_warmup=False, precision="tf32", compile=False, xflip=False,
                          num_workers=2, parallel="ddp", max_nonfinite_steps=20, init_from=None,
-                         max_unreadable_fraction=0.01)
+                         max_unreadable_fraction=0.01, activation_checkpointing=False,
+                         phema=False, phema_sigma_rels=[0.05, 0.10], phema_snapshot_every=10_000)
 LOGGING_DEFAULTS = dict(log_every=100, checkpoint_every=10_000, keep_last=3, sample_every=10_000,
                         sample_steps=[1, 2, 4], sample_count=64, tensorboard=True, wandb=False, progress=True,
-                        fid_every=0, fid_ref=None, fid_num_images=1000, fid_steps=[1, 2, 4])
+                        fid_every=0, fid_ref=None, fid_num_images=1000, fid_steps=[1, 2, 4], fid_metrics=["fid"],
+                        fid_dinov2="facebook/dinov2-large")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # What each numeric key must be (a "?" allows null); the list keys apply it to every element.
@@ -64,11 +70,13 @@ NUMBER_KINDS = {
     "nonneg": (lambda v: v >= 0, "a number >= 0"),
     "fraction": (lambda v: 0 <= v <= 1, "a number between 0 and 1"),
     "beta": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "sigma_rel": (lambda v: 0 < v <= phema.SIGMA_REL_MAX, f"a number in (0, {phema.SIGMA_REL_MAX:.4f}]"),
 }
 NUMBER_KEYS = {
     "training.total_steps": "count", "training.batch_size": "count", "training.batch_per_device": "count?",
     "training.seed": "index", "training.num_workers": "index", "training.max_nonfinite_steps": "count",
     "training.max_unreadable_fraction": "fraction", "training.ema_decays": "[fraction]",
+    "training.phema_sigma_rels": "[sigma_rel]", "training.phema_snapshot_every": "count",
     "optimizer.lr": "positive", "optimizer.eps": "nonneg", "optimizer.weight_decay": "nonneg",
     "optimizer.warmup_steps": "index", "optimizer.grad_clip": "nonneg?", "optimizer.betas": "[beta]",
     "logging.log_every": "count", "logging.checkpoint_every": "count", "logging.keep_last": "index",
@@ -267,16 +275,21 @@ def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("training-state-").removesuffix(".pt"))
 
 
-def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer) -> Path:
+def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer,
+                        phema_tracker: phema.PowerEMA | None = None) -> Path:
+    """Write ``training-state-STEP.pt`` atomically; with ``phema_tracker`` its profiles go under ``phema``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model_sd = _state_dict(net)
     ema_sd = {str(d): _state_dict(e) for d, e in emas.items()}
+    phema_sd = phema_tracker.state_dict() if phema_tracker is not None else None
     opt_sd = get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = run_dir / "checkpoints" / f"training-state-{step:08d}.pt"
     if distributed.is_main():
         state = {"format": "imm-training", "version": 1, "step": step, "config": cfg,
                  "network_config": net.config, "model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
+        if phema_sd is not None:
+            state["phema"] = phema_sd
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     distributed.barrier()
     return path
@@ -309,7 +322,7 @@ def _set_aside(paths: list[Path], suffix: str) -> None:
 def remove_orphans(run_dir: Path) -> None:
     """Delete the temporary files (``.NAME.*.tmp``) that a kill during :func:`atomic_write` left behind."""
     if distributed.is_main():
-        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples", run_dir / "phema"):
             for path in folder.glob(".*.tmp"):
                 if path.is_file():
                     path.unlink(missing_ok=True)
@@ -376,6 +389,99 @@ def _logged_step(line: str) -> float:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-hoc EMA (training.phema; the math is in imm.phema)
+
+_PHEMA_SNAPSHOT = re.compile(r"phema-([0-9]+)-([0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)\.safetensors")
+
+
+def phema_snapshot_path(run_dir: Path, step: int, sigma_rel: float) -> Path:
+    """``RUN/phema/phema-STEP-SIGMA_REL.safetensors``; the width is written as Python's round-trip repr."""
+    return run_dir / "phema" / f"phema-{step:08d}-{float(sigma_rel)!r}.safetensors"
+
+
+def phema_snapshots(run_dir: Path) -> list[tuple[int, float, Path]]:
+    """The run's post-hoc EMA snapshots as (step, sigma_rel, path), oldest first."""
+    found = []
+    for path in (run_dir / "phema").glob("phema-*.safetensors"):
+        match = _PHEMA_SNAPSHOT.fullmatch(path.name)
+        if match:
+            found.append((int(match[1]), float(match[2]), path))
+    return sorted(found)
+
+
+def save_phema_snapshots(run_dir: Path, step: int, tracker: phema.PowerEMA) -> None:
+    """Write each profile of ``tracker`` after ``step`` steps as an ordinary network file (atomically)."""
+    for sigma_rel, ema in tracker.emas.items():
+        tensors = _state_dict(ema)  # on every rank: gathers FSDP2 shards
+        if distributed.is_main():
+            save_weights(tensors, ema.config, phema_snapshot_path(run_dir, step, sigma_rel))
+
+
+def _drop_phema_after(run_dir: Path, step: int) -> None:
+    """Delete the snapshots after ``step`` that a run stopped past its last checkpoint left: the resumed run
+    writes them again, from the profiles as they were at ``step``."""
+    if distributed.is_main():
+        for snapshot_step, _, path in phema_snapshots(run_dir):
+            if snapshot_step > step:
+                path.unlink(missing_ok=True)
+
+
+def reconstruct_run(run_dir, sigma_rels, out, progress: bool = True) -> list[Path]:
+    """``imm ema reconstruct``: the EMA of each relative width in ``sigma_rels`` at the run's newest snapshot,
+    combined from all its snapshots with the weights of :func:`imm.phema.reconstruction_weights`, written as
+    ``OUT/phema-SIGMA_REL.safetensors`` (networks that ``imm.load_network`` and ``imm generate`` read).
+
+    Parameters are summed in float64 and stored in the snapshots' dtype; buffers (which EMAs copy rather
+    than average) come from the newest snapshot. Bad input is one CheckpointError or ConfigError line."""
+    from tqdm import tqdm
+
+    from .checkpoint import build_network, check_state_dict, read_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    snapshots = phema_snapshots(run_dir)
+    if not snapshots:
+        raise CheckpointError(f"{run_dir / 'phema'}: no post-hoc EMA snapshots (they are written every "
+                              "training.phema_snapshot_every steps of a run with training.phema=true)")
+    sigma_rels = [float(s) for s in sigma_rels]
+    if not sigma_rels:
+        raise ConfigError("give at least one sigma_rel to reconstruct")
+    try:
+        gammas = [phema.sigma_rel_to_gamma(s) for _, s, _ in snapshots]
+        weights = {s: phema.reconstruction_weights([t for t, _, _ in snapshots], gammas, s) for s in sigma_rels}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config = sums = buffers = None
+    for i, (step, _, path) in enumerate(tqdm(snapshots, desc="imm ema reconstruct", unit="snapshot",
+                                             disable=not progress)):
+        file_config, tensors = read_checkpoint(path)
+        if config is None:
+            if file_config is None:
+                raise CheckpointError(f"{path}: carries no network configuration")
+            config = file_config
+            with torch.device("meta"):
+                meta_net = build_network(config, source=str(path))
+            params = {name for name, _ in meta_net.named_parameters()}
+            dtypes = {k: tensors[k].dtype for k in tensors}
+            sums = {s: {k: torch.zeros(tensors[k].shape, dtype=torch.float64) for k in params} for s in sigma_rels}
+        elif file_config != config:
+            raise CheckpointError(f"{path}: a different network configuration than {snapshots[0][2].name}")
+        check_state_dict(meta_net, tensors, source=str(path))
+        for s in sigma_rels:
+            for k in params:
+                sums[s][k].add_(tensors[k].to(torch.float64), alpha=float(weights[s][i]))
+        if step == snapshots[-1][0]:
+            buffers = {k: v for k, v in tensors.items() if k not in params}
+    paths = []
+    for s in sigma_rels:
+        path = out / f"phema-{s!r}.safetensors"
+        save_weights({**{k: v.to(dtypes[k]) for k, v in sums[s].items()}, **buffers}, config, path)
+        paths.append(path)
+    return paths
 
 
 def load_latest_state(run_dir: Path):
@@ -496,15 +602,17 @@ def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logg
 
 class PeriodicFID:
     """FID of the EMA every ``logging.fid_every`` steps on ``fid_num_images`` samples per step count,
-    against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K)."""
+    against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K),
+    logged as ``fid/{n}step``; with ``logging.fid_metrics=[fid,fd_dinov2]`` also FD_DINOv2 (DINOv2 model
+    ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``."""
 
     def __init__(self, cfg: dict, device):
-        from .evaluate import load_reference
-        from .inception import load_inception
+        from .evaluate import load_reference, metric_networks, parse_metrics
 
         log = cfg["logging"]
-        self.ref = load_reference(log["fid_ref"])  # fails at start when missing or malformed
-        self.inception = load_inception(None, device)
+        metrics = parse_metrics(log["fid_metrics"], "logging.fid_metrics")
+        refs = {m: load_reference(log["fid_ref"], m) for m in metrics}  # fails at start when missing or malformed
+        self.sets = metric_networks(log["fid_ref"], refs, device, dinov2=log["fid_dinov2"])
         self.entries = {f"{n}step": dict(sampler="pushforward", num_steps=int(n), discretization="uniform")
                         for n in log["fid_steps"]}
         self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(cfg["training"]["seed"]), device
@@ -512,17 +620,17 @@ class PeriodicFID:
     def __call__(self, ema, encoder, step: int, logger) -> None:
         import warnings
 
-        from .evaluate import network_fid
+        from .evaluate import network_distances
 
         was_training = ema.training
         ema.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-N bias warning: documented above
-            rows = network_fid(ema, encoder, self.inception, self.entries, *self.ref, self.num_images, 64,
-                               self.seed, self.device, progress=False)
+            rows = network_distances(ema, encoder, self.sets, self.entries, self.num_images, 64, self.seed,
+                                     self.device, progress=False)
         ema.train(was_training)
         if rows:
-            logger.scalars(step, {f"fid/{row['steps']}step": row["fid"] for row in rows})
+            logger.scalars(step, {f"{m}/{row['steps']}step": row[m] for row in rows for m in self.sets})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,6 +675,12 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     emas = {float(d): copy.deepcopy(net).eval().requires_grad_(False) for d in tcfg["ema_decays"]}
     if not emas:
         raise ConfigError("training.ema_decays must list at least one decay")
+    try:
+        phema_tracker = phema.PowerEMA(net, tcfg["phema_sigma_rels"]) if tcfg["phema"] else None
+    except ValueError as e:
+        raise ConfigError(f"training.phema_sigma_rels: {e}") from None
+    if tcfg["activation_checkpointing"] and not set_activation_checkpointing(net, True):
+        raise ConfigError(f"training.activation_checkpointing needs a DiT or SongUNet network, not {net_cfg.get('model_type')}")
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step = 0
@@ -578,9 +692,18 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
             if str(d) not in state["ema"]:
                 raise TrainingError(f"{state_path}: has no EMA with decay {d} (it has {', '.join(state['ema'])})")
             e.load_state_dict(state["ema"][str(d)])
+        if phema_tracker is not None:
+            if "phema" not in state:
+                raise TrainingError(f"{state_path}: has no post-hoc EMA state (written with training.phema=false); "
+                                    "resume with training.phema=false or train in a new run directory")
+            try:
+                phema_tracker.load_state_dict(state["phema"])
+            except ValueError as e:
+                raise TrainingError(f"{state_path}: {e}") from None
         start_step = int(state["step"])
     elif tcfg["init_from"]:
         warm_start(tcfg["init_from"], net, emas.values())
+    _drop_phema_after(run_dir, start_step)
 
     # -- parallelism --------------------------------------------------------------------------------
     model = net
@@ -591,7 +714,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         for block in blocks if blocks is not None else []:
             fully_shard(block)
         fully_shard(net)
-        for e in emas.values():
+        for e in [*emas.values(), *(phema_tracker.emas.values() if phema_tracker else ())]:
             for block in getattr(e.model, "blocks", None) or []:
                 fully_shard(block)
             fully_shard(e)
@@ -682,6 +805,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
             else:
                 nonfinite_in_a_row += 1
                 logger.scalars(step + 1, {"train/nonfinite_step": 1.0})
+            if phema_tracker is not None:  # skipped steps too: the profile is over steps, the weights stayed put
+                phema_tracker.update(net, step + 1)
             if scaler:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -698,15 +823,17 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
                 logger.scalars(step, values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['train/loss']:.4g}", img_s=f"{values['train/images_per_s']:.0f}")
+            if phema_tracker is not None and step % int(tcfg["phema_snapshot_every"]) == 0:  # before the checkpoint
+                save_phema_snapshots(run_dir, step, phema_tracker)  # of this step, which keeps them on resume
             if step % int(log["checkpoint_every"]) == 0 and step < total and not nonfinite_in_a_row:
-                pending = save_training_state(run_dir, step, cfg, net, emas, optimizer)
+                pending = save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker)
             if step % int(log["sample_every"]) == 0 and step < total:
                 sample_grids(next(iter(emas.values())), encoder, cfg, run_dir, step, logger, device)
             if periodic_fid is not None and step % int(log["fid_every"]) == 0:
                 periodic_fid(next(iter(emas.values())), encoder, step, logger)
             if _agree(stop.raised, device):
                 if not nonfinite_in_a_row:  # the state the non-finite steps started from is no checkpoint
-                    save_training_state(run_dir, step, cfg, net, emas, optimizer)
+                    save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker)
                 if bar is not None:
                     bar.close()
                 logger.close()
@@ -717,7 +844,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     if bar is not None:
         bar.close()
     loader.close()
-    good.append(save_training_state(run_dir, step, cfg, net, emas, optimizer))
+    good.append(save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker))
     rotate_checkpoints(run_dir, good, int(log["keep_last"]))
     return _finish(run_dir, emas, encoder, cfg, step, logger, device)
 

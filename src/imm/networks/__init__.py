@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
 # model_type (as the release's configs spell it) -> (module, constructor)
 _BACKBONES = {"SongUNet": ("unet", "SongUNet"), "DiT": ("dit", "DiT"), "MLP": ("mlp", "MLP")}
 for _size in ("S", "B", "L", "XL"):
@@ -19,3 +22,22 @@ def build_backbone(model_type: str, **kwargs):
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(BACKBONES)}")
     module, name = _BACKBONES[model_type]
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)(**kwargs)
+
+
+def call_block(owner, block, *args):
+    """``block(*args)``; when ``owner.activation_checkpointing`` is set and gradients are on, its
+    activations are not kept but recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant,
+    with the RNG state restored so dropout draws the same masks). The backbones call their blocks through
+    this; ``imm.train`` sets the flag for ``training.activation_checkpointing``."""
+    if owner.activation_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_activation_checkpointing(model, enabled: bool) -> int:
+    """Turn activation checkpointing on or off in every backbone inside ``model`` that supports it
+    (those with an ``activation_checkpointing`` class attribute: DiT, SongUNet); returns how many."""
+    owners = [m for m in model.modules() if hasattr(type(m), "activation_checkpointing")]
+    for m in owners:
+        m.activation_checkpointing = bool(enabled)
+    return len(owners)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import call_block
+
 __all__ = [
     "DiT",
     "DiTBlock",
@@ -347,7 +349,12 @@ class DiT(nn.Module):
     ``x [B, C, H, W]``; ``noise_labels_t``/``noise_labels_s`` of shape ``[B]``
     or ``[1]``; ``class_labels`` a float one-hot ``[B or 1, num_classes]`` (an
     all-zero row means unconditional) or ``None`` (unconditional).
+
+    ``activation_checkpointing`` (off; set by ``imm.networks.set_activation_checkpointing``) recomputes
+    each block's activations in the backward pass instead of keeping them.
     """
+
+    activation_checkpointing = False
 
     def __init__(
         self,
@@ -486,7 +493,7 @@ class DiT(nn.Module):
         c = c + self.y_embedder(self.labels_to_index(class_labels, batch, x.device))
 
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = call_block(self, block, tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
 

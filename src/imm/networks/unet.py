@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import call_block
+
 __all__ = ["Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock"]
 
 # Keys the release stores in ``_init_kwargs`` that carry no information for the backbone itself.
@@ -291,7 +293,12 @@ class SongUNet(nn.Module):
     ``forward(x, noise_labels_t, noise_labels_s, class_labels=None, augment_labels=None)``
     takes ``x`` [B, in_channels, H, W] and 1-D noise labels (``[B]`` or ``[1]``)
     and returns [B, out_channels, H, W].
+
+    ``activation_checkpointing`` (off; set by ``imm.networks.set_activation_checkpointing``) recomputes
+    each UNet block's activations in the backward pass instead of keeping them.
     """
+
+    activation_checkpointing = False
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
@@ -450,7 +457,7 @@ class SongUNet(nn.Module):
                 x = block(x)
                 skips.append(x)
             else:
-                x = block(x, emb)
+                x = call_block(self, block, x, emb)
                 skips.append(x)
 
         # Decoder: "_block<i>" entries take the matching skip; aux_* build the output image.
@@ -466,5 +473,5 @@ class SongUNet(nn.Module):
             else:
                 if role == "block":
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = call_block(self, block, x, emb)
         return aux
