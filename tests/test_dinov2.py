@@ -264,7 +264,7 @@ def test_training_logs_fd_dinov2(dino_dir, tmp_path, capsys):
                          "--num-images", "4", "--ref", str(ref), "--out", str(out_dir), "--device", "cpu",
                          "--metrics", "fd_dinov2", "--dinov2", str(dino_dir), "--no-progress"], capsys)
     assert rc == 0, err
-    assert "1_steps: steps=1 nfe=1 fd_dinov2=" in out and "fid=" not in out
+    assert "1_step: steps=1 nfe=1 fd_dinov2=" in out and "fid=" not in out
     with open(out_dir / "fid.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["steps", "nfe", "fd_dinov2", "num_images", "seconds"]

@@ -258,3 +258,21 @@ def test_bundled_mnist_reference():
     d_real = fid.frechet_distance_to_features(net.features(real), mu, sigma)
     d_noise = fid.frechet_distance_to_features(net.features(noise), mu, sigma)
     assert d_real < 0.5 * d_noise
+
+
+def test_log_axis_ticks_are_plain_numbers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from imm.evaluate import plain_numbers
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 4], [260, 220, 180])
+    ax.set_yscale("log")
+    plain_numbers(ax.yaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+    plt.close(fig)
+    assert "190" in labels and all(float(v) > 0 for v in labels), labels  # not $1.9\times10^{2}$

@@ -145,6 +145,13 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     assert [r["steps"] for r in rows] == [1, 2, 4] and all(r["num_images"] == 6 for r in rows)
     for r in rows:
         assert f"{r['steps']} step{'s' * (r['steps'] > 1)} {r['fid']:.1f}" in line
+    # it ends with where things are and next commands that work as printed
+    assert f"network: {run / 'network.safetensors'}" in out and f"tensorboard --logdir {run}" in out
+    import shlex
+
+    generate = next(x for x in out.splitlines() if x.strip().startswith("imm generate"))
+    assert main([*shlex.split(generate)[1:], "--device", "cpu", "--no-progress"]) == 0
+    assert (run / "more-samples" / "2_steps_samples.png").exists()
     assert main(["demo", "--run-dir", str(run), "--fid-images", "1"]) != 0
     assert "--fid-images must be 0 (no FID) or at least 2" in capsys.readouterr().err
 

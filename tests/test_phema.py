@@ -244,8 +244,8 @@ def test_eval_fid_sweeps_reconstructed_emas_and_plots_against_the_width(tmp_path
     ref = tmp_path / "ref.npz"
     with pytest.warns(UserWarning):
         reference_statistics("mnist", ref, max_images=8, device="cpu", metrics="fd_dinov2", dinov2=dino)
-    common = ["--config", "mnist", "--steps", "1,2", "--num-images", "4", "--ref", str(ref), "--device", "cpu",
-              "--metrics", "fd_dinov2", "--dinov2", str(dino), "--no-progress"]
+    common = ["--steps", "1,2", "--num-images", "4", "--ref", str(ref), "--device", "cpu",  # no --config: the
+              "--metrics", "fd_dinov2", "--dinov2", str(dino), "--no-progress"]             # run's own settings
     capsys.readouterr()
     assert main(["eval", "fid", "--checkpoint", str(tmp_path / "ema" / "*.safetensors"),
                  "--out", str(tmp_path / "sweep"), *common]) == 0

@@ -361,19 +361,46 @@ def atomic_write(path, write) -> None:
         os.close(dir_fd)
 
 
-def save_network(net: IMMNetwork, path) -> None:
+def save_network(net: IMMNetwork, path, sampling_settings: dict | None = None) -> None:
     """Write ``net`` as one .safetensors file: weights plus the JSON configuration in its metadata."""
-    save_weights(net.state_dict(), net.config, path)
+    save_weights(net.state_dict(), net.config, path, sampling_settings)
 
 
-def save_weights(tensors: dict, config: dict, path) -> None:
+def save_weights(tensors: dict, config: dict, path, sampling_settings: dict | None = None) -> None:
     """Write a network's state_dict and configuration as :func:`save_network` does, without building it
-    (the trainer's post-hoc EMA snapshots, ``imm ema reconstruct``)."""
+    (the trainer's post-hoc EMA snapshots, ``imm ema reconstruct``). ``sampling_settings`` (the ``encoder``,
+    ``sampling`` and ``eval`` sections of the training config) go into the metadata too, for
+    :func:`read_sampling_settings`."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True)}
+    if sampling_settings:
+        metadata["sampling_settings"] = json.dumps(sampling_settings, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+SAMPLING_SECTIONS = ("encoder", "sampling", "eval")
+
+
+def read_sampling_settings(path) -> dict | None:
+    """The ``encoder``/``sampling``/``eval`` sections a checkpoint of ``imm train`` records (the final
+    ``network.safetensors`` and the ``training-state-*.pt`` files), or None for any other file (its
+    header only is read for a safetensors file; nothing is read for other formats)."""
+    path = _existing_file(path)
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        with _reading(path), safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("sampling_settings")
+        with _reading(path):
+            settings = json.loads(text) if text else None
+        return settings if isinstance(settings, dict) else None
+    if kind == "torch" and path.name.startswith("training-state-"):
+        config = read_training_state(path).get("config") or {}
+        return {k: config[k] for k in SAMPLING_SECTIONS if k in config} or None
+    return None
 
 
 def convert(src, dst, **overrides) -> IMMNetwork:

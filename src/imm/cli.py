@@ -46,11 +46,10 @@ def _split_overrides(items: list[str]) -> tuple[list[str], dict]:
 
 
 def cmd_generate(args) -> int:
-    from .config import apply_overrides, load_config
-    from .generate import run
+    from .generate import run, sampling_config
 
     overrides, network = _split_overrides(args.overrides)
-    cfg = apply_overrides(load_config(args.config), overrides)
+    cfg, source = sampling_config(args.config, args.checkpoint, overrides)
     eval_cfg = cfg.setdefault("eval", {})
     if args.batch_size is not None:
         eval_cfg["batch_size"] = args.batch_size
@@ -58,7 +57,7 @@ def cmd_generate(args) -> int:
         eval_cfg["seed"] = args.seed
     entries = args.entries.split(",") if args.entries else None
     paths = run(cfg, args.checkpoint, args.out, network, device=args.device, num_images=args.num_images,
-                entries=entries, progress=not args.no_progress)
+                entries=entries, progress=not args.no_progress, source=source)
     from . import distributed
 
     if distributed.is_main():
@@ -126,6 +125,14 @@ def cmd_demo(args) -> int:
                   f"{fid_images}-sample FIDs): " + ", ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)} "
                                                            f"{r['fid']:.1f}" for r in rows))
             print(f"  {Path(args.run_dir) / 'fid' / 'fid.json'}")
+    if main:
+        run = Path(args.run_dir)
+        print(f"network: {path}\ncheckpoints: {run / 'checkpoints'}\nlogs: {run / 'metrics.jsonl'}, "
+              f"{run / 'tensorboard'} (tensorboard --logdir {run})\nnext:\n"
+              f"  imm generate --checkpoint {path} --config mnist --out {run / 'more-samples'}\n"
+              f"  imm eval fid --checkpoint {path} --config mnist --steps 1,2,4,8 --num-images 1000 --ref mnist "
+              f"--out {run / 'fid-1000'}\n"
+              f"  imm demo --run-dir {run}-longer training.total_steps=3000   # a longer run: better digits")
     distributed.shutdown()
     return 0
 
@@ -200,7 +207,8 @@ def cmd_eval_fid(args) -> int:
 
 def _eval_fid(args) -> int:
     from . import distributed
-    from .evaluate import evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps, row_metrics
+    from .evaluate import (check_num_images, evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps,
+                           row_metrics)
 
     if (args.samples is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
@@ -223,12 +231,13 @@ def _eval_fid(args) -> int:
         raise ValueError("--is and --pr go with --samples (generate with `imm generate --num-images` first)")
     if args.num_images is None:
         raise ValueError("--checkpoint needs --num-images N (50000 for published numbers)")
-    from .config import apply_overrides, load_config
+    from .generate import sampling_config
 
     overrides, network = _split_overrides(args.overrides)
-    cfg = apply_overrides(load_config(args.config), overrides)
-    checkpoints, out = expand_checkpoints(args.checkpoint), Path(args.out or "fid")
-    kwargs = dict(steps=parse_steps(args.steps), num_images=args.num_images, network_overrides=network,
+    check_num_images(args.num_images)  # argument errors before reading any checkpoint
+    steps, checkpoints, out = parse_steps(args.steps), expand_checkpoints(args.checkpoint), Path(args.out or "fid")
+    cfg, source = sampling_config(args.config, checkpoints[0] if checkpoints else None, overrides)
+    kwargs = dict(source=source, steps=steps, num_images=args.num_images, network_overrides=network,
                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, batch_size=args.batch_size, seed=args.seed, device=args.device,
                   inception_path=args.inception, progress=not args.no_progress, metrics=args.metrics,
                   dinov2=args.dinov2)
@@ -293,7 +302,8 @@ def _add_eval_parsers(sub) -> None:
                    help="comma-separated step counts on a uniform time grid, e.g. 1,2,4,8 "
                         "(default: the config's sampling entries)")
     f.add_argument("--num-images", type=int, default=None, help="images per step count (with --checkpoint)")
-    f.add_argument("--config", default="cifar10", help="preset name or YAML file (default: cifar10)")
+    f.add_argument("--config", default=None,
+                   help="preset name or YAML file (default: the settings an imm train checkpoint records, else cifar10)")
     f.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance weight (doubles the NFE; conditional nets only)")
     f.add_argument("--cfg-interval", type=_interval, default=None, metavar="T_LO,T_HI",
@@ -529,16 +539,20 @@ def _add_ema_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import load_config, preset_names
+
     parser = argparse.ArgumentParser(
         prog="imm", description="Inductive Moment Matching: few-step generative models (training, sampling, conversion).")
     parser.add_argument("--version", action="version", version=f"imm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="sample image grids (or N seeded images for FID) from a checkpoint",
-                       description="Sample with the sampling entries of a config (presets: cifar10, imagenet256).",
+                       description="Sample with the sampling entries of a config (presets: "
+                                   f"{', '.join(n for n in preset_names() if load_config(n).get('sampling'))}).",
                        epilog=EXAMPLES_GENERATE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="released .pkl/.pt, torch.save file or our .safetensors (or eval.resume=PATH)")
-    p.add_argument("--config", default="cifar10", help="preset name or YAML file (default: cifar10)")
+    p.add_argument("--config", default=None,
+                   help="preset name or YAML file (default: the settings an imm train checkpoint records, else cifar10)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--num-images", type=int, default=None,
@@ -597,9 +611,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that KEY=VALUE overrides may come anywhere, also after options
+    (``imm generate --checkpoint C eval.seed=1 --out D eval.batch_size=2``)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

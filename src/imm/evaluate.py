@@ -340,8 +340,9 @@ def _step_entries(cfg: dict, net, steps: list[int], cfg_scale: float | None,
 
     guidance = {k: v for k, v in (("cfg_scale", cfg_scale), ("cfg_interval", cfg_interval)) if v is not None}
     if steps:
-        return {f"{s}_steps": {"sampler": "pushforward", "num_steps": s, "discretization": "uniform",
-                               "cfg_scale": None, **guidance} for s in steps}
+        return {("1_step" if s == 1 else f"{s}_steps"): {"sampler": "pushforward", "num_steps": s,  # imm generate's names
+                                                         "discretization": "uniform", "cfg_scale": None, **guidance}
+                for s in steps}
     return {k: {**v, **guidance} for k, v in sampling_entries(cfg).items()}
 
 
@@ -429,20 +430,25 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
     return rows
 
 
+def check_num_images(num_images) -> None:
+    if num_images is None or num_images < 2:
+        raise ValueError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
+
+
 def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None, num_images: int = 50000,
                  network_overrides: dict | None = None, cfg_scale: float | None = None, batch_size: int | None = None,
                  seed: int | None = None, device=None, inception_path=None, progress: bool = True, *,
-                 metrics=("fid",), dinov2=None, cfg_interval: list[float] | None = None) -> list[dict]:
+                 metrics=("fid",), dinov2=None, cfg_interval: list[float] | None = None,
+                 source: str = "the config") -> list[dict]:
     """Each of ``metrics`` (FID by default; ``fd_dinov2`` with the DINOv2 hub id or folder ``dinov2``) of
     ``num_images`` samples per step count (or per sampling entry of ``cfg``); rank 0 writes
     ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
     from .checkpoint import CheckpointError
     from .encoders import build_encoder
-    from .generate import network_from_config
+    from .generate import check_fits, network_from_config
 
     refs = {m: load_reference(ref, m) for m in parse_metrics(metrics)}
-    if num_images is None or num_images < 2:
-        raise ValueError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
+    check_num_images(num_images)
     device = distributed.init(device)
     eval_cfg = cfg.get("eval") or {}
     checkpoint = checkpoint or eval_cfg.get("resume")
@@ -455,6 +461,7 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
         raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
     entries = _step_entries(cfg, net, steps or [], cfg_scale, cfg_interval)
     encoder = build_encoder(cfg.get("encoder"))
+    check_fits(net, encoder, entries, source)  # before any sampling
     encoder.init(device)
     sets = metric_networks(ref, refs, device, inception_path, dinov2)
     main = distributed.is_main()
@@ -579,6 +586,14 @@ def write_results(rows: list[dict], out, **meta) -> dict[str, Path]:
     return paths
 
 
+def plain_numbers(axis) -> None:
+    """Tick labels of a log axis as plain numbers (150, 200), not matplotlib's 1.5x10^2."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def plot_fid_vs_steps(rows: list[dict], path) -> Path:
     """Each metric against the number of steps, log-scaled axes, one curve per metric (matplotlib, Agg)."""
     try:
@@ -604,6 +619,7 @@ def plot_fid_vs_steps(rows: list[dict], path) -> Path:
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        plain_numbers(ax.yaxis)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(" / ".join(names) or "FID")
         ax.set_title(f"{' / '.join(names) or 'FID'} vs steps ({rows[0]['num_images'] if rows else 0} images)")

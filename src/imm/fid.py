@@ -176,8 +176,9 @@ def load_statistics(path, keys: tuple[str, str] = ("mu", "sigma"), missing_hint:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"reference statistics not found: {path} (e.g. EDM's https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
-            "cifar10-32x32.npz, or compute them with imm.fid.feature_statistics + save_statistics)")
+            f"reference statistics not found: {path} (make them with `imm eval ref --data DATA --out {path}`, use "
+            "EDM's or ADM's reference files, e.g. https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, "
+            "or --ref mnist for the bundled MNIST digits)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_write, network_from_tensors, read_checkpoint
-from .config import ConfigError
+from .checkpoint import CheckpointError, atomic_write, network_from_tensors, read_checkpoint, read_sampling_settings
+from .config import ConfigError, apply_overrides, load_config
 from .encoders import build_encoder
 from .images import load_png, save_grid, save_png, to_hwc
 from .sampling import sample
@@ -51,6 +51,41 @@ def sampling_entries(cfg: dict) -> dict[str, dict]:
             raise ConfigError(f"sampling entry {name!r}: unknown sampler {sampler!r}; use pushforward_generator_fn or restart_generator_fn")
         entries[str(name)] = dict(sampler=SAMPLER_NAMES[sampler], **entry)
     return entries
+
+
+# The network shape (channels, resolution, label_dim) of each preset that samples, for naming the right one.
+PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (1, 32, 10)}
+DEFAULT_CONFIG = "cifar10"  # for files that record no settings (the released cifar10.pt among them)
+
+
+def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tuple[dict, str]:
+    """The config ``imm generate`` and ``imm eval fid`` sample with, and how to name it in messages:
+    ``--config`` when given; else the encoder, sampling entries and eval settings the checkpoint records
+    (``imm train`` writes them into its files); else the ``cifar10`` preset. :func:`check_fits` then
+    refuses a network that does not fit it, naming the right ``--config``."""
+    if config is None and checkpoint:
+        settings = read_sampling_settings(checkpoint)
+        if settings and settings.get("sampling"):
+            settings = {**settings, "eval": {"resume": None, "seed": 0, "batch_size": 64, **(settings.get("eval") or {})}}
+            return apply_overrides(settings, overrides), f"the settings recorded in {checkpoint}"
+    config = config or DEFAULT_CONFIG
+    return apply_overrides(load_config(config), overrides), f"--config {config}"
+
+
+def check_fits(net, encoder, entries: dict, source: str) -> None:
+    """Before any sampling: the config's encoder takes the network's channels and its guided entries have a
+    class-conditional network; otherwise one ConfigError naming the preset that fits."""
+    shape = (net.img_channels, net.img_resolution, net.label_dim)
+    fits = [name for name, preset in PRESET_SHAPES.items() if preset == shape]
+    hint = (f"use --config {fits[0]}" if fits else "pass --config with a YAML file whose encoder and sampling "
+            "entries fit it")
+    what = f"the network makes {net.img_channels}-channel {net.img_resolution}x{net.img_resolution} samples" + (
+        f" of {net.label_dim} classes" if net.label_dim else ", unconditional")
+    if getattr(encoder, "channels", net.img_channels) != net.img_channels:
+        raise ConfigError(f"{source} decodes {encoder.channels}-channel samples but {what}: {hint}")
+    guided = [name for name, entry in entries.items() if entry.get("cfg_scale") is not None]
+    if guided and not net.label_dim:
+        raise ConfigError(f"{source}: the sampling entries {', '.join(guided)} use guidance (cfg_scale) but {what}: {hint}")
 
 
 def network_from_config(cfg: dict, checkpoint, network_overrides: dict, device) -> torch.nn.Module:
@@ -214,7 +249,7 @@ def seeded_labels(net, indices, seed: int) -> np.ndarray:
 
 
 def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_images: int | None = None,
-        entries: list[str] | None = None, progress: bool = True) -> list[Path]:
+        entries: list[str] | None = None, progress: bool = True, source: str = "the config") -> list[Path]:
     """Everything ``imm generate`` does after parsing its arguments."""
     device = distributed.init(device)
     if device.type == "cuda":
@@ -234,6 +269,7 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
     seed = int(eval_cfg.get("seed") or 0)
     net = network_from_config(cfg, checkpoint, network_overrides, device)
     encoder = build_encoder(cfg.get("encoder"))
+    check_fits(net, encoder, all_entries, source)
     encoder.init(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

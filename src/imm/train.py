@@ -36,7 +36,7 @@ import torch
 
 from . import distributed, phema
 from .baselines import LOSSES, build_loss, generate
-from .checkpoint import CheckpointError, atomic_write, save_network, save_weights
+from .checkpoint import SAMPLING_SECTIONS, CheckpointError, atomic_write, save_network, save_weights
 from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
@@ -429,6 +429,17 @@ def _drop_phema_after(run_dir: Path, step: int) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _sampling_settings_of_run(run_dir: Path) -> dict | None:
+    """The encoder/sampling/eval sections of ``RUN/config.yaml`` (None when it is missing or unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)} if isinstance(cfg, dict) else None
+
+
 def reconstruct_run(run_dir, sigma_rels, out, progress: bool = True) -> list[Path]:
     """``imm ema reconstruct``: the EMA of each relative width in ``sigma_rels`` at the run's newest snapshot,
     combined from all its snapshots with the weights of :func:`imm.phema.reconstruction_weights`, written as
@@ -455,6 +466,7 @@ def reconstruct_run(run_dir, sigma_rels, out, progress: bool = True) -> list[Pat
         weights = {s: phema.reconstruction_weights([t for t, _, _ in snapshots], gammas, s) for s in sigma_rels}
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    settings = _sampling_settings_of_run(run_dir)  # so that imm generate / eval fid need no --config
     config = sums = buffers = None
     for i, (step, _, path) in enumerate(tqdm(snapshots, desc="imm ema reconstruct", unit="snapshot",
                                              disable=not progress)):
@@ -479,7 +491,7 @@ def reconstruct_run(run_dir, sigma_rels, out, progress: bool = True) -> list[Pat
     paths = []
     for s in sigma_rels:
         path = out / f"phema-{s!r}.safetensors"
-        save_weights({**{k: v.to(dtypes[k]) for k, v in sums[s].items()}, **buffers}, config, path)
+        save_weights({**{k: v.to(dtypes[k]) for k, v in sums[s].items()}, **buffers}, config, path, settings)
         paths.append(path)
     return paths
 
@@ -855,7 +867,7 @@ def _finish(run_dir: Path, emas: dict, encoder, cfg: dict, step: int, logger, de
     full.load_state_dict(_state_dict(ema))
     path = run_dir / "network.safetensors"
     if distributed.is_main():
-        save_network(full, path)
+        save_network(full, path, {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)})  # imm generate's defaults
         sample_grids(full.to(device), encoder, cfg, run_dir, step, logger, device)
     logger.close()
     distributed.barrier()
