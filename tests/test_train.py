@@ -52,6 +52,11 @@ def test_toy2d_learns_in_600_steps(tmp_path):
     run = tmp_path / "run"
     assert (run / "metrics.jsonl").exists() and (run / "config.yaml").exists()
     assert len(checkpoint_paths(run)) >= 1
+    # it ends with a scatter plot of 1/2/4-step samples over the target and the sliced W2 of each
+    assert (run / "samples" / "step00000600_scatter.png").stat().st_size > 0
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert logged["step"] == 600 and {"sw2/1step", "sw2/2step", "sw2/4step"} <= set(logged)
+    assert abs(logged["sw2/1step"] - d_trained) < 0.05 and logged["sw2/1step"] < 0.75 * d_init  # other noise, same W2
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -227,3 +232,27 @@ def test_compiled_training_matches_eager(tmp_path):
         losses[mode] = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses["true"]) == 3
     assert np.allclose(losses["true"], losses["false"], rtol=1e-4), losses
+
+
+def test_resume_with_changed_settings_says_so_and_refuses_another_experiment(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(toy_cfg("training.total_steps=2", "logging.checkpoint_every=100"), run, device="cpu")
+    first = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    train(toy_cfg("training.total_steps=3", "training.batch_size=32", "logging.checkpoint_every=100"), run, device="cpu")
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: " in out and "training.batch_size 64 -> 32" in out
+    assert "training.total_steps 2 -> 3" in out
+    assert (run / "config-until-00000002.yaml").read_text() == first  # the earlier config is kept
+    assert "batch_size: 32" in (run / "config.yaml").read_text()
+    with pytest.raises(TrainingError, match=r"resuming would change loss.k .*--allow-changes") as e:
+        train(toy_cfg("training.total_steps=4", "loss.k=5", "logging.checkpoint_every=100"), run, device="cpu")
+    assert "\n" not in str(e.value)
+    assert load_latest_state(run)[1]["step"] == 3  # nothing trained
+    train(toy_cfg("training.total_steps=4", "loss.k=5", "logging.checkpoint_every=100"), run, device="cpu",
+          allow_changes=True)
+    assert load_latest_state(run)[1]["step"] == 4
+    # an unchanged resume prints nothing about settings
+    capsys.readouterr()
+    train(toy_cfg("training.total_steps=4", "loss.k=5", "logging.checkpoint_every=100"), run, device="cpu")
+    assert "changed settings" not in capsys.readouterr().out

@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
-    path = train(cfg, run_dir, device=args.device, start_over=args.start_over)
+    path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
     from . import distributed
 
     if distributed.is_main():
@@ -102,7 +102,7 @@ def cmd_demo(args) -> int:
         except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
             print(f"imm demo: no FID at the end ({str(e).splitlines()[0]})")
             fid_images = 0
-    path = train(cfg, args.run_dir, device=args.device)
+    path = train(cfg, args.run_dir, device=args.device, allow_changes=args.allow_changes)
     main = distributed.is_main()
     if main:
         step = cfg["training"]["total_steps"]
@@ -575,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-over", action="store_true",
                    help="when no checkpoint in the run dir is readable, rename them *.corrupt and train from step 0 "
                         "(without it the run refuses to start)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even when network/loss/dataset/encoder settings differ from the checkpoint's")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. training.batch_size=512 optimizer.lr=2e-4")
     p.set_defaults(func=cmd_train)
@@ -588,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-images", type=int, default=300,
                    help="samples per step count for the FID at 1, 2 and 4 steps printed at the end "
                         "(default 300, about 1.5 min on 2 cores; 0: no FID)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even when network/loss/dataset/encoder settings differ from the checkpoint's")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the mnist preset")
     p.set_defaults(func=cmd_demo)
 

@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -429,6 +430,41 @@ def _drop_phema_after(run_dir: Path, step: int) -> None:
                 path.unlink(missing_ok=True)
 
 
+# Sections whose change makes a resumed run another experiment: refused unless allowed (--allow-changes).
+PROTECTED_SECTIONS = ("network", "loss", "dataset", "encoder")
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    if not isinstance(cfg, dict):
+        return {prefix[:-1]: cfg}
+    return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resumed_config(state_path: Path, old: dict, new: dict, allow_changes: bool) -> None:
+    """Say what a resumed run changes against the configuration its checkpoint was trained with; refuse
+    changes to the network, loss, data and encoder (one TrainingError line) unless ``allow_changes``. Keys
+    the checkpoint's configuration lacks (settings newer than it) are not changes."""
+    before, after = _flat(old), _flat(new)
+    changed = [k for k in before if after.get(k, "(unset)") != before[k]]
+    if not changed:
+        return
+    protected = [k for k in changed if k.split(".")[0] in PROTECTED_SECTIONS]
+    if protected and not allow_changes:
+        raise TrainingError(f"{state_path}: resuming would change {', '.join(protected)} (trained with other "
+                            "values): train in a new --run-dir, or pass --allow-changes to resume anyway")
+    if distributed.is_main():
+        print("imm train: resuming with changed settings: "
+              + ", ".join(f"{k} {before[k]!r} -> {after.get(k, '(unset)')!r}" for k in changed))
+
+
+def keep_earlier_config(run_dir: Path, text: str, start_step: int) -> None:
+    """Write ``RUN/config.yaml``; a different one already there is kept as ``config-until-STEP.yaml``."""
+    path = run_dir / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        os.replace(path, run_dir / f"config-until-{start_step:08d}.yaml")
+    path.write_text(text)
+
+
 def _sampling_settings_of_run(run_dir: Path) -> dict | None:
     """The encoder/sampling/eval sections of ``RUN/config.yaml`` (None when it is missing or unreadable)."""
     import yaml
@@ -595,21 +631,60 @@ def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logg
     g = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
     x_T = torch.randn(n, ema.img_channels, ema.img_resolution, ema.img_resolution, generator=g) * ema.sigma_data
     labels = torch.arange(n) % ema.label_dim if ema.label_dim else None
-    paths = []
+    paths, points = [], {}
     was_training = ema.training
     ema.eval()
     for steps in log["sample_steps"]:
         x = generate(ema, x_T.to(device), None if labels is None else labels.to(device),
                      method=cfg["loss"]["method"], nfe=int(steps))
         images = encoder.decode(x).cpu()
-        if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: no picture
+        if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: the scatter plot below
+            points[int(steps)] = images.reshape(n, -1).float()
             continue
         path = run_dir / "samples" / f"step{step:08d}_{steps}step.png"
         save_grid(images, path)
         logger.image(step, f"samples/{steps}step", images)
         paths.append(path)
     ema.train(was_training)
+    if points and cfg["dataset"].get("kind") == "toy2d" and distributed.is_main():
+        paths.append(toy_scatter(points, cfg, run_dir / "samples" / f"step{step:08d}_scatter.png", step, logger))
     return paths
+
+
+def toy_scatter(points: dict, cfg: dict, path: Path, step: int, logger) -> Path:
+    """Toy 2-D runs: the samples of each step count over points of the target, in one figure, with the
+    sliced W2 (``imm.metrics.sliced_wasserstein``) of each against the target, logged as ``sw2/{n}step``
+    and printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import toy2d_sample
+    from .metrics import sliced_wasserstein
+
+    n = next(iter(points.values())).shape[0]
+    target = toy2d_sample(cfg["dataset"]["name"], max(n, 2000), torch.Generator().manual_seed(1))
+    sw2 = {k: sliced_wasserstein(x, target, generator=torch.Generator().manual_seed(0)) for k, x in points.items()}
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.4), squeeze=False)
+    try:
+        for ax, (k, x) in zip(axes[0], points.items()):
+            ax.scatter(*target.T, s=2, c="0.8", label="target")
+            ax.scatter(*x.T, s=2, c="C0", label="samples")
+            ax.set_title(f"{k} step{'s' * (k > 1)}: sliced W2 {sw2[k]:.3f}", fontsize=9)
+            ax.set_aspect("equal")
+            ax.set_xlim(-3, 3)
+            ax.set_ylim(-3, 3)
+        axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    logger.scalars(step, {f"sw2/{k}step": v for k, v in sw2.items()})
+    print(f"imm train: {cfg['dataset']['name']} samples, sliced W2 to the target: "
+          + ", ".join(f"{k} step{'s' * (k > 1)} {v:.3f}" for k, v in sw2.items()) + f" ({path})")
+    return path
 
 
 class PeriodicFID:
@@ -649,11 +724,13 @@ class PeriodicFID:
 # The loop
 
 
-def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_over: bool = False) -> Path:
+def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_over: bool = False,
+          allow_changes: bool = False) -> Path:
     """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network.
 
     ``start_over``: when the run has checkpoints but none is readable, set them aside (``*.corrupt``)
-    and train from step 0 instead of refusing (``imm train --start-over``).
+    and train from step 0 instead of refusing (``imm train --start-over``). ``allow_changes``: resume even
+    when the network, loss, data or encoder settings differ from the checkpoint's (``--allow-changes``).
     """
     cfg = resolve_config(cfg)
     tcfg, ocfg, log = cfg["training"], cfg["optimizer"], cfg["logging"]
@@ -699,6 +776,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     remove_orphans(run_dir)
     state_path, state = resume_state(run_dir, start_over)
     if state is not None:
+        check_resumed_config(state_path, state.get("config") or {}, cfg, allow_changes)
         net.load_state_dict(state["model"])
         for d, e in emas.items():
             if str(d) not in state["ema"]:
@@ -745,7 +823,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     total = int(tcfg["total_steps"])
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_to_yaml(cfg))
+        keep_earlier_config(run_dir, _to_yaml(cfg), start_step)
         n_params = sum(p.numel() for p in net.parameters())
         what = f"resuming at step {start_step}" if start_step else "starting"
         print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
