@@ -283,6 +283,8 @@ def plot_budget(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from imm.evaluate import plain_numbers
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {"imm": "-", "flow_matching": "--", "consistency": ":"}
     for (v, m, n) in dict.fromkeys((s["variant"], s["method"], s["nfe"]) for s in summary):
@@ -290,6 +292,7 @@ def plot_budget(summary: list[dict], path: Path) -> None:
         ax.plot(*zip(*pts), styles.get(m, "-."), marker="o", ms=3, label=f"{v}, NFE {n}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_numbers(ax.yaxis)
     ax.set_xlabel("training compute (forward-pass equivalents x samples)")
     ax.set_ylabel("FID (256 samples)")
     ax.legend(fontsize=6, ncol=2)
