@@ -138,7 +138,7 @@ def run_mnist(args, out: Path) -> list[dict]:
     from imm.encoders import build_encoder
     from imm.evaluate import _load_inception, load_reference, network_fid
 
-    num_images = 16 if args.quick else args.num_images
+    num_images = 8 if args.quick else args.num_images
     mu_ref, sigma_ref = load_reference("mnist")
     inception = _load_inception()
     rows = []

@@ -12,7 +12,7 @@ from imm.checkpoint import CheckpointError, save_network
 from imm.train import load_train_config, train, warm_start
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
-            "logging.checkpoint_every=1000"]
+            "logging.checkpoint_every=1000", "logging.sample_steps=[]"]
 
 
 def gen(seed):

@@ -24,7 +24,7 @@ from imm.train import (
 )
 
 TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
-        "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true"]
+        "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
 
 
 def tiny_cfg(*overrides):

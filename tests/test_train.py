@@ -18,7 +18,7 @@ from imm.data import toy2d_sample
 from imm.metrics import sliced_wasserstein
 from imm.train import TrainingError, checkpoint_paths, load_latest_state, load_train_config, resolve_config, train
 
-TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false"]
+TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false", "logging.sample_steps=[]"]  # no end-of-run scatter plot (toy2d_learns checks it)
 
 
 def toy_cfg(*overrides):
@@ -35,7 +35,7 @@ def test_toy2d_learns_in_600_steps(tmp_path):
     bound: the same 600 steps took 27-49 s on idle 2-core machines of this project (benchmarks time runs)."""
     start = time.perf_counter()
     cfg = toy_cfg("training.total_steps=600", "training.batch_size=512", "logging.log_every=100",
-                  "logging.checkpoint_every=1000")
+                  "logging.checkpoint_every=1000", "logging.sample_steps=[1,2,4]")
     path = train(cfg, tmp_path / "run", device="cpu")
     elapsed = time.perf_counter() - start
     target = toy2d_sample("gaussians8", 4000, torch.Generator().manual_seed(1))

