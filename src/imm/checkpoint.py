@@ -361,26 +361,31 @@ def atomic_write(path, write) -> None:
         os.close(dir_fd)
 
 
-def save_network(net: IMMNetwork, path, sampling_settings: dict | None = None) -> None:
+def save_network(net: IMMNetwork, path, settings: dict | None = None) -> None:
     """Write ``net`` as one .safetensors file: weights plus the JSON configuration in its metadata."""
-    save_weights(net.state_dict(), net.config, path, sampling_settings)
+    save_weights(net.state_dict(), net.config, path, settings)
 
 
-def save_weights(tensors: dict, config: dict, path, sampling_settings: dict | None = None) -> None:
+def save_weights(tensors: dict, config: dict, path, settings: dict | None = None) -> None:
     """Write a network's state_dict and configuration as :func:`save_network` does, without building it
-    (the trainer's post-hoc EMA snapshots, ``imm ema reconstruct``). ``sampling_settings`` (the ``encoder``,
+    (the trainer's post-hoc EMA snapshots, ``imm ema reconstruct``). ``settings`` (:func:`sampling_settings`: the ``encoder``,
     ``sampling`` and ``eval`` sections of the training config) go into the metadata too, for
     :func:`read_sampling_settings`."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True)}
-    if sampling_settings:
-        metadata["sampling_settings"] = json.dumps(sampling_settings, sort_keys=True)
+    if settings:
+        metadata["sampling_settings"] = json.dumps(settings, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 SAMPLING_SECTIONS = ("encoder", "sampling", "eval")
+
+
+def sampling_settings(cfg) -> dict | None:
+    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none)."""
+    return ({k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)} or None) if isinstance(cfg, dict) else None
 
 
 def read_sampling_settings(path) -> dict | None:
@@ -398,8 +403,7 @@ def read_sampling_settings(path) -> dict | None:
             settings = json.loads(text) if text else None
         return settings if isinstance(settings, dict) else None
     if kind == "torch" and path.name.startswith("training-state-"):
-        config = read_training_state(path).get("config") or {}
-        return {k: config[k] for k in SAMPLING_SECTIONS if k in config} or None
+        return sampling_settings(read_training_state(path).get("config"))
     return None
 
 

@@ -108,10 +108,6 @@ class DINOv2Features(nn.Module):
         return np.concatenate(feats) if feats else np.zeros((0, self.feature_dim), np.float32)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _read(source: str, what: str, local_files_only: bool = True):
     """``Dinov2Model.from_pretrained``; an ``OSError`` (files not found) passes through, anything else that
     is not a complete DINOv2 model is a :class:`CheckpointError` naming ``what``."""
@@ -128,7 +124,7 @@ def _read(source: str, what: str, local_files_only: bool = True):
     except OSError:
         raise
     except Exception as e:  # corrupt weights, a config of another kind, ...
-        raise CheckpointError(f"{what}: not a loadable DINOv2 model ({_first_line(e)})") from None
+        raise CheckpointError(f"{what}: not a loadable DINOv2 model ({hub.first_line(e)})") from None
     finally:
         if bars and local_files_only:
             hf_logging.enable_progress_bar()
@@ -155,7 +151,7 @@ def load_dinov2(model=None, device="cpu") -> DINOv2Features:
         try:
             return DINOv2Features(_read(str(path), str(path))).to(device)
         except OSError as e:
-            raise CheckpointError(f"{path}: not a DINOv2 model folder ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: not a DINOv2 model folder ({hub.first_line(e)})") from None
     if not _is_hub_id(name):
         raise FileNotFoundError(f"DINOv2 model folder not found: {path} (--dinov2 takes a folder written by "
                                 f"save_pretrained or a hub id such as {DEFAULT_MODEL})")
@@ -173,4 +169,4 @@ def load_dinov2(model=None, device="cpu") -> DINOv2Features:
     try:
         return DINOv2Features(_read(name, what, local_files_only=False)).to(device)
     except OSError as e:
-        raise FileNotFoundError(f"{what}: download failed ({_first_line(e)}): {advice}") from None
+        raise FileNotFoundError(f"{what}: download failed ({hub.first_line(e)}): {advice}") from None

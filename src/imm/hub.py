@@ -21,6 +21,11 @@ class HubError(FileNotFoundError):
     """A Hub file or model that is neither in the cache nor downloadable now; the message says what to do."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def is_hub_path(path) -> bool:
     return isinstance(path, str) and path.startswith(SCHEME)
 
@@ -48,9 +53,8 @@ def check_reachable(what: str, advice: str, repo_id: str | None = None) -> None:
     try:
         model_info(repo_id, timeout=REQUEST_TIMEOUT_S)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubError(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot "
-                       f"be reached ({first}): {advice}") from None
+                       f"be reached ({first_line(e)}): {advice}") from None
 
 
 def hub_file(path: str) -> Path:
@@ -67,5 +71,4 @@ def hub_file(path: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HubError(f"{path}: download failed ({first})") from None
+        raise HubError(f"{path}: download failed ({first_line(e)})") from None

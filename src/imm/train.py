@@ -37,7 +37,7 @@ import torch
 
 from . import distributed, phema
 from .baselines import LOSSES, build_loss, generate
-from .checkpoint import SAMPLING_SECTIONS, CheckpointError, atomic_write, save_network, save_weights
+from .checkpoint import CheckpointError, atomic_write, sampling_settings, save_network, save_weights
 from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
@@ -473,7 +473,7 @@ def _sampling_settings_of_run(run_dir: Path) -> dict | None:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)} if isinstance(cfg, dict) else None
+    return sampling_settings(cfg)
 
 
 def reconstruct_run(run_dir, sigma_rels, out, progress: bool = True) -> list[Path]:
@@ -945,7 +945,7 @@ def _finish(run_dir: Path, emas: dict, encoder, cfg: dict, step: int, logger, de
     full.load_state_dict(_state_dict(ema))
     path = run_dir / "network.safetensors"
     if distributed.is_main():
-        save_network(full, path, {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)})  # imm generate's defaults
+        save_network(full, path, sampling_settings(cfg))  # imm generate's defaults
         sample_grids(full.to(device), encoder, cfg, run_dir, step, logger, device)
     logger.close()
     distributed.barrier()
