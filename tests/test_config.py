@@ -47,3 +47,21 @@ def test_bad_config_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(scalar))
+
+
+@pytest.mark.parametrize("model_type, typo, nearest", [
+    ("SongUNet", "model_chanels", "model_channels"), ("DiT", "hiden_size", "hidden_size"),
+    ("DiT_S_2", "num_head", "num_heads"), ("MLP", "hiden", "hidden")])
+def test_a_network_key_typo_is_refused_for_every_backbone(model_type, typo, nearest, capsys):
+    """Issue 12: the release's backbones ignore unknown keys (SongUNet warned), so a typo trained another
+    model; now it is one error naming the nearest key, from Python and from `imm train`."""
+    import imm
+
+    with pytest.raises(ValueError, match=rf"unknown network key '{typo}' .*did you mean 'network\.{nearest}'"):
+        imm.IMMNetwork(img_resolution=8, img_channels=4, model_type=model_type, **{typo: 1})
+    if model_type == "MLP":
+        from imm import cli
+
+        assert cli.main(["train", "--config", "toy2d", "--run-dir", "unused", f"network.{typo}=64"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"did you mean 'network.{nearest}'" in err[0]

@@ -281,8 +281,12 @@ def test_unpatchify_inverts_patch_layout():
     torch.testing.assert_close(net.unpatchify(tokens), img, rtol=0, atol=0)
 
 
-def test_extra_constructor_and_forward_kwargs_are_accepted():
-    net = dit.DiT(**TINY_KWARGS, mixed_precision=None, some_future_option=1)
+def test_unknown_constructor_keys_are_refused_and_extra_forward_kwargs_accepted():
+    """The release's DiT ignores unknown constructor keys; here a typo is an error (issue 12), while the
+    forward pass still takes extra keywords."""
+    with pytest.raises(TypeError, match="some_future_option"):
+        dit.DiT(**TINY_KWARGS, some_future_option=1)
+    net = dit.DiT(**TINY_KWARGS)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         net(x, torch.tensor([1.0]), torch.tensor([1.0]), _one_hot([0]), augment_labels=None)

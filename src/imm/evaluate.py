@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, threads
 from . import fid as fidlib
 from .config import ConfigError
 
@@ -407,6 +407,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
         batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
         feats = {m: [] for m in sets}
         for idx in tqdm(batches, desc=name, unit="batch", disable=not (progress and main)):
+            threads.tick()
             noise, labels = seeded_inputs(net, idx, seed)
             g = torch.Generator(device=device).manual_seed(seed + idx[0])
             x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)

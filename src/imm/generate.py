@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, threads
 from .checkpoint import CheckpointError, atomic_write, network_from_tensors, read_checkpoint, read_sampling_settings
 from .config import ConfigError, apply_overrides, load_config
 from .encoders import build_encoder
-from .images import load_png, save_grid, save_png, to_hwc
+from .images import load_png, save_grid, save_png, save_scatter, to_hwc
+from .metrics import toy2d_sliced_w2
 from .sampling import sample
 
 SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
@@ -54,7 +55,7 @@ def sampling_entries(cfg: dict) -> dict[str, dict]:
 
 
 # The network shape (channels, resolution, label_dim) of each preset that samples, for naming the right one.
-PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (1, 32, 10)}
+PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (1, 32, 10), "toy2d": (2, 1, 0)}
 DEFAULT_CONFIG = "cifar10"  # for files that record no settings (the released cifar10.pt among them)
 
 
@@ -117,15 +118,27 @@ def seeded_inputs(net, indices, seed: int):
     return torch.stack(noises), labels_t
 
 
-def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed: int, device) -> list[Path]:
-    """One ``<entry>_samples.png`` grid per entry from the same batch of starting points."""
+def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed: int, device,
+                   toy_target: str | None = None) -> list[Path]:
+    """One ``<entry>_samples.png`` per entry from the same batch of starting points: a grid of images, or
+    for a network of 2-D points (the toy2d preset) a scatter plot, over the ``toy_target`` distribution
+    with the sliced W2 to it when that is named."""
     noise, labels = seeded_inputs(net, range(batch_size), seed)
     paths = []
     for name, kwargs in entries.items():
         g = torch.Generator(device=device).manual_seed(int(seed))
         x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+        decoded = encoder.decode(x).cpu()
         path = out / f"{name}_samples.png"
-        save_grid(encoder.decode(x).cpu(), path, nrow=int(math.sqrt(batch_size)))
+        if decoded.dtype == torch.uint8:
+            save_grid(decoded, path, nrow=int(math.sqrt(batch_size)))
+        else:
+            points = decoded.reshape(batch_size, -1).float()
+            title, target = f"{name}: {batch_size} samples", None
+            if toy_target:
+                sw2, target = toy2d_sliced_w2({name: points}, toy_target)
+                title += f", sliced W2 {sw2[name]:.3f}"
+            save_scatter({title: points}, path, target)
         paths.append(path)
     return paths
 
@@ -219,6 +232,7 @@ def generate_images(net, encoder, entries: dict, out: Path, num_images: int, bat
         batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
         bar = tqdm(batches, desc=name, unit="batch", disable=not (progress and distributed.is_main()))
         for indices in bar:
+            threads.tick()
             noise, labels = seeded_inputs(net, indices, seed)
             g = torch.Generator(device=device).manual_seed(int(seed) + indices[0])
             x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
@@ -274,7 +288,9 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if num_images is None:
-        return generate_grids(net, encoder, all_entries, out, batch_size, seed, device)
+        dataset = cfg.get("dataset") or {}
+        toy_target = dataset.get("name") if dataset.get("kind") == "toy2d" else None
+        return generate_grids(net, encoder, all_entries, out, batch_size, seed, device, toy_target)
     if num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     return generate_images(net, encoder, all_entries, out, num_images, batch_size, seed, device, progress,

@@ -53,3 +53,30 @@ def load_png(path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def save_scatter(panels: dict[str, torch.Tensor], path, target: torch.Tensor | None = None, limit: float = 3.0) -> None:
+    """2-D points (toy runs) as one PNG of scatter plots side by side, one per ``{title: [N, 2] points}``,
+    each over the ``target`` points in grey when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    try:
+        for ax, (title, x) in zip(axes[0], panels.items()):
+            if target is not None:
+                ax.scatter(*target.T, s=2, c="0.8", label="target")
+            ax.scatter(*x.T, s=2, c="C0", label="samples")
+            ax.set_title(title, fontsize=9)
+            ax.set_aspect("equal")
+            ax.set_xlim(-limit, limit)
+            ax.set_ylim(-limit, limit)
+        if target is not None:
+            axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)

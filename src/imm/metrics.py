@@ -64,3 +64,15 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.1, 0.3, 1.0), y_self_ter
     k_xx = _kernel_sum(x, x, bandwidths, True) / (n * (n - 1))
     k_xy = _kernel_sum(x, y, bandwidths, False) / (n * m)
     return k_xx + k_yy - 2 * k_xy
+
+
+def toy2d_sliced_w2(points: dict, dataset_name: str) -> tuple[dict, torch.Tensor]:
+    """Sliced W2 (fixed projections, seed 0) of each ``{key: [N, 2] points}`` against max(N, 2000)
+    fixed-seed points of the toy target ``dataset_name`` (``imm.data.toy2d_sample``, seed 1), and those
+    target points."""
+    from .data import toy2d_sample
+
+    n = next(iter(points.values())).shape[0]
+    target = toy2d_sample(dataset_name, max(n, 2000), torch.Generator().manual_seed(1))
+    sw2 = {k: sliced_wasserstein(x, target, generator=torch.Generator().manual_seed(0)) for k, x in points.items()}
+    return sw2, target

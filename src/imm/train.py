@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, phema
+from . import distributed, phema, threads
 from .baselines import LOSSES, build_loss, generate
 from .checkpoint import CheckpointError, atomic_write, sampling_settings, save_network, save_weights
 from .config import ConfigError, did_you_mean
@@ -653,34 +653,12 @@ def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logg
 
 def toy_scatter(points: dict, cfg: dict, path: Path, step: int, logger) -> Path:
     """Toy 2-D runs: the samples of each step count over points of the target, in one figure, with the
-    sliced W2 (``imm.metrics.sliced_wasserstein``) of each against the target, logged as ``sw2/{n}step``
-    and printed."""
-    import matplotlib
+    sliced W2 of each against the target (``imm.metrics.toy2d_sliced_w2``), logged as ``sw2/{n}step`` and printed."""
+    from .images import save_scatter
+    from .metrics import toy2d_sliced_w2
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .data import toy2d_sample
-    from .metrics import sliced_wasserstein
-
-    n = next(iter(points.values())).shape[0]
-    target = toy2d_sample(cfg["dataset"]["name"], max(n, 2000), torch.Generator().manual_seed(1))
-    sw2 = {k: sliced_wasserstein(x, target, generator=torch.Generator().manual_seed(0)) for k, x in points.items()}
-    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.4), squeeze=False)
-    try:
-        for ax, (k, x) in zip(axes[0], points.items()):
-            ax.scatter(*target.T, s=2, c="0.8", label="target")
-            ax.scatter(*x.T, s=2, c="C0", label="samples")
-            ax.set_title(f"{k} step{'s' * (k > 1)}: sliced W2 {sw2[k]:.3f}", fontsize=9)
-            ax.set_aspect("equal")
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
-        axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    sw2, target = toy2d_sliced_w2(points, cfg["dataset"]["name"])
+    save_scatter({f"{k} step{'s' * (k > 1)}: sliced W2 {sw2[k]:.3f}": x for k, x in points.items()}, path, target)
     logger.scalars(step, {f"sw2/{k}step": v for k, v in sw2.items()})
     print(f"imm train: {cfg['dataset']['name']} samples, sliced W2 to the target: "
           + ", ".join(f"{k} step{'s' * (k > 1)} {v:.3f}" for k, v in sw2.items()) + f" ({path})")
@@ -826,7 +804,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         keep_earlier_config(run_dir, _to_yaml(cfg), start_step)
         n_params = sum(p.numel() for p in net.parameters())
         what = f"resuming at step {start_step}" if start_step else "starting"
-        print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
+        on = f"cpu ({threads.describe()})" if device.type == "cpu" else device.type
+        print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {on}, "
               f"global batch {tcfg['batch_size']} = {world} x {accumulation} x {chunk}, run dir {run_dir}")
     if start_step >= total:
         return _finish(run_dir, emas, encoder, cfg, total, Logger(run_dir, cfg, start_step), device)
@@ -850,6 +829,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     step = start_step
     with _StopFlag() as stop:
         while step < total:
+            threads.tick()
             raw, labels = next(loader)
             n_unreadable = _check_unreadable(loader.unreadable, n_unreadable, max_unreadable, len(dataset),
                                              tcfg["max_unreadable_fraction"], device)

@@ -4,9 +4,12 @@ and a small MLP (``mlp.py``) for toy 2-D data."""
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from ..config import did_you_mean
 
 # model_type (as the release's configs spell it) -> (module, constructor)
 _BACKBONES = {"SongUNet": ("unet", "SongUNet"), "DiT": ("dit", "DiT"), "MLP": ("mlp", "MLP")}
@@ -16,11 +19,31 @@ for _size in ("S", "B", "L", "XL"):
 BACKBONES = tuple(_BACKBONES)
 
 
-def build_backbone(model_type: str, **kwargs):
-    """Construct the backbone the release calls ``model_type`` with its constructor kwargs."""
+def backbone_keys(model_type: str) -> frozenset[str]:
+    """The keyword arguments the backbone ``model_type`` declares (the DiT_{S,B,L,XL}_{2,4,8} sizes: DiT's)."""
+    module, name = _backbone(model_type)
+    constructor = getattr(importlib.import_module(f"{__name__}.{module}"), "DiT" if name.startswith("DiT_") else name)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in inspect.signature(constructor).parameters.items() if p.kind in kinds)
+
+
+def _backbone(model_type: str) -> tuple[str, str]:
     if model_type not in _BACKBONES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(BACKBONES)}")
-    module, name = _BACKBONES[model_type]
+    return _BACKBONES[model_type]
+
+
+def build_backbone(model_type: str, **kwargs):
+    """Construct the backbone the release calls ``model_type`` with its constructor kwargs. Every backbone
+    declares what ``IMMNetwork`` passes it (``img_resolution``, ``img_channels``, ``in_channels``,
+    ``out_channels``, ``label_dim``); any key it does not declare (a typo in ``network.*``, which the
+    release's backbones ignore) is a ValueError naming the nearest declared one."""
+    module, name = _backbone(model_type)
+    declared = backbone_keys(model_type)
+    for key in kwargs:
+        if key not in declared:
+            raise ValueError(f"unknown network key {key!r} for model_type {model_type}"
+                             f"{did_you_mean(key, declared, 'network.')}")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)(**kwargs)
 
 

@@ -338,9 +338,11 @@ class DiT(nn.Module):
     ``patch_size=2``, ``in_channels=4``, ``hidden_size=1152``, ``depth=28``,
     ``num_heads=16``, ``mlp_ratio=4.0``, ``class_dropout_prob=0.0``,
     ``num_classes``, ``s_embed=True``, ``qk_norm=False``, ``skip=False``,
-    ``embedding_kwargs={}``, ``temb_mult=1``, ``dropout=0``); any further
-    keyword (``img_channels``, ``out_channels``, ...) is accepted and ignored,
-    as in the release.  ``num_classes`` defaults to ``label_dim`` (which
+    ``embedding_kwargs={}``, ``temb_mult=1``, ``dropout=0``), and the
+    ``img_channels``/``out_channels`` the wrapper passes, which it ignores as
+    the release does.  The release also accepts and ignores any other keyword;
+    here that is an error (a typo in ``network.*`` would train another model).
+    ``num_classes`` defaults to ``label_dim`` (which
     ``IMMNetwork`` passes), or 1000 (the release's default) without one, so the
     all-zero label always selects the null row.  The output has ``in_channels`` channels
     (the release ignores ``out_channels`` and never learns a variance).
@@ -374,7 +376,8 @@ class DiT(nn.Module):
         temb_mult: int = 1,
         dropout: float = 0.0,
         label_dim: Optional[int] = None,
-        **unused_kwargs: Any,
+        img_channels: Optional[int] = None,  # what IMMNetwork passes; the input is in_channels
+        out_channels: Optional[int] = None,  # the release ignores it: the output has in_channels
     ):
         super().__init__()
         if num_classes is None:  # the release's default is 1000; ours follows the network's label_dim

