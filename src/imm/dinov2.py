@@ -34,6 +34,7 @@ from torch import nn
 
 from . import hub
 from .checkpoint import CheckpointError
+from .errors import InputError, MissingError, MissingPackageError
 
 DEFAULT_MODEL = "facebook/dinov2-large"
 RESOLUTION = 224
@@ -63,7 +64,7 @@ def _as_nchw(images) -> torch.Tensor:
     if images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
         images = images.permute(0, 3, 1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [N, 1 or 3, H, W] or [N, H, W, 1 or 3], got shape {tuple(images.shape)}")
+        raise InputError(f"images must be [N, 1 or 3, H, W] or [N, H, W, 1 or 3], got shape {tuple(images.shape)}")
     return images
 
 
@@ -91,7 +92,7 @@ class DINOv2Features(nn.Module):
         """Features ``np.float32 [N, D]`` of uint8 images, ``batch_size`` at a time: one tensor/array (NCHW
         or NHWC, see :func:`_as_nchw`) or an iterable of such batches, as ``InceptionV3.features`` takes."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         single = isinstance(images, (torch.Tensor, np.ndarray))
         if not single and (not isinstance(images, Iterable) or isinstance(images, (str, bytes, os.PathLike))):
             raise TypeError(f"images must be a uint8 tensor/array or an iterable of them, got {type(images)}")
@@ -115,7 +116,7 @@ def _read(source: str, what: str, local_files_only: bool = True):
         from transformers import Dinov2Model
         from transformers.utils import logging as hf_logging
     except ImportError:
-        raise ImportError("FD_DINOv2 needs transformers: pip install 'imm[dinov2]'") from None
+        raise MissingPackageError("FD_DINOv2 needs transformers: pip install 'imm[dinov2]'") from None
     bars = hf_logging.is_progress_bar_enabled()
     if local_files_only:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar (downloads keep theirs)
@@ -153,7 +154,7 @@ def load_dinov2(model=None, device="cpu") -> DINOv2Features:
         except OSError as e:
             raise CheckpointError(f"{path}: not a DINOv2 model folder ({hub.first_line(e)})") from None
     if not _is_hub_id(name):
-        raise FileNotFoundError(f"DINOv2 model folder not found: {path} (--dinov2 takes a folder written by "
+        raise MissingError(f"DINOv2 model folder not found: {path} (--dinov2 takes a folder written by "
                                 f"save_pretrained or a hub id such as {DEFAULT_MODEL})")
     from huggingface_hub import try_to_load_from_cache
 
@@ -169,4 +170,4 @@ def load_dinov2(model=None, device="cpu") -> DINOv2Features:
     try:
         return DINOv2Features(_read(name, what, local_files_only=False)).to(device)
     except OSError as e:
-        raise FileNotFoundError(f"{what}: download failed ({hub.first_line(e)}): {advice}") from None
+        raise MissingError(f"{what}: download failed ({hub.first_line(e)}): {advice}") from None

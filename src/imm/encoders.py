@@ -61,6 +61,7 @@ import torch
 
 from . import hub
 from .config import ConfigError
+from .errors import InputError, MissingError, MissingPackageError, StateError
 
 __all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEncoder", "build_encoder", "ENCODER_CLASSES"]
 
@@ -75,7 +76,7 @@ _INSTALL_HINT = 'the VAE encoder needs diffusers: pip install "imm[vae]" (or pip
 def _check_nchw(x: torch.Tensor, channels: int, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{what} must be an NCHW tensor with {channels} channels, got {shape}")
+        raise InputError(f"{what} must be an NCHW tensor with {channels} channels, got {shape}")
 
 
 class Encoder:
@@ -166,13 +167,13 @@ def _per_channel(value, n: int, name: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}") from exc
+        raise InputError(f"{name} must be a number or a list of numbers, got {value!r}") from exc
     if arr.size == 1:
         arr = np.full(n, arr[0])
     if arr.size != n:
-        raise ValueError(f"{name} needs 1 or {n} values (one per latent channel), got {arr.size}")
+        raise InputError(f"{name} needs 1 or {n} values (one per latent channel), got {arr.size}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+        raise InputError(f"{name} must be finite, got {arr.tolist()}")
     return arr
 
 
@@ -233,18 +234,18 @@ class StabilityVAEEncoder(Encoder):
     ):
         super().__init__()
         if not isinstance(vae_name, (str, os.PathLike)) or not str(vae_name):
-            raise ValueError(f"vae_name must be a hub id or a folder, got {vae_name!r}")
+            raise InputError(f"vae_name must be a hub id or a folder, got {vae_name!r}")
         n = int(np.size(raw_mean))
         if n < 1:
-            raise ValueError("raw_mean needs one value per latent channel")
+            raise InputError("raw_mean needs one value per latent channel")
         raw_mean_arr = _per_channel(raw_mean, n, "raw_mean")
         raw_std_arr = _per_channel(raw_std, n, "raw_std")
         final_mean_arr = _per_channel(final_mean, n, "final_mean")
         final_std_arr = _per_channel(final_std, n, "final_std")
         if np.any(raw_std_arr <= 0) or np.any(final_std_arr <= 0):
-            raise ValueError("raw_std and final_std must be positive")
+            raise InputError("raw_std and final_std must be positive")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
 
         self.vae_name = os.fspath(vae_name)
         self.raw_mean = tuple(float(v) for v in raw_mean_arr)
@@ -286,13 +287,13 @@ class StabilityVAEEncoder(Encoder):
         is_folder = os.path.isdir(folder)
         if not is_folder and _looks_like_path(name):
             what = "is not a folder" if os.path.exists(folder) else "does not exist"
-            raise FileNotFoundError(f"VAE folder {folder!r} {what}; vae_name must be a local folder "
+            raise MissingError(f"VAE folder {folder!r} {what}; vae_name must be a local folder "
                                     "holding a diffusers AutoencoderKL (config.json + weights) or a Hugging "
                                     f"Face hub id such as {SD_VAE_NAME!r}")
         try:
             import diffusers
         except ImportError as exc:
-            raise ImportError(_INSTALL_HINT) from exc
+            raise MissingPackageError(_INSTALL_HINT) from exc
         kwargs = {"torch_dtype": dtype}
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
@@ -306,7 +307,7 @@ class StabilityVAEEncoder(Encoder):
             try:
                 vae = load(folder, **kwargs)
             except Exception as exc:
-                raise RuntimeError(f"could not load a diffusers AutoencoderKL from folder {folder!r} "
+                raise StateError(f"could not load a diffusers AutoencoderKL from folder {folder!r} "
                                    f"({_first_line(exc)})") from exc
         else:
             try:
@@ -317,7 +318,7 @@ class StabilityVAEEncoder(Encoder):
                 try:
                     vae = load(name, **kwargs)
                 except Exception as exc:
-                    raise RuntimeError(
+                    raise StateError(
                         f"could not load VAE {name!r} from the Hugging Face hub or its local cache "
                         f"({_first_line(exc)}); offline, pass vae_name=/path/to/folder holding a saved "
                         "diffusers AutoencoderKL (config.json + weights)") from exc

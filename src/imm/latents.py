@@ -39,6 +39,7 @@ import torch
 from . import distributed
 from .checkpoint import atomic_write
 from .encoders import SD_VAE_NAME, SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder
+from .errors import InputError, MissingError, StateError
 from .prepare import source_class_names
 
 SHARD_META = ".shard.json"
@@ -113,24 +114,24 @@ def encode_latents(source, dest, vae: str = SD_VAE_NAME, batch_size: int = 64, d
     from .data import ImageFolderDataset
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if int(batch_size) < 1 or int(shard_size) < 1:
-        raise ValueError("--batch-size and --shard-size must be at least 1")
+        raise InputError("--batch-size and --shard-size must be at least 1")
     if not os.path.exists(os.path.expanduser(os.fspath(source))):
-        raise FileNotFoundError(f"source {source} does not exist (make it with `imm prepare images`)")
+        raise MissingError(f"source {source} does not exist (make it with `imm prepare images`)")
     dest = Path(os.path.expanduser(os.fspath(dest)))
     is_zip = dest.name.lower().endswith(".zip")
     work = dest.with_name(dest.name + ".work") if is_zip else dest
     if is_zip and dest.exists():
-        raise ValueError(f"{dest} already exists (delete it to encode again)")
+        raise InputError(f"{dest} already exists (delete it to encode again)")
     if work.exists() and not work.is_dir():
-        raise ValueError(f"{work} exists and is not a folder")
+        raise InputError(f"{work} exists and is not a folder")
     device = distributed.init(device)
     rank, world = distributed.rank(), distributed.world_size()
 
     ds = ImageFolderDataset(source)
     if ds.dtype != torch.uint8 or ds.num_channels != 3:
-        raise ValueError(f"{source} holds {ds.num_channels}-channel {str(ds.dtype).replace('torch.', '')} items; "
+        raise InputError(f"{source} holds {ds.num_channels}-channel {str(ds.dtype).replace('torch.', '')} items; "
                          "the VAE needs RGB images (make them with `imm prepare images`)")
     n = len(ds)
     num_shards = math.ceil(n / shard_size)
@@ -146,7 +147,7 @@ def encode_latents(source, dest, vae: str = SD_VAE_NAME, batch_size: int = 64, d
     previous = json.loads((work / RUN_META).read_text())
     if previous != run_meta:
         diff = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in run_meta.items() if previous.get(k) != v)
-        raise ValueError(f"{work} holds shards of a run with other settings ({diff}); delete it or choose "
+        raise InputError(f"{work} holds shards of a run with other settings ({diff}); delete it or choose "
                          "another --dest")
     todo = [k for k in range(num_shards) if not (work / f"{k:05d}" / SHARD_META).exists()]
     if rank == 0:
@@ -178,7 +179,7 @@ def encode_latents(source, dest, vae: str = SD_VAE_NAME, batch_size: int = 64, d
     missing = [k for k in range(num_shards) if not (work / f"{k:05d}" / SHARD_META).exists()]
     if missing:
         if max_shards is None:
-            raise RuntimeError(f"shards {missing[:5]} of {work} were not written; rerun to finish")
+            raise StateError(f"shards {missing[:5]} of {work} were not written; rerun to finish")
         return {"finished": False, "remaining_shards": len(missing), "work": str(work), "encoded": encoded}
     result = _finalize(ds, work, num_shards, int(shard_size), run_meta, stats_path_for(dest), log)
     if is_zip:
@@ -202,14 +203,14 @@ def _finalize(ds, work: Path, num_shards: int, shard_size: int, run_meta: dict, 
         files = sum(1 for f in os.listdir(folder) if f.endswith(".npy"))
         where = f"shard {folder}"
         if m["count"] != expected or files != expected:
-            raise RuntimeError(f"{where} has {files} files ({m['count']} recorded) but should have {expected}; "
+            raise StateError(f"{where} has {files} files ({m['count']} recorded) but should have {expected}; "
                                "delete that folder and rerun to encode it again")
         if shape is None:
             shape, dtype = m["shape"], m["dtype"]
         if m["shape"] != shape or m["dtype"] != dtype:
-            raise RuntimeError(f"{where} holds {m['dtype']} {m['shape']} latents, shard 00000 {dtype} {shape}")
+            raise StateError(f"{where} holds {m['dtype']} {m['shape']} latents, shard 00000 {dtype} {shape}")
         if m["nonfinite"]:
-            raise RuntimeError(f"{where} holds {m['nonfinite']} non-finite values (NaN/inf from the VAE); "
+            raise StateError(f"{where} holds {m['nonfinite']} non-finite values (NaN/inf from the VAE); "
                                "delete that folder and rerun (with --no-fp16 if it persists)")
         sum_mean = sum_mean + np.asarray(m["sum_mean"])
         sum_sq = sum_sq + np.asarray(m["sum_sq"])
@@ -217,7 +218,7 @@ def _finalize(ds, work: Path, num_shards: int, shard_size: int, run_meta: dict, 
         pixels += m["pixels"]
         count += m["count"]
     if count != n:
-        raise RuntimeError(f"{work} holds {count} latents but the source has {n} images")
+        raise StateError(f"{work} holds {count} latents but the source has {n} images")
 
     labels = None
     if ds.label_dim:

@@ -24,6 +24,7 @@ import math
 import torch
 
 from . import schedules
+from .errors import InputError
 from .precond import c_skip_c_out
 
 TIME_SAMPLINGS = ("uniform", "lognormal", "lognormal_authors")
@@ -40,7 +41,7 @@ _MAPPING_RANGES = {"time_decrement": (0.0, 1.0), "logsnr_decrement": (0.001, 0.9
 
 def _check(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     return value
 
 
@@ -85,7 +86,7 @@ def sample_times(
     """
     _check("time_sampling", mode, TIME_SAMPLINGS)
     if not 0 <= eps < T <= 1:
-        raise ValueError(f"need 0 <= eps < T <= 1, got eps={eps}, T={T}")
+        raise InputError(f"need 0 <= eps < T <= 1, got eps={eps}, T={T}")
     u_t = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     u_s = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     if mode == "uniform":
@@ -250,7 +251,7 @@ def kernel_matrix(
     if kernel == "pseudo_huber":
         c = huber_c * math.sqrt(dim)
         return 0.5 * (c - (sqdist + c * c).sqrt())
-    raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    raise InputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
 
 
 def group_mmd(
@@ -275,9 +276,9 @@ def group_mmd(
     """
     _check("kernel", kernel, KERNELS)
     if y_t.shape != y_r.shape or y_t.ndim < 2:
-        raise ValueError(f"y_t and y_r must share a shape [G, M, ...]; got {tuple(y_t.shape)}, {tuple(y_r.shape)}")
+        raise InputError(f"y_t and y_r must share a shape [G, M, ...]; got {tuple(y_t.shape)}, {tuple(y_r.shape)}")
     if kernel in ("laplace", "rbf") and kernel_weight is None:
-        raise ValueError(f"the {kernel} kernel needs kernel_weight (1/|c_out(s,t)|)")
+        raise InputError(f"the {kernel} kernel needs kernel_weight (1/|c_out(s,t)|)")
     dtype = torch.promote_types(torch.promote_types(y_t.dtype, y_r.dtype), torch.float32)
     g, m = y_t.shape[:2]
     a = y_t.reshape(g, m, -1).to(dtype)
@@ -391,19 +392,19 @@ class IMMLoss:
         same_dropped_labels: bool = True,
     ):
         if int(group_size) != group_size or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+            raise InputError(f"group_size must be a positive integer, got {group_size!r}")
         if not 0 <= label_dropout <= 1:
-            raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+            raise InputError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         if min_gap is not None and min_gap < 0:
-            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+            raise InputError(f"min_gap must be >= 0, got {min_gap}")
         self.group_size = int(group_size)
         self.time_sampling = _check("time_sampling", time_sampling, TIME_SAMPLINGS)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.mapping = _check("mapping", mapping, MAPPINGS)
         if k_start is not None and mapping_step is not None:
-            raise ValueError("k_start anneals k and so the mapping's default step; it cannot be used with mapping_step")
+            raise InputError("k_start anneals k and so the mapping's default step; it cannot be used with mapping_step")
         if k_anneal_steps is not None and k_anneal_steps < 1:
-            raise ValueError(f"k_anneal_steps must be a positive number of steps, got {k_anneal_steps}")
+            raise InputError(f"k_anneal_steps must be a positive number of steps, got {k_anneal_steps}")
         self.k_end = float(k)
         self.k_start = None if k_start is None else float(k_start)
         self.k_anneal_steps = k_anneal_steps
@@ -438,7 +439,7 @@ class IMMLoss:
         """
         batch = images.shape[0]
         if batch % self.group_size:
-            raise ValueError(
+            raise InputError(
                 f"batch size {batch} is not divisible by group_size M={self.group_size}; "
                 f"use a per-device batch that is a multiple of {self.group_size}"
             )

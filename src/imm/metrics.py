@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256,
                        generator: torch.Generator | None = None) -> float:
@@ -20,7 +22,7 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     y = y.reshape(y.shape[0], -1).to(torch.float64)
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
+        raise InputError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
     dirs = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     n = min(x.shape[0], y.shape[0])
@@ -56,10 +58,10 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.1, 0.3, 1.0), y_self_ter
     x = x.reshape(x.shape[0], -1).to(torch.float32)
     y = y.reshape(y.shape[0], -1).to(torch.float32)
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
+        raise InputError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
     n, m = x.shape[0], y.shape[0]
     if n < 2 or m < 2:
-        raise ValueError("mmd needs at least 2 samples on each side")
+        raise InputError("mmd needs at least 2 samples on each side")
     k_yy = mmd_self_term(y, bandwidths) if y_self_term is None else y_self_term
     k_xx = _kernel_sum(x, x, bandwidths, True) / (n * (n - 1))
     k_xy = _kernel_sum(x, y, bandwidths, False) / (n * m)

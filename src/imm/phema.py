@@ -27,6 +27,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import InputError
+
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its maximum at gamma = (sqrt(5) - 3) / 2 (the root of
 # d log sigma_rel / d gamma = 0, i.e. gamma^2 + 3 gamma + 1 = 0), then falls towards 0 as gamma grows.
 GAMMA_AT_WIDEST = (math.sqrt(5.0) - 3.0) / 2.0
@@ -37,7 +39,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     p(tau; t, gamma) divided by t (EDM2, Sec. 3)."""
     gamma = float(gamma)
     if not gamma > -1:
-        raise ValueError(f"a power-function EMA needs gamma > -1, got {gamma}")
+        raise InputError(f"a power-function EMA needs gamma > -1, got {gamma}")
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
@@ -52,7 +54,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     where wider means smaller gamma (sigma_rel 0.05 -> 16.97, 0.10 -> 6.94)."""
     s = float(sigma_rel)
     if not 0 < s <= SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}] (no power-function EMA is wider), "
+        raise InputError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}] (no power-function EMA is wider), "
                          f"got {sigma_rel}")
     roots = np.roots([s * s, 7 * s * s, 16 * s * s - 1, 12 * s * s - 1])
     # the other two real roots lie below GAMMA_AT_WIDEST; at SIGMA_REL_MAX ours is a double root there, which
@@ -63,7 +65,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def power_beta(step: int, gamma: float) -> float:
     """beta(t) = (1 - 1/t)^(gamma + 1), the decay of the power-function EMA at optimizer step t >= 1."""
     if step < 1:
-        raise ValueError(f"power-function EMA steps count from 1, got {step}")
+        raise InputError(f"power-function EMA steps count from 1, got {step}")
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
@@ -91,12 +93,12 @@ def reconstruction_weights(steps, gammas, sigma_rel: float, step: int | None = N
     steps = [int(t) for t in steps]
     gammas = [float(g) for g in gammas]
     if not steps or len(steps) != len(gammas) or min(steps) < 1:
-        raise ValueError("reconstruction_weights needs one step >= 1 and one gamma per snapshot")
+        raise InputError("reconstruction_weights needs one step >= 1 and one gamma per snapshot")
     step = max(steps) if step is None else int(step)
     target_gamma = sigma_rel_to_gamma(sigma_rel)
     use = [i for i, t in enumerate(steps) if t <= step]
     if not use:
-        raise ValueError(f"no snapshot at or before step {step} (the first is at step {min(steps)})")
+        raise InputError(f"no snapshot at or before step {step} (the first is at step {min(steps)})")
     t_use, g_use = [steps[i] for i in use], [gammas[i] for i in use]
     gram = profile_inner_products(t_use, g_use, t_use, g_use)
     rhs = profile_inner_products(t_use, g_use, [step], [target_gamma])
@@ -114,7 +116,7 @@ class PowerEMA:
     def __init__(self, net: torch.nn.Module, sigma_rels):
         self.sigma_rels = [float(s) for s in sigma_rels]
         if not self.sigma_rels or len(set(self.sigma_rels)) < len(self.sigma_rels):
-            raise ValueError(f"post-hoc EMA needs at least one sigma_rel and no repeats, got {list(sigma_rels)}")
+            raise InputError(f"post-hoc EMA needs at least one sigma_rel and no repeats, got {list(sigma_rels)}")
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.emas = {s: copy.deepcopy(net).eval().requires_grad_(False) for s in self.sigma_rels}
 
@@ -134,7 +136,7 @@ class PowerEMA:
     def load_state_dict(self, state: dict) -> None:
         """Continue the profiles of :meth:`state_dict`; the widths must be the same ones (ValueError otherwise)."""
         if sorted(state["sigma_rels"]) != sorted(self.sigma_rels):
-            raise ValueError(f"it tracks post-hoc EMA widths {state['sigma_rels']}, the config asks for "
+            raise InputError(f"it tracks post-hoc EMA widths {state['sigma_rels']}, the config asks for "
                              f"{self.sigma_rels}")
         for s, ema in self.emas.items():
             ema.load_state_dict(state["emas"][repr(s)])

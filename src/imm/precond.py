@@ -22,6 +22,7 @@ import inspect
 import torch
 
 from . import schedules
+from .errors import InputError
 from .networks import build_backbone
 
 F_TYPES = ("euler_fm", "simple_edm", "identity")
@@ -44,7 +45,7 @@ def c_skip_c_out(s, t, f_type: str, schedule: str, sigma_data: float):
         c_skip = sigma_s / sigma_t
         c_out = alpha_s - alpha_t * sigma_s / sigma_t
     else:
-        raise ValueError(f"unknown f_type {f_type!r}; choose one of {', '.join(F_TYPES)}")
+        raise InputError(f"unknown f_type {f_type!r}; choose one of {', '.join(F_TYPES)}")
     return c_skip, c_out
 
 
@@ -69,14 +70,14 @@ class IMMNetwork(torch.nn.Module):
     ):
         super().__init__()
         if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"unknown mixed_precision {mixed_precision!r}; choose None, 'bf16' or 'fp16'")
+            raise InputError(f"unknown mixed_precision {mixed_precision!r}; choose None, 'bf16' or 'fp16'")
         schedules.check_schedule(noise_schedule)
         if f_type not in F_TYPES:
-            raise ValueError(f"unknown f_type {f_type!r}; choose one of {', '.join(F_TYPES)}")
+            raise InputError(f"unknown f_type {f_type!r}; choose one of {', '.join(F_TYPES)}")
         if f_type == "euler_fm" and noise_schedule != "fm":
-            raise ValueError("f_type='euler_fm' needs noise_schedule='fm'")
+            raise InputError("f_type='euler_fm' needs noise_schedule='fm'")
         if temb_type not in TEMB_TYPES:
-            raise ValueError(f"unknown temb_type {temb_type!r}; choose one of {', '.join(TEMB_TYPES)}")
+            raise InputError(f"unknown temb_type {temb_type!r}; choose one of {', '.join(TEMB_TYPES)}")
         self.config = dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
             mixed_precision=mixed_precision, noise_schedule=noise_schedule, model_type=model_type,
@@ -117,7 +118,7 @@ class IMMNetwork(torch.nn.Module):
             return torch.zeros(batch, self.label_dim, device=device)
         if labels.ndim == 1 and not labels.is_floating_point():
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise ValueError(f"class labels must lie in [0, {self.label_dim}); got {labels.min()}..{labels.max()}")
+                raise InputError(f"class labels must lie in [0, {self.label_dim}); got {labels.min()}..{labels.max()}")
             return torch.nn.functional.one_hot(labels.to(device), self.label_dim).to(torch.float32)
         return labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
 

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import atomic_write
+from .errors import InputError, MissingError
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -146,13 +147,13 @@ def apply_transform(img: Image.Image, transform: str | None, resolution: int, na
     img = to_rgb(img)
     if transform is None:
         if img.size != (resolution, resolution):
-            raise ValueError(f"{name} is {img.size[0]}x{img.size[1]}, not {resolution}x{resolution}; pass "
+            raise InputError(f"{name} is {img.size[0]}x{img.size[1]}, not {resolution}x{resolution}; pass "
                              f"--transform ({' or '.join(TRANSFORMS)}) to crop and resize")
         return img
     try:
         fn = _TRANSFORM_FNS[transform]
     except KeyError:
-        raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}") from None
+        raise InputError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}") from None
     return fn(img, resolution)
 
 
@@ -175,7 +176,7 @@ class Source:
     def __init__(self, path, use_labels: bool = True):
         p = Path(os.path.expanduser(os.fspath(path)))
         if not p.exists():
-            raise FileNotFoundError(f"source {p} does not exist")
+            raise MissingError(f"source {p} does not exist")
         self.path = p
         self._zip = None
         if p.is_dir():
@@ -191,13 +192,13 @@ class Source:
             names = [n for n in self._zipfile().namelist() if not n.endswith("/")
                      and not any(part.startswith(".") or part == "__MACOSX" for part in n.split("/"))]
         else:
-            raise ValueError(f"source {p} is neither a folder nor a zip archive")
+            raise InputError(f"source {p} is neither a folder nor a zip archive")
         files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         special = set() if self.is_zip else {n for n in files if _special_file(p / n)}
         self.not_regular = sorted(special)  # skipped unopened
         self.files = [n for n in files if n not in special]
         if not self.files:
-            raise ValueError(f"source {p} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"source {p} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.labels, self.class_names = self._find_labels(names) if use_labels else (None, None)
 
     def _zipfile(self) -> zipfile.ZipFile:
@@ -212,7 +213,7 @@ class Source:
         fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ValueError(f"{self.path / name}: not a regular file")
+                raise InputError(f"{self.path / name}: not a regular file")
             return f.read()
 
     def __getstate__(self) -> dict:
@@ -227,7 +228,7 @@ class Source:
             table = dict(entries)
             missing = [f for f in self.files if f not in table]
             if missing:
-                raise ValueError(f"dataset.json in {self.path} has no label for {missing[0]}")
+                raise InputError(f"dataset.json in {self.path} has no label for {missing[0]}")
             return [int(table[f]) for f in self.files], meta.get("class_names")
         parts = [f.split("/") for f in self.files]
         common = 0  # leading folders shared by every file (e.g. a zip with one top folder)
@@ -285,20 +286,20 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
     """
     resolution = int(resolution)
     if resolution < 8:
-        raise ValueError(f"--resolution must be at least 8 pixels, got {resolution}")
+        raise InputError(f"--resolution must be at least 8 pixels, got {resolution}")
     if transform is not None and transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
+        raise InputError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
     if max_images is not None and int(max_images) < 1:
-        raise ValueError(f"--max-images must be at least 1, got {max_images}")
+        raise InputError(f"--max-images must be at least 1, got {max_images}")
     min_size = default_min_size(resolution) if min_size is None else int(min_size)
     dest = Path(os.path.expanduser(os.fspath(dest)))
     if dest.suffix.lower() != ".zip":
-        raise ValueError(f"--dest must end with .zip, got {dest}")
+        raise InputError(f"--dest must end with .zip, got {dest}")
     if dest.exists() and not overwrite:
-        raise ValueError(f"{dest} already exists (delete it, or pass --overwrite)")
+        raise InputError(f"{dest} already exists (delete it, or pass --overwrite)")
     src = Source(source, use_labels=use_labels)
     if src.path.resolve() == dest.resolve():
-        raise ValueError("--source and --dest are the same file")
+        raise InputError("--source and --dest are the same file")
 
     from tqdm import tqdm
 
@@ -334,7 +335,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
                     break
             bar.close()
             if count == 0:
-                raise ValueError(f"no usable image in {src.path} ({skip_summary(skipped)})")
+                raise InputError(f"no usable image in {src.path} ({skip_summary(skipped)})")
             meta = {"labels": labels_out if src.labels is not None else None}
             if src.labels is not None and src.class_names:
                 meta["class_names"] = list(src.class_names)
@@ -407,9 +408,9 @@ def _open_dataset(source, config):
             ds_cfg = {k: v for k, v in ds_cfg.items() if k not in ("kind", "class_name", "name")}
             ds_cfg["path"] = str(source)
     if not ds_cfg.get("path") and ds_cfg.get("kind") not in ("mnist", "toy2d"):
-        raise ValueError("give --source PATH (or a --config whose dataset has a path)")
+        raise InputError("give --source PATH (or a --config whose dataset has a path)")
     if ds_cfg.get("path") and not os.path.exists(os.path.expanduser(str(ds_cfg["path"]))):
-        raise FileNotFoundError(f"dataset {ds_cfg['path']} does not exist")
+        raise MissingError(f"dataset {ds_cfg['path']} does not exist")
     return build_dataset(ds_cfg), cfg
 
 

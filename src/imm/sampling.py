@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import schedules
+from .errors import InputError
 
 SAMPLERS = ("pushforward", "restart")
 DISCRETIZATIONS = ("uniform", "edm")
@@ -29,7 +30,7 @@ def time_grid(net, num_steps: int | None = None, discretization: str | None = No
     """The N + 1 times T = t_0 > t_1 > ... > t_N = eps of an N-step sampler, in float64."""
     if discretization in DISCRETIZATIONS:
         if num_steps is None or int(num_steps) < 1:
-            raise ValueError(f"discretization={discretization!r} needs num_steps >= 1")
+            raise InputError(f"discretization={discretization!r} needs num_steps >= 1")
         num_steps = int(num_steps)
         if discretization == "uniform":
             return torch.linspace(net.T, net.eps, num_steps + 1, dtype=torch.float64, device=device)
@@ -40,10 +41,10 @@ def time_grid(net, num_steps: int | None = None, discretization: str | None = No
         nt = (nt_max ** (1 / rho) + frac * (nt_min ** (1 / rho) - nt_max ** (1 / rho))) ** rho
         return net.nt_to_t(nt)
     if discretization is not None:
-        raise ValueError(f"unknown discretization {discretization!r}; choose one of {', '.join(DISCRETIZATIONS)} or give mid_nt")
+        raise InputError(f"unknown discretization {discretization!r}; choose one of {', '.join(DISCRETIZATIONS)} or give mid_nt")
     mid_nt = list(mid_nt or [])
     if num_steps is not None and int(num_steps) != len(mid_nt) + 1:
-        raise ValueError(f"num_steps={num_steps} disagrees with mid_nt={mid_nt} ({len(mid_nt) + 1} steps)")
+        raise InputError(f"num_steps={num_steps} disagrees with mid_nt={mid_nt} ({len(mid_nt) + 1} steps)")
     # The release converts each mid_nt through a float32 tensor (torch.as_tensor of a Python float).
     mid_t = [net.nt_to_t(torch.as_tensor(float(nt), dtype=torch.float32)).item() for nt in mid_nt]
     return torch.tensor([net.T, *mid_t, net.eps], dtype=torch.float64, device=device)
@@ -55,9 +56,9 @@ def step_cfg_scales(start_times: torch.Tensor, cfg_scale: float | None,
     if cfg_interval is None:
         return [cfg_scale] * len(start_times)
     if cfg_scale is None:
-        raise ValueError("cfg_interval needs cfg_scale")
+        raise InputError("cfg_interval needs cfg_scale")
     if len(cfg_interval) != 2 or not float(cfg_interval[0]) <= float(cfg_interval[1]):
-        raise ValueError(f"cfg_interval must be [t_lo, t_hi] with t_lo <= t_hi; got {list(cfg_interval)}")
+        raise InputError(f"cfg_interval must be [t_lo, t_hi] with t_lo <= t_hi; got {list(cfg_interval)}")
     lo, hi = float(cfg_interval[0]), float(cfg_interval[1])
     return [cfg_scale if lo <= float(t) <= hi else None for t in start_times]
 
@@ -89,12 +90,12 @@ def sample(net, x_T: torch.Tensor, labels: torch.Tensor | None = None, *, sample
         The samples at time eps in model space, float32, same shape as ``x_T``.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if cfg_scale is not None and net.label_dim == 0:
-        raise ValueError("cfg_scale needs a class-conditional network (label_dim > 0)")
+        raise InputError("cfg_scale needs a class-conditional network (label_dim > 0)")
     expected = (net.img_channels, net.img_resolution, net.img_resolution)
     if x_T.ndim != 4 or tuple(x_T.shape[1:]) != expected:
-        raise ValueError(f"x_T must have shape [B, {', '.join(map(str, expected))}]; got {list(x_T.shape)}")
+        raise InputError(f"x_T must have shape [B, {', '.join(map(str, expected))}]; got {list(x_T.shape)}")
     t_steps = time_grid(net, num_steps, discretization, mid_nt, device=x_T.device)
     scales = step_cfg_scales(t_steps[:-1], cfg_scale, cfg_interval)
     class_labels = net.one_hot(labels, x_T.shape[0], x_T.device) if labels is not None else None

@@ -16,12 +16,14 @@ import math
 
 import torch
 
+from .errors import InputError
+
 SCHEDULES = ("fm", "vp_cosine")
 
 
 def check_schedule(name: str) -> str:
     if name not in SCHEDULES:
-        raise ValueError(f"unknown noise_schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        raise InputError(f"unknown noise_schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     return name
 
 
@@ -31,7 +33,7 @@ def alpha_sigma(t: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Ten
         return 1 - t, t
     if schedule == "vp_cosine":
         return torch.cos(t * (math.pi / 2)), torch.sin(t * (math.pi / 2))
-    raise ValueError(f"unknown noise_schedule {schedule!r}")
+    raise InputError(f"unknown noise_schedule {schedule!r}")
 
 
 def logsnr(t: torch.Tensor, schedule: str) -> torch.Tensor:
@@ -42,7 +44,7 @@ def logsnr(t: torch.Tensor, schedule: str) -> torch.Tensor:
     elif schedule == "vp_cosine":
         out = -2 * torch.log(torch.tan(t64 * (math.pi / 2)))
     else:
-        raise ValueError(f"unknown noise_schedule {schedule!r}")
+        raise InputError(f"unknown noise_schedule {schedule!r}")
     return out.to(t.dtype)
 
 
@@ -55,7 +57,7 @@ def dlogsnr_dt(t: torch.Tensor, schedule: str) -> torch.Tensor:
         half = t64 * (math.pi / 2)
         out = -math.pi / (torch.sin(half) * torch.cos(half))
     else:
-        raise ValueError(f"unknown noise_schedule {schedule!r}")
+        raise InputError(f"unknown noise_schedule {schedule!r}")
     return out.to(t.dtype)
 
 
@@ -75,7 +77,7 @@ def eta_to_t(nt: torch.Tensor, schedule: str) -> torch.Tensor:
     elif schedule == "vp_cosine":
         t = torch.atan(nt64) / (math.pi / 2)
     else:
-        raise ValueError(f"unknown noise_schedule {schedule!r}")
+        raise InputError(f"unknown noise_schedule {schedule!r}")
     return torch.nan_to_num(t, nan=1.0).to(nt.dtype)
 
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .errors import InputError
+
 CHECK_EVERY_S = 5.0  # how often a running command looks again
 _adaptive: "AdaptiveThreads | None" = None
 _source: str | None = None  # what set the count: --threads, OMP_NUM_THREADS, automatic
@@ -94,7 +96,7 @@ def configure(threads: int | None) -> None:
     _adaptive = None
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
+            raise InputError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
         _source = "--threads"
     elif os.environ.get("OMP_NUM_THREADS"):

@@ -10,6 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..config import did_you_mean
+from ..errors import InputError
 
 # model_type (as the release's configs spell it) -> (module, constructor)
 _BACKBONES = {"SongUNet": ("unet", "SongUNet"), "DiT": ("dit", "DiT"), "MLP": ("mlp", "MLP")}
@@ -29,7 +30,7 @@ def backbone_keys(model_type: str) -> frozenset[str]:
 
 def _backbone(model_type: str) -> tuple[str, str]:
     if model_type not in _BACKBONES:
-        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(BACKBONES)}")
+        raise InputError(f"unknown model_type {model_type!r}; choose one of {', '.join(BACKBONES)}")
     return _BACKBONES[model_type]
 
 
@@ -42,7 +43,7 @@ def build_backbone(model_type: str, **kwargs):
     declared = backbone_keys(model_type)
     for key in kwargs:
         if key not in declared:
-            raise ValueError(f"unknown network key {key!r} for model_type {model_type}"
+            raise InputError(f"unknown network key {key!r} for model_type {model_type}"
                              f"{did_you_mean(key, declared, 'network.')}")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)(**kwargs)
 

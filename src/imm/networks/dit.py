@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from . import call_block
 
 __all__ = [
@@ -85,7 +86,7 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """``[len(positions), dim]`` table: ``sin`` features then ``cos`` features (float64)."""
     if dim % 2:
-        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+        raise InputError(f"sin-cos embedding needs an even dimension, got {dim}")
     exponent = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0)
     inv_freq = 1.0 / (10000.0**exponent)
     angles = positions.reshape(-1, 1).to(torch.float64) * inv_freq.reshape(1, -1)
@@ -101,7 +102,7 @@ def get_2d_sincos_pos_embed(
     column index and ``[D/2, D)`` its row index (MAE / DiT convention).
     """
     if embed_dim % 2:
-        raise ValueError(f"2-D sin-cos embedding needs an even dimension, got {embed_dim}")
+        raise InputError(f"2-D sin-cos embedding needs an even dimension, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float64, device=device)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     half = embed_dim // 2
@@ -121,14 +122,14 @@ class PatchEmbed(nn.Module):
         self.img_size = (int(img_size), int(img_size))
         self.patch_size = (int(patch_size), int(patch_size))
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+            raise InputError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected input of spatial size {self.img_size}, got {tuple(x.shape[-2:])}")
+            raise InputError(f"expected input of spatial size {self.img_size}, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -150,7 +151,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise InputError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -216,7 +217,7 @@ class TimestepEmbedder(nn.Module):
     ):
         super().__init__()
         if embedding_type not in ("positional", "fourier"):
-            raise ValueError(f"unknown embedding_type {embedding_type!r}")
+            raise InputError(f"unknown embedding_type {embedding_type!r}")
         self.hidden_size = hidden_size
         self.frequency_embedding_size = frequency_embedding_size
         self.embedding_type = embedding_type
@@ -229,7 +230,7 @@ class TimestepEmbedder(nn.Module):
                 nn.Linear(hidden_size, hidden_size),
             )
         elif frequency_embedding_size != hidden_size:
-            raise ValueError("without an MLP the frequency embedding size must equal hidden_size")
+            raise InputError("without an MLP the frequency embedding size must equal hidden_size")
         if embedding_type == "fourier":
             self.register_buffer("freqs", torch.randn(frequency_embedding_size // 2) * scale)
 
@@ -385,7 +386,7 @@ class DiT(nn.Module):
         if temb_mult != 1:
             # The release's final layer maps from hidden_size, so any other value
             # cannot run a forward pass there either.
-            raise ValueError(f"temb_mult={temb_mult} is not supported (only 1)")
+            raise InputError(f"temb_mult={temb_mult} is not supported (only 1)")
         img_resolution = int(img_resolution)
         embedding_kwargs = dict(embedding_kwargs or {})
         temb_size = hidden_size * temb_mult
@@ -521,7 +522,7 @@ def _sized_constructor(size: str, patch_size: int) -> Callable[..., DiT]:
     def build(**kwargs: Any) -> DiT:
         for key, value in fixed.items():
             if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"{name} fixes {key}={value}, got {key}={kwargs[key]}")
+                raise InputError(f"{name} fixes {key}={value}, got {key}={kwargs[key]}")
         return DiT(**{**kwargs, **fixed})
 
     build.__name__ = build.__qualname__ = name

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from . import call_block
 
 __all__ = ["Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock"]
@@ -50,7 +51,7 @@ def _init_weight(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> 
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == "kaiming_normal":
         return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"unknown init mode {mode!r}")
+    raise InputError(f"unknown init mode {mode!r}")
 
 
 class Linear(nn.Module):
@@ -89,7 +90,7 @@ class Conv2d(nn.Module):
                  fused_resample: bool = False, init_mode: str = "kaiming_normal",
                  init_weight: float = 1.0, init_bias: float = 0.0):
         if up and down:
-            raise ValueError("a convolution cannot both upsample and downsample")
+            raise InputError("a convolution cannot both upsample and downsample")
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -304,11 +305,11 @@ class SongUNet(nn.Module):
                  resample_filter: Sequence[float] = (1, 1), s_embed: bool = True,
                  img_channels: int | None = None):  # stored by the release, unused: the input is in_channels
         if embedding_type not in ("fourier", "positional"):
-            raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
+            raise InputError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
-            raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}")
+            raise InputError(f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}")
         if decoder_type not in ("standard", "skip"):
-            raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
+            raise InputError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
         super().__init__()
         channel_mult = [int(m) for m in _as_list(channel_mult)]
         attn_resolutions = {int(r) for r in _as_list(attn_resolutions)}
@@ -434,7 +435,7 @@ class SongUNet(nn.Module):
                 class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.s_embed and noise_labels_s is None:
-            raise ValueError("this SongUNet has s_embed=True and needs noise_labels_s")
+            raise InputError("this SongUNet has s_embed=True and needs noise_labels_s")
         emb = self._mapping(noise_labels_t, noise_labels_s, class_labels, augment_labels, x.shape[0], x.device)
 
         # Encoder: every main entry's output is kept as a skip connection.

@@ -1,0 +1,28 @@
+"""The package's expected errors: one base class, so the ``imm`` command prints them as one line and
+lets anything else (a bug) raise with its traceback.
+
+Each also derives from the built-in exception it replaces, so ``except ValueError`` (or
+``FileNotFoundError``, ``ImportError``, ``RuntimeError``) keeps catching it.
+"""
+from __future__ import annotations
+
+
+class ImmError(Exception):
+    """Base class: an error the user can act on (bad input, a missing file or package, a run that cannot
+    go on), with a message that says what to do."""
+
+
+class InputError(ImmError, ValueError):
+    """A value, setting or file content that is not acceptable."""
+
+
+class MissingError(ImmError, FileNotFoundError):
+    """A file, folder, dataset or download that is not there."""
+
+
+class MissingPackageError(ImmError, ImportError):
+    """An optional package that this feature needs is not installed."""
+
+
+class StateError(ImmError, RuntimeError):
+    """A run, archive or dataset in a state the command cannot continue from."""
