@@ -113,8 +113,8 @@ def main(argv=None) -> int:
         return 1
     if args.command == "setup":
         return 0
-    # the tests run in one process per core (pytest-xdist; a later -n N or -n 0 on the command line wins)
-    command = [python, "-m", "imm", "demo"] if args.command == "demo" else [python, "-m", "pytest", "-n", "auto"]
+    # one test process per core (pytest-xdist; a later -n N or -n 0 on the command line wins), skips listed
+    command = [python, "-m", "imm", "demo"] if args.command == "demo" else [python, "-m", "pytest", "-n", "auto", "-rs"]
     return subprocess.run([str(c) for c in command + rest], cwd=ROOT).returncode
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from imm.cli import main
 from imm.data import ImageFolderDataset
-from imm.latents import encode_latents, stats_path_for
+from imm.latents import stats_path_for, write_latent_archive
 from imm.prepare import (
     Source,
     apply_transform,
@@ -236,7 +236,7 @@ def test_interrupted_encode_resumes_without_reencoding(tmp_path, image_zip, tiny
     kw = dict(vae=str(tiny_vae_dir), batch_size=8, shard_size=10, device="cpu", progress=False)
     logs = []
     dest = tmp_path / "lat"
-    first = encode_latents(image_zip, dest, max_shards=2, log=logs.append, **kw)
+    first = write_latent_archive(image_zip, dest, max_shards=2, log=logs.append, **kw)
     assert first["finished"] is False and first["encoded"] == 20
     assert not (dest / "dataset.json").exists() and not stats_path_for(dest).exists()
     done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(dest.glob("0000[01]/*.npy"))}
@@ -245,13 +245,13 @@ def test_interrupted_encode_resumes_without_reencoding(tmp_path, image_zip, tiny
     (dest / ".tmp-00002-0" / "img00000020.npy").write_bytes(b"partial")
 
     logs.clear()
-    result = encode_latents(image_zip, dest, log=logs.append, **kw)
+    result = write_latent_archive(image_zip, dest, log=logs.append, **kw)
     assert any("2 already done (skipped)" in line for line in logs)
     assert result["finished"] and result["encoded"] == result["count"] - 20
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done} == done  # not rewritten
     assert not list(dest.glob(".tmp-*"))
 
-    fresh = encode_latents(image_zip, tmp_path / "fresh.zip", **kw)  # uninterrupted, packed into a zip
+    fresh = write_latent_archive(image_zip, tmp_path / "fresh.zip", **kw)  # uninterrupted, packed into a zip
     assert not (tmp_path / "fresh.zip.work").exists()
     a, la = read_latents(dest)
     b, lb = read_latents(tmp_path / "fresh.zip")
@@ -270,9 +270,9 @@ def test_interrupted_encode_resumes_without_reencoding(tmp_path, image_zip, tiny
     # a damaged shard is named by the consistency check; other settings are refused
     os.remove(next((dest / "00001").glob("*.npy")))
     with pytest.raises(RuntimeError, match="00001"):
-        encode_latents(image_zip, dest, **kw)
+        write_latent_archive(image_zip, dest, **kw)
     with pytest.raises(ValueError, match="other settings"):
-        encode_latents(image_zip, dest, **{**kw, "shard_size": 7})
+        write_latent_archive(image_zip, dest, **{**kw, "shard_size": 7})
 
 
 def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
@@ -282,7 +282,7 @@ def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
     assert "shape:      3 x 16 x 16 (uint8)" in out and "3 classes" in out and "birds, cats, dogs" in out
     assert Image.open(grid).size == (3 * 18 + 2, 3 * 18 + 2)
     lat = tmp_path / "lat"
-    encode_latents(image_zip, lat, vae=str(tiny_vae_dir), shard_size=1000, dtype="float16", device="cpu",
+    write_latent_archive(image_zip, lat, vae=str(tiny_vae_dir), shard_size=1000, dtype="float16", device="cpu",
                    progress=False, log=lambda s: None)
     assert np.load(lat / "00000" / "img00000000.npy").dtype == np.float16  # read back as float32
     info = dataset_stats(lat, grid=tmp_path / "l.png", num_images=4)
@@ -328,3 +328,29 @@ def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_
     assert imm.load_network(path).config["model_type"] == "DiT"
     grid = tmp_path / "run" / "samples" / "step00000002_1step.png"
     assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 decoded 16x16 samples, 2 per row
+
+
+def test_training_and_prepare_label_a_folder_the_same_way(tmp_path):
+    """Issue 12: one class-folder rule (imm.scan) for `imm train` and `imm prepare`. These layouts got
+    labels from one and none from the other before: a shared top folder (ImageNet's train/<class>/...),
+    and images deeper down in a class folder."""
+    from imm.data import ImageFolderDataset
+    from imm.prepare import Source
+
+    rng = np.random.default_rng(0)
+    layouts = {"shared-top": ["train/cat/1.png", "train/cat/2.png", "train/dog/3.png"],
+               "nested": ["cat/a/1.png", "cat/2.png", "dog/b/c/3.png"],
+               "edm-chunks": ["00000/img00000000.png", "00001/img00001000.png"]}
+    expected = {"shared-top": ([0, 0, 1], ["cat", "dog"]), "nested": ([0, 0, 1], ["cat", "dog"]),
+                "edm-chunks": (None, None)}
+    for layout, names in layouts.items():
+        root = tmp_path / layout
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name)
+        source = Source(root)
+        dataset = ImageFolderDataset(root)
+        labels, class_names = expected[layout]
+        assert (source.labels, source.class_names) == (labels, class_names), layout
+        assert (None if not dataset.label_dim else dataset.labels.tolist()) == labels, layout
+        assert dataset.class_names == class_names, layout

@@ -397,11 +397,11 @@ def cmd_prepare_images(args) -> int:
 
 def cmd_prepare_latents(args) -> int:
     from . import distributed
-    from .latents import encode_latents
+    from .latents import write_latent_archive
 
-    result = encode_latents(args.source, args.dest, vae=args.vae, batch_size=args.batch_size, dtype=args.dtype,
-                            shard_size=args.shard_size, device=args.device, use_fp16=not args.no_fp16,
-                            workers=args.workers, progress=not args.no_progress)
+    result = write_latent_archive(args.source, args.dest, vae=args.vae, batch_size=args.batch_size,
+                                  dtype=args.dtype, shard_size=args.shard_size, device=args.device,
+                                  use_fp16=not args.no_fp16, workers=args.workers, progress=not args.no_progress)
     if result is not None and result.get("finished"):
         print(f"wrote {result['path']} ({result['count']} latents)")
     distributed.shutdown()

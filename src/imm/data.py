@@ -33,11 +33,11 @@ Formats
   array per file), in any sub-folder layout; files are taken in sorted order of their path.
   Labels come from ``dataset.json`` at the root, EDM's format
   ``{"labels": [["00000/img00000000.png", 6], ...]}`` (``"labels": null`` = unlabelled). Without
-  ``dataset.json``, when every file sits directly in one of at least two sub-folders
-  (``cat/1.png``, ``dog/2.png``), the sorted sub-folder names are the classes (``class_names``),
-  except for EDM's chunk layout (``00000/img00000000.png``: 5-digit folders of ``img`` + 8 digits
-  files), whose folders are not classes.
-  Otherwise the dataset is unlabelled. Grayscale (and 1-bit) images have 1 channel, colour images
+  ``dataset.json``, class folders give the labels by the rule of :mod:`imm.scan` (the one
+  ``imm prepare`` uses too): after dropping the folders every file shares, each file's top-level
+  folder is its class when there are at least two and the layout is not EDM's chunks
+  (``00000/img00000000.png``); the sorted folder names are ``class_names``. Otherwise the dataset is
+  unlabelled. Grayscale (and 1-bit) images have 1 channel, colour images
   (RGB, palette, CMYK, YCbCr) 3, images with alpha keep it (LA: 2, RGBA: 4, as EDM does); 16-bit and
   float images are refused. All items must share one shape (checked on every file's header at
   start-up, and again whenever an item is loaded) and be square. An item that does not load (a file
@@ -86,7 +86,6 @@ import io
 import json
 import math
 import os
-import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -95,8 +94,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import scan
 from .config import ConfigError
-from .errors import InputError, StateError
+from .errors import InputError, MissingError, StateError
 
 __all__ = [
     "RawDataset", "ImageFolderDataset", "NpzDataset", "MNISTDataset", "Toy2DDataset", "TOY2D_NAMES",
@@ -259,8 +259,6 @@ def _int_labels(values, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Folders and zip archives of images or .npy arrays
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif",
-                     ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 _NPY = ".npy"
 _MODE_CONVERT = {  # Pillow mode -> (mode to decode to, channels)
     "1": ("L", 1), "L": ("L", 1), "P": ("RGB", 3), "RGB": ("RGB", 3), "CMYK": ("RGB", 3),
@@ -268,12 +266,6 @@ _MODE_CONVERT = {  # Pillow mode -> (mode to decode to, channels)
     "PA": ("RGBA", 4), "RGBA": ("RGBA", 4), "RGBa": ("RGBA", 4), "RGBX": ("RGB", 3),
 }
 AUTO_VERIFY_LIMIT = 200_000  # verify=None checks every header up to this many files, else the first 1000
-
-
-def _image_extensions() -> tuple[str, ...]:
-    Image.init()
-    openable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return tuple(e for e in _IMAGE_EXTENSIONS if e in openable)
 
 
 def _mode_channels(mode: str, name: str) -> tuple[str, int]:
@@ -303,11 +295,6 @@ def _npy_chw(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
     return (int(np.prod(shape[:-2], dtype=np.int64)), shape[-2], shape[-1])
 
 
-def _edm_chunk_layout(parts: list[list[str]]) -> bool:
-    """True for EDM's ``dataset_tool`` layout (``00000/img00000000.png``): chunks of files, not classes."""
-    return all(re.fullmatch(r"\d{5}", d) and re.match(r"img(-mean-std-)?\d{8}\.", f) for d, f in parts)
-
-
 class ImageFolderDataset(RawDataset):
     """Images or ``.npy`` arrays in a folder or a zip archive (EDM / EDM2 datasets); see the module doc.
 
@@ -334,14 +321,14 @@ class ImageFolderDataset(RawDataset):
         if p.is_dir():
             self.kind = "folder"
             self._is_zip = False
-            files = self._list_dir(p)
+            files = scan.list_folder(p)
         elif zipfile.is_zipfile(p):
             self.kind = "zip"
             self._is_zip = True
-            files = self._list_zip()
+            files = scan.list_zip(self._zip())
         else:
             raise InputError(f"dataset path {p} is neither a folder nor a zip archive")
-        exts = _image_extensions()
+        exts = scan.image_extensions()
         self._files = sorted(f for f in files if f.lower().endswith(exts + (_NPY,)))
         if not self._files:
             raise InputError(f"dataset {p} has no images (looked for {', '.join(exts + (_NPY,))} files)")
@@ -359,23 +346,6 @@ class ImageFolderDataset(RawDataset):
                     xflip=xflip, random_seed=random_seed, use_labels=use_labels, resolution=resolution)
 
     # -- files ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _list_dir(root: Path) -> list[str]:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-            rel = os.path.relpath(dirpath, root)
-            for f in filenames:
-                if f.startswith("."):
-                    continue
-                out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-        return out
-
-    def _list_zip(self) -> list[str]:
-        names = self._zip().namelist()
-        return [n for n in names if not n.endswith("/") and not n.startswith("__MACOSX/")
-                and not any(part.startswith(".") for part in n.split("/"))]
 
     def _zip(self) -> zipfile.ZipFile:
         # One handle per process: a handle inherited through fork shares its file offset with the parent.
@@ -474,13 +444,10 @@ class ImageFolderDataset(RawDataset):
                                  f"({len(missing)} files without a label)")
             labels = _int_labels([table[f] for f in self._files], f"dataset.json in {self.path}")
             return labels, int(labels.max()) + 1, None
-        parts = [f.split("/") for f in self._files]
-        if all(len(p) == 2 for p in parts) and not _edm_chunk_layout(parts):
-            class_names = sorted({p[0] for p in parts})
-            if len(class_names) >= 2:
-                ids = {c: i for i, c in enumerate(class_names)}
-                return np.array([ids[p[0]] for p in parts], dtype=np.int64), len(class_names), class_names
-        return None, 0, None
+        labels, class_names = scan.folder_labels(self._files)  # the class-folder rule of imm.scan
+        if labels is None:
+            return None, 0, None
+        return np.array(labels, dtype=np.int64), len(class_names), class_names
 
     # -- items ------------------------------------------------------------------------------------
 
@@ -798,6 +765,27 @@ def _infer_kind(path) -> str:
         return "zip"
     raise InputError(f"cannot tell the dataset kind of {p}: expected a folder, a .zip or a .npz file "
                      "(or give kind)")
+
+
+BUNDLED_DATASETS = ("mnist",)  # datasets a command line names without a path
+
+
+def open_dataset(spec: str | None, section: Mapping | None = None) -> RawDataset:
+    """The dataset a command line names (``imm eval ref``, ``imm prepare stats``): ``spec`` is a bundled
+    dataset's name (:data:`BUNDLED_DATASETS`) or a folder, ``.zip`` or ``.npz`` path; ``section``, a
+    config's ``dataset`` section, supplies the other settings (its path, kind and name give way to
+    ``spec``) and is the whole description when ``spec`` is None."""
+    cfg = dict(section or {})
+    if spec is not None:
+        if str(spec).lower() in BUNDLED_DATASETS:
+            cfg = {"kind": str(spec).lower()}
+        else:
+            cfg = {k: v for k, v in cfg.items() if k not in ("kind", "class_name", "name")}
+            cfg["path"] = str(spec)
+    if cfg.get("path") and not Path(os.path.expanduser(str(cfg["path"]))).exists():
+        raise MissingError(f"dataset {cfg['path']} does not exist (a folder, .zip or .npz of images, or "
+                           f"{' or '.join(repr(n) for n in BUNDLED_DATASETS)})")
+    return build_dataset(cfg)
 
 
 def build_dataset(cfg: Mapping | RawDataset) -> RawDataset:

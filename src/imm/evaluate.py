@@ -43,7 +43,6 @@ from .config import ConfigError
 from .errors import InputError, MissingError, MissingPackageError
 
 FEATURE_DIM = 2048
-DATASET_PRESETS = ("mnist",)
 # metric -> (its name in messages, the feature network, the keys of its statistics in a reference file)
 METRICS = {"fid": ("FID", "Inception", ("mu", "sigma")),
            "fd_dinov2": ("FD_DINOv2", "DINOv2", ("mu_dinov2", "sigma_dinov2"))}
@@ -161,16 +160,11 @@ def _nchw_batches(images_nhwc: np.ndarray, batch_size: int):
 def open_dataset(data: str, max_images: int | None = None):
     """The dataset ``data`` names (a folder / zip / npz path, or a preset: ``mnist``), checked to hold
     uint8 images with 1 or 3 channels."""
-    from .data import build_dataset
+    from .data import open_dataset as open_data
 
-    if str(data).lower() in DATASET_PRESETS:
-        ds = build_dataset({"kind": str(data).lower()})
-    elif str(data).lower() == "toy2d":
+    if str(data).lower() == "toy2d":
         raise InputError("toy2d data are 2-D points, not images: FID does not apply")
-    else:
-        if not Path(data).expanduser().exists():
-            raise MissingError(f"dataset not found: {data} (a folder, .zip or .npz of images, or 'mnist')")
-        ds = build_dataset({"path": str(Path(data).expanduser())})
+    ds = open_data(str(data))
     if ds.dtype != torch.uint8:
         raise InputError(f"{data} holds {str(ds.dtype).replace('torch.', '')} latents, not uint8 images: decode them "
                          "to pixels first (FID statistics are computed on images)")

@@ -100,7 +100,7 @@ def _encode_shard(ds, encoder, work: Path, k: int, shard_size: int, batch_size: 
     return hi - lo
 
 
-def encode_latents(source, dest, vae: str = SD_VAE_NAME, batch_size: int = 64, dtype: str = "float32",
+def write_latent_archive(source, dest, vae: str = SD_VAE_NAME, batch_size: int = 64, dtype: str = "float32",
                    shard_size: int = 1000, device=None, use_fp16: bool = True, workers: int | None = None,
                    progress: bool = True, max_shards: int | None = None, log=print) -> dict | None:
     """Encode the image archive ``source`` into the latent archive ``dest`` (see the module docstring).

@@ -15,6 +15,8 @@ One optimizer step (Algorithm 3) on a batch of B = G * M samples split into G gr
 
 ``IMMLoss`` implements it in the style of EDM2's loss classes; its pieces are module-level functions
 (``sample_times``, ``map_r``, ``weighting``, ``kernel_weight``, ``group_mmd``) for tests and baselines.
+Tags in brackets name sources listed in docs/sources.md: [P] the paper, [O] the official release, [U] an
+authors'-style training loss in public code, whose details beyond [P] are options here.
 """
 
 from __future__ import annotations
@@ -72,12 +74,12 @@ def sample_times(
     """Sample n pairs (t, s) with eps <= s <= t <= T (Alg. 3 line 2; App. C.7).
 
     * ``uniform`` ([P], Table 5): t ~ U(eps, T), then s ~ U(eps, t).
-    * ``lognormal`` ([U]'s default, UNCONFIRMED): eta_t ~ LogNormal(P_mean, P_std) restricted to
+    * ``lognormal`` ([U]'s default; [P] says uniform): eta_t ~ LogNormal(P_mean, P_std) restricted to
       [eta(eps), eta(T)], then eta_s from the same law restricted to [eta(eps), eta_t]; both mapped back
       with eta^-1. The restriction is an exact truncation (inverse CDF), followed by [U]'s safety clamp
-      ``eta_s = min(eta_s, eta_t).clamp(min=eta(eps))`` (reference notes Sec. 8 step 1).
+      ``eta_s = min(eta_s, eta_t).clamp(min=eta(eps))`` (docs/sources.md, item 1).
     * ``lognormal_authors``: ``lognormal`` with the bounds as the authors'-style training code passes
-      them (shared/reference/imm_method.md, "Later findings"): the first draw's lower bound
+      them (docs/sources.md, item 1): the first draw's lower bound
       max(eta(eps), 1e-8) is used as a bound on log eta, so eta_t >= exp(max(eta(eps), 1e-8)) >= 1,
       i.e. t >= 1/2 on the OT-FM path; the second draw's lower bound is eta = 1e-8, so s still covers
       [eps, t] (after the same clamp).
@@ -143,7 +145,7 @@ def map_r(
     * ``logsnr_decrement``: lambda_r = lambda_t + step, step = (lambda(0.001) - lambda(0.994)) / 2^k;
     * ``inverse_eta_increment``: 1/eta_r = 1/eta_t + step, step = (1/eta(0.005) - 1/eta(1)) / 2^k.
 
-    ``step`` overrides the default (``step=0`` gives r = t). Then, in [U]'s order (notes Sec. 8):
+    ``step`` overrides the default (``step=0`` gives r = t). Then, in [U]'s order (docs/sources.md, item 1):
     with ``min_gap`` Delta, r = min(r, t - Delta) (the FP16 variant of App. I.6); finally
     r = max(r, s).clamp(min=eps). Returned in t's dtype; rounding keeps s <= r <= t.
     """
@@ -231,7 +233,7 @@ def kernel_matrix(
     """k(x, y) from squared distances [G, M, M] and the per-group kernel weight w~ [G] (App. C.8).
 
     * ``laplace``: exp(-w~ max(||x - y||, kernel_eps) / D) (paper, [P] C.8); with ``clamp_squared`` the
-      clamp is max(||x - y||^2, kernel_eps) before the root, as [U] (UNCONFIRMED item 9).
+      clamp is max(||x - y||^2, kernel_eps) before the root, as [U] (docs/sources.md, item 4; [P] does not settle which).
     * ``rbf``: exp(-(w~ ||x - y||)^2 / D). Our scaling: the same t-invariant distance w~ ||x - y|| (the
       distance of the backbone outputs G) as the Laplace kernel, squared, over D, i.e. a Gaussian whose
       bandwidth is one unit of G per dimension (G is unit-variance by construction).

@@ -5,10 +5,10 @@
 * items ``00000/img00000000.png``, ``00000/img00000001.png``, ... (1000 per folder), numbered in the
   sorted order of the source paths;
 * ``dataset.json`` = ``{"labels": [["00000/img00000000.png", class_id], ...], "class_names": [...]}``
-  (``"labels": null`` and no ``class_names`` when unlabelled). Labels come from class folders: after
-  dropping the leading folders that all files share, the top-level folder of each file is its class
-  when there are at least two such folders (sorted names -> ids ``0 .. K-1``; images deeper down
-  belong to their top-level folder). A ``dataset.json`` in the source (EDM's format) wins.
+  (``"labels": null`` and no ``class_names`` when unlabelled). Labels come from class folders by the
+  rule of :mod:`imm.scan`, which training uses too (after dropping the leading folders that all files
+  share, the top-level folder of each file is its class when there are at least two such folders;
+  sorted names -> ids ``0 .. K-1``). A ``dataset.json`` in the source (EDM's format) wins.
 * every image is RGB (grayscale, palette, CMYK, alpha ... are converted; 16-bit samples are scaled
   to 8 bits with rounding, see :func:`decode_image`) and ``resolution`` square after one of
   :data:`TRANSFORMS` (or, without a transform, must already be that size);
@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import scan
 from .checkpoint import atomic_write
 from .errors import InputError, MissingError
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga")
 ITEMS_PER_FOLDER = 1000
 SHOWN_SKIPPED = 5  # file names per skip reason in the summary
 
@@ -181,24 +180,19 @@ class Source:
         self._zip = None
         if p.is_dir():
             self.is_zip = False
-            names = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-                rel = os.path.relpath(dirpath, p)
-                names += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
-                          for f in filenames if not f.startswith(".")]
+            names = scan.list_folder(p)
         elif p.is_file() and zipfile.is_zipfile(p):  # is_file first: never open a FIFO
             self.is_zip = True
-            names = [n for n in self._zipfile().namelist() if not n.endswith("/")
-                     and not any(part.startswith(".") or part == "__MACOSX" for part in n.split("/"))]
+            names = scan.list_zip(self._zipfile())
         else:
             raise InputError(f"source {p} is neither a folder nor a zip archive")
-        files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        extensions = scan.image_extensions()
+        files = [n for n in names if n.lower().endswith(extensions)]
         special = set() if self.is_zip else {n for n in files if _special_file(p / n)}
         self.not_regular = sorted(special)  # skipped unopened
         self.files = [n for n in files if n not in special]
         if not self.files:
-            raise InputError(f"source {p} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"source {p} holds no images (looked for {', '.join(extensions)})")
         self.labels, self.class_names = self._find_labels(names) if use_labels else (None, None)
 
     def _zipfile(self) -> zipfile.ZipFile:
@@ -230,17 +224,7 @@ class Source:
             if missing:
                 raise InputError(f"dataset.json in {self.path} has no label for {missing[0]}")
             return [int(table[f]) for f in self.files], meta.get("class_names")
-        parts = [f.split("/") for f in self.files]
-        common = 0  # leading folders shared by every file (e.g. a zip with one top folder)
-        while all(len(q) > common + 1 for q in parts) and len({q[common] for q in parts}) == 1:
-            common += 1
-        if any(len(q) < common + 2 for q in parts):
-            return None, None  # some files sit at the top level: no class folders
-        class_names = sorted({q[common] for q in parts})
-        if len(class_names) < 2:
-            return None, None
-        ids = {c: i for i, c in enumerate(class_names)}
-        return [ids[q[common]] for q in parts], class_names
+        return scan.folder_labels(self.files)  # the class-folder rule of imm.scan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,21 +381,13 @@ def label_summary(histogram: list[int]) -> dict:
 
 def _open_dataset(source, config):
     from .config import load_config
-    from .data import build_dataset
+    from .data import open_dataset
 
     cfg = load_config(config) if config else {}
-    ds_cfg = dict(cfg.get("dataset") or {})
-    if source is not None:
-        if str(source) in ("mnist",):
-            ds_cfg = {"kind": "mnist"}
-        else:
-            ds_cfg = {k: v for k, v in ds_cfg.items() if k not in ("kind", "class_name", "name")}
-            ds_cfg["path"] = str(source)
-    if not ds_cfg.get("path") and ds_cfg.get("kind") not in ("mnist", "toy2d"):
+    section = cfg.get("dataset") or {}
+    if source is None and not section.get("path") and section.get("kind") not in ("mnist", "toy2d"):
         raise InputError("give --source PATH (or a --config whose dataset has a path)")
-    if ds_cfg.get("path") and not os.path.exists(os.path.expanduser(str(ds_cfg["path"]))):
-        raise MissingError(f"dataset {ds_cfg['path']} does not exist")
-    return build_dataset(ds_cfg), cfg
+    return open_dataset(source, section), cfg
 
 
 def _latent_encoder(cfg: dict, vae, channels: int):
