@@ -12,7 +12,7 @@ Every FID uses the same ``--num-images`` samples (default 256; image i from seed
 noise for every run) against the bundled reference, so FIDs are biased upwards alike for all runs and
 are comparable with each other, not with FID-50K numbers.
 
-Compute is counted in forward-pass equivalents per sample (``imm.baselines.FORWARD_EQUIVALENTS``: IMM
+Compute is counted in forward-pass equivalents per sample (``imm.methods.METHODS``: IMM
 and consistency training 4, flow matching 3), so a budget of B "IMM steps" gives flow matching
 round(4 B / 3) steps at the same batch. The budget curve trains one run per method to the largest budget
 with a constant learning rate and evaluates its EMA checkpoints at each budget on the way (the FID-vs-
@@ -133,7 +133,7 @@ def train_variant(out: Path, name: str, method: str, overrides: list[str], seed:
 def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int], num_images: int) -> list[dict]:
     """FID of the EMA at each budget's checkpoint and NFE, cached in RUN/fid-N.json."""
     import imm
-    from imm.baselines import generate
+    from imm.methods import generate
     from imm.encoders import build_encoder
     from imm.evaluate import _load_inception, load_reference, network_fid
 

@@ -6,7 +6,7 @@
 
 Every method trains the same network (the dataset's preset), with the same optimizer, batch, data and
 EMA, through the same trainer (``loss.method``). Compute is equal in forward-pass equivalents per
-sample (``imm.baselines.FORWARD_EQUIVALENTS``: IMM and consistency training 4, flow matching 3): a
+sample (``imm.methods.METHODS``: IMM and consistency training 4, flow matching 3): a
 budget of S IMM steps gives consistency training S steps and flow matching round(4 S / 3) steps.
 
 Samplers (uniform time grids): IMM pushforward, consistency training restart (multistep CM
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import imm
-from imm.baselines import FORWARD_EQUIVALENTS, METHODS, generate
+from imm.methods import METHODS, generate
 from imm.data import toy2d_sample
 from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
 from imm.train import load_train_config, train
@@ -51,13 +51,13 @@ QUICK = {"toy2d": dict(steps=10, batch=64, seeds=[0], solvers=["euler", "heun"])
 
 def method_steps(imm_steps: int, method: str) -> int:
     """Steps that spend the compute of ``imm_steps`` IMM steps at the same batch size."""
-    return round(imm_steps * FORWARD_EQUIVALENTS["imm"] / FORWARD_EQUIVALENTS[method])
+    return round(imm_steps * METHODS["imm"].forward_equivalents / METHODS[method].forward_equivalents)
 
 
 def sampler_settings(method: str, solvers: list[str], quick: bool) -> list[tuple[str, int]]:
     """(solver, nfe) pairs evaluated for a method ('-' for the methods with a single sampler)."""
     nfes = NFES[method][:2] if quick else NFES[method]
-    if method != "flow_matching":
+    if METHODS[method].solvers == ("-",):  # one sampler
         return [("-", n) for n in nfes]
     return [(s, n) for s in solvers for n in nfes if s == "euler" or n % 2 == 0]
 
@@ -270,7 +270,8 @@ def main(argv=None) -> int:
     summary = summarise(rows, metric_names)
     meta = {"dataset": args.dataset, "quick": args.quick, "seeds": args.seeds, "imm_steps": args.steps,
             "batch": args.batch, "steps_per_method": {m: method_steps(args.steps, m) for m in args.methods},
-            "forward_equivalents_per_sample": FORWARD_EQUIVALENTS, "torch": torch.__version__,
+            "forward_equivalents_per_sample": {m: spec.forward_equivalents for m, spec in METHODS.items()},
+            "torch": torch.__version__,
             "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - t0, 1),
             "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from imm import IMMNetwork
-from imm.baselines import build_loss
+from imm.methods import build_loss
 from imm.config import ConfigError
 from imm.networks import set_activation_checkpointing
 from imm.networks.dit import DiTBlock

@@ -12,6 +12,7 @@ import torch
 
 import imm
 from imm import baselines as B
+from imm import methods
 from imm.config import ConfigError
 from imm.data import toy2d_sample
 from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
@@ -113,10 +114,10 @@ def schedules_eta(t):
 
 
 def test_build_loss_and_bad_methods():
-    assert isinstance(B.build_loss({"method": "flow_matching"}), B.FlowMatchingLoss)
-    assert isinstance(B.build_loss({"group_size": 2}), imm.loss.IMMLoss)
+    assert isinstance(methods.build_loss({"method": "flow_matching"}), B.FlowMatchingLoss)
+    assert isinstance(methods.build_loss({"group_size": 2}), imm.loss.IMMLoss)
     with pytest.raises(ValueError, match="loss.method"):
-        B.build_loss({"method": "gan"})
+        methods.build_loss({"method": "gan"})
     with pytest.raises(ValueError, match="kernel"):
         B.ConsistencyTrainingLoss(kernel="laplace")
     with pytest.raises(ConfigError, match="loss.method"):
@@ -141,7 +142,7 @@ def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ra
     init = imm.IMMNetwork(**net.config).eval()
     target = toy2d_sample("gaussians8", 4000, torch.Generator().manual_seed(1))
     x_T = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
-    d = {name: mmd(B.generate(n, x_T, method=method, nfe=nfe, generator=torch.Generator().manual_seed(4)), target)
+    d = {name: mmd(methods.generate(n, x_T, method=method, nfe=nfe, generator=torch.Generator().manual_seed(4)), target)
          for name, n in (("init", init), ("trained", net))}
     assert d["trained"] < ratio * d["init"], d
     assert (tmp_path / method / "config.yaml").read_text().count(f"method: {method}") == 1
@@ -202,3 +203,29 @@ def test_throughput_benchmark_quick(tmp_path):
     # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
     assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
     assert row["eager"]["train_samples_s"] > 0 and 0 < row["eager"]["loss_share"] < 1
+
+
+@pytest.mark.parametrize("method", ["flow_matching", "consistency"])
+def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(method, tmp_path, monkeypatch):
+    """Issue 12: a checkpoint records its loss.method, and `imm generate` / the FID path sample it with
+    that method's sampler (before, only the benchmark scripts knew how)."""
+    from imm import cli
+    from imm.checkpoint import read_sampling_settings
+
+    path = train(load_train_config("toy2d", [*TOY_FAST, f"loss.method={method}", "training.total_steps=2",
+                                              "training.batch_size=64"]), tmp_path / "run", device="cpu")
+    assert read_sampling_settings(path)["loss"] == {"method": method}
+    calls = []
+    real = methods.METHODS[method]
+    recording = methods.Method(real.loss, lambda *a, nfe, **kw: calls.append(nfe) or real.sample(*a, nfe=nfe, **kw),
+                               real.forward_equivalents, real.solvers)
+    monkeypatch.setitem(methods.METHODS, method, recording)
+    assert cli.main(["generate", "--checkpoint", str(path), "--out", str(tmp_path / "gen")]) == 0
+    assert calls == [1, 2, 4]  # the toy2d preset's 1_step, 2_steps and 4_steps entries
+    # imm eval fid samples through the same entry sampler: an entry's step count, the method's sampler
+    net = imm.load_network(path)
+    sampler = methods.entry_sampler(method)
+    calls.clear()
+    x = sampler(net, torch.randn(8, 2, 1, 1), None, generator=torch.Generator().manual_seed(0), num_steps=2)
+    assert calls == [2] and x.shape == (8, 2, 1, 1)
+    assert methods.entry_sampler("imm") is imm.sample

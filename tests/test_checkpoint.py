@@ -199,3 +199,21 @@ def test_storage_bytes_loader_is_weights_only():
     torch.save(_RunsCommand("true"), buf)
     with pytest.raises(Exception):
         safe_pickle._load_storage_bytes(buf.getvalue())
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """A safetensors file begins with its header length (8 bytes, little-endian): a length of 0x..80 makes
+    the first byte 0x80, a pickle's first byte. It was read as a pickle ("unsupported pickle protocol")."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.zeros(2)}
+    for pad in range(300):
+        path = tmp_path / f"pad{pad}.safetensors"
+        save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    config, state = imm.read_checkpoint(path)
+    assert config is None and torch.equal(state["w"], tensors["w"])

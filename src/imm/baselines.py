@@ -24,9 +24,7 @@ plug into the trainer through ``loss.method`` (``imm``, ``flow_matching``, ``con
   their times, and the weight lambda = 1 / (eta_{i+1} - eta_i). Sampling: ``imm.sample`` with
   ``sampler='restart'`` (denoise to eps, re-noise), the multistep consistency sampler.
 
-Training compute per sample, in forward-pass equivalents (a backward pass ~ 2 forward passes):
-flow matching 3 (one forward with gradient + its backward); IMM and consistency training 4 (the
-no-grad target pass + the gradient pass and its backward). ``FORWARD_EQUIVALENTS`` holds these counts.
+``imm.methods`` registers both next to IMM (loss class, sampler, training compute per sample).
 """
 
 from __future__ import annotations
@@ -37,10 +35,8 @@ import torch
 
 from . import schedules
 from .errors import InputError
-from .loss import IMMLoss, _unwrap, finite_mean, group_mmd
+from .loss import _unwrap, finite_mean, group_mmd
 
-METHODS = ("imm", "flow_matching", "consistency")
-FORWARD_EQUIVALENTS = {"imm": 4, "flow_matching": 3, "consistency": 4}
 FLOW_SOLVERS = ("euler", "heun")
 
 
@@ -207,31 +203,3 @@ class ConsistencyTrainingLoss:
         if keep is not None:
             stats["label_dropped"] = 1 - keep.float().mean()
         return loss, stats
-
-
-LOSSES = {"imm": IMMLoss, "flow_matching": FlowMatchingLoss, "consistency": ConsistencyTrainingLoss}
-
-
-def build_loss(cfg: dict):
-    """The loss of ``cfg['method']`` (default ``imm``) with the other keys as its arguments."""
-    cfg = dict(cfg)
-    method = cfg.pop("method", "imm")
-    if method not in LOSSES:
-        raise InputError(f"unknown loss.method {method!r}; choose one of {', '.join(METHODS)}")
-    return LOSSES[method](**cfg)
-
-
-@torch.no_grad()
-def generate(net, x_T, labels=None, *, method: str, nfe: int, solver: str = "euler",
-             cfg_scale: float | None = None, generator=None):
-    """Samples with ``nfe`` network evaluations by each method's own sampler (uniform time grids):
-    IMM pushforward, consistency restart (multistep CM sampling), flow matching Euler/Heun."""
-    from .sampling import sample
-
-    if method == "flow_matching":
-        return flow_sample(net, x_T, labels, nfe=nfe, solver=solver, cfg_scale=cfg_scale)
-    sampler = {"imm": "pushforward", "consistency": "restart"}.get(method)
-    if sampler is None:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return sample(net, x_T, labels, sampler=sampler, num_steps=nfe, discretization="uniform",
-                  cfg_scale=cfg_scale, generator=generator)

@@ -93,12 +93,12 @@ def _file_kind(path: Path) -> str:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(head) == 0:
         raise CheckpointError(f"{path}: file is empty")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"  # a torch.save zip or a pickle (the release's, or torch.save's legacy format)
-    if len(head) >= 9:
+    if len(head) >= 9:  # first: a header length whose low byte is 0x80 would look like a pickle's start
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
             return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"  # a torch.save zip or a pickle (the release's, or torch.save's legacy format)
     raise CheckpointError(f"{path}: not a checkpoint (neither a pickle, a torch.save zip nor a safetensors file)")
 
 
@@ -385,13 +385,16 @@ SAMPLING_SECTIONS = ("encoder", "sampling", "eval")
 
 
 def sampling_settings(cfg) -> dict | None:
-    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none), and its
-    ``dataset`` section when that is a toy 2-D target (a definition, not a path: generated plots show it)."""
+    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none), its
+    ``dataset`` section when that is a toy 2-D target (a definition, not a path: generated plots show it)
+    and its ``loss.method``, so a baseline's network samples with its own sampler."""
     if not isinstance(cfg, dict):
         return None
     settings = {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)}
     if isinstance(cfg.get("dataset"), dict) and cfg["dataset"].get("kind") == "toy2d":
         settings["dataset"] = cfg["dataset"]
+    if settings and isinstance(cfg.get("loss"), dict) and cfg["loss"].get("method"):
+        settings["loss"] = {"method": cfg["loss"]["method"]}  # its own sampler (imm.methods.entry_sampler)
     return settings or None
 
 

@@ -783,8 +783,8 @@ def open_dataset(spec: str | None, section: Mapping | None = None) -> RawDataset
             cfg = {k: v for k, v in cfg.items() if k not in ("kind", "class_name", "name")}
             cfg["path"] = str(spec)
     if cfg.get("path") and not Path(os.path.expanduser(str(cfg["path"]))).exists():
-        raise MissingError(f"dataset {cfg['path']} does not exist (a folder, .zip or .npz of images, or "
-                           f"{' or '.join(repr(n) for n in BUNDLED_DATASETS)})")
+        raise MissingError(f"dataset not found: {cfg['path']} does not exist (give a folder, .zip or .npz of "
+                           f"images, or {' or '.join(repr(n) for n in BUNDLED_DATASETS)})")
     return build_dataset(cfg)
 
 

@@ -385,7 +385,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
     generates its share and rank 0 gets the rows.
 
     ``sample_fn(net, noise, labels, generator=..., **entry)`` draws the samples (default ``imm.sample``;
-    the baselines pass ``imm.baselines.generate`` with entries that give ``nfe``)."""
+    ``imm.methods.entry_sampler`` for the network's training method)."""
     from tqdm.auto import tqdm
 
     from .generate import seeded_inputs
@@ -441,7 +441,8 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
     ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
     from .checkpoint import CheckpointError
     from .encoders import build_encoder
-    from .generate import check_fits, network_from_config
+    from .generate import check_fits, network_from_config, training_method
+    from .methods import entry_sampler
 
     refs = {m: load_reference(ref, m) for m in parse_metrics(metrics)}
     check_num_images(num_images)
@@ -467,7 +468,8 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
             warnings.warn(f"only {num_images} images per step count for {mu.shape[0]}-d {network} features: the "
                           f"{name} estimate is biased (use >= {mu.shape[0]}, typically 50000)", BiasedEstimateWarning,
                           stacklevel=2)
-    rows = network_distances(net, encoder, sets, entries, num_images, batch_size, seed, device, progress)
+    rows = network_distances(net, encoder, sets, entries, num_images, batch_size, seed, device, progress,
+                             entry_sampler(training_method(cfg)))
     if main:
         from .dinov2 import DEFAULT_MODEL
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed, threads
+from . import distributed, methods, threads
 from .checkpoint import (
     CheckpointError,
     atomic_write,
@@ -79,6 +79,14 @@ def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tup
     return apply_overrides(load_config(config), overrides), f"--config {config}"
 
 
+def training_method(cfg: dict) -> str:
+    """The ``loss.method`` the network was trained with (a checkpoint of ``imm train`` records it), ``imm``
+    when the config does not say; checked against ``imm.methods.METHODS``."""
+    method = (cfg.get("loss") or {}).get("method") or "imm"
+    methods.get(method)
+    return method
+
+
 def check_fits(net, encoder, entries: dict, source: str) -> None:
     """Before any sampling: the config's encoder takes the network's channels and its guided entries have a
     class-conditional network; otherwise one ConfigError naming the preset that fits."""
@@ -125,15 +133,16 @@ def seeded_inputs(net, indices, seed: int):
 
 
 def generate_grids(net, encoder, entries: dict, out: Path, batch_size: int, seed: int, device,
-                   toy_target: str | None = None) -> list[Path]:
+                   toy_target: str | None = None, sample_fn=sample) -> list[Path]:
     """One ``<entry>_samples.png`` per entry from the same batch of starting points: a grid of images, or
     for a network of 2-D points (the toy2d preset) a scatter plot, over the ``toy_target`` distribution
-    with the sliced W2 to it when that is named."""
+    with the sliced W2 to it when that is named. ``sample_fn``: :func:`imm.sample` or the network's
+    training method's sampler (``imm.methods.entry_sampler``)."""
     noise, labels = seeded_inputs(net, range(batch_size), seed)
     paths = []
     for name, kwargs in entries.items():
         g = torch.Generator(device=device).manual_seed(int(seed))
-        x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+        x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
         decoded = encoder.decode(x).cpu()
         path = out / f"{name}_samples.png"
         if decoded.dtype == torch.uint8:
@@ -163,10 +172,12 @@ def weights_digest(net) -> str:
     return h.hexdigest()
 
 
-def image_settings(net, digest: str, entry: dict, seed: int, encoder_cfg) -> dict:
+def image_settings(net, digest: str, entry: dict, seed: int, encoder_cfg, method: str = "imm") -> dict:
     """What the images of one sampling entry depend on, as plain JSON data."""
     settings = {"weights_sha256": digest, "network": net.config, "seed": int(seed), "sampling": entry,
                 "encoder": encoder_cfg, "labels": LABELS_RULE}
+    if method != "imm":  # (IMM's settings files stay as they were)
+        settings["method"] = method
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
@@ -225,15 +236,17 @@ def _readable(path: Path) -> bool:
 
 
 def generate_images(net, encoder, entries: dict, out: Path, num_images: int, batch_size: int, seed: int,
-                    device, progress: bool = True, encoder_cfg=None) -> list[Path]:
-    """``num_images`` seeded images per entry, as PNGs and one ADM-style .npz per entry."""
+                    device, progress: bool = True, encoder_cfg=None, method: str = "imm") -> list[Path]:
+    """``num_images`` seeded images per entry, as PNGs and one ADM-style .npz per entry, sampled by the
+    sampler of the network's training ``method`` (``imm.methods.entry_sampler``)."""
+    sample_fn = methods.entry_sampler(method)
     rank, world = distributed.rank(), distributed.world_size()
     digest = weights_digest(net)
     npz_paths = []
     for name, kwargs in entries.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        claim_folder(folder, image_settings(net, digest, kwargs, seed, encoder_cfg))
+        claim_folder(folder, image_settings(net, digest, kwargs, seed, encoder_cfg, method))
         todo = [i for i in range(rank, num_images, world) if not _readable(folder / f"{i:06d}.png")]
         batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
         bar = tqdm(batches, desc=name, unit="batch", disable=not (progress and distributed.is_main()))
@@ -241,7 +254,7 @@ def generate_images(net, encoder, entries: dict, out: Path, num_images: int, bat
             threads.tick()
             noise, labels = seeded_inputs(net, indices, seed)
             g = torch.Generator(device=device).manual_seed(int(seed) + indices[0])
-            x = sample(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+            x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
             for i, img in zip(indices, to_hwc(encoder.decode(x).cpu())):
                 tmp = folder / f".{i:06d}.png.tmp"
                 save_png(img, tmp)
@@ -287,6 +300,7 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
         all_entries = {e: all_entries[e] for e in entries}
     batch_size = int(eval_cfg.get("batch_size") or 64)
     seed = int(eval_cfg.get("seed") or 0)
+    method = training_method(cfg)
     net = network_from_config(cfg, checkpoint, network_overrides, device)
     encoder = build_encoder(cfg.get("encoder"))
     check_fits(net, encoder, all_entries, source)
@@ -296,8 +310,9 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
     if num_images is None:
         dataset = cfg.get("dataset") or {}
         toy_target = dataset.get("name") if dataset.get("kind") == "toy2d" else None
-        return generate_grids(net, encoder, all_entries, out, batch_size, seed, device, toy_target)
+        return generate_grids(net, encoder, all_entries, out, batch_size, seed, device, toy_target,
+                              methods.entry_sampler(method))
     if num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     return generate_images(net, encoder, all_entries, out, num_images, batch_size, seed, device, progress,
-                           cfg.get("encoder"))
+                           cfg.get("encoder"), method)

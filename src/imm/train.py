@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, phema, threads
-from .baselines import LOSSES, build_loss, generate
+from . import distributed, methods, phema, threads
 from .checkpoint import (
     CheckpointError,
     atomic_write,
@@ -49,6 +48,7 @@ from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
 from .errors import StateError
 from .images import save_grid
+from .methods import build_loss, generate
 from .networks import set_activation_checkpointing
 from .precond import IMMNetwork
 
@@ -150,11 +150,11 @@ def resolve_config(cfg: dict) -> dict:
         cfg[name] = {**copy.deepcopy(defaults), **given}
     given = dict(cfg.get("loss") or {})
     method = given.pop("method", "imm")
-    if method not in LOSSES:
-        raise ConfigError(f"loss.method must be one of {', '.join(LOSSES)}, got {method!r}")
-    loss_defaults = _init_defaults(LOSSES[method])
+    if method not in methods.METHODS:
+        raise ConfigError(f"loss.method must be one of {', '.join(methods.METHODS)}, got {method!r}")
+    loss_defaults = _init_defaults(methods.METHODS[method].loss)
     if method != "imm":  # a preset's IMM keys (group_size, k, a, b...) do not apply to a baseline
-        imm_only = set(_init_defaults(LOSSES["imm"])) - set(loss_defaults)
+        imm_only = set(_init_defaults(methods.METHODS["imm"].loss)) - set(loss_defaults)
         given = {k: v for k, v in given.items() if k not in imm_only}
     _check_keys("loss", given, loss_defaults)
     cfg["loss"] = {"method": method, **loss_defaults, **given}
