@@ -1,12 +1,6 @@
 """imm: Inductive Moment Matching (Zhou, Ermon, Song, ICML 2025) in PyTorch."""
 
-from .checkpoint import (
-           CheckpointError,
-           convert,
-           load_network,
-           read_checkpoint,
-           save_network,
-)
+from .checkpoint import CheckpointError, convert, load_network, read_checkpoint, save_network
 from .precond import IMMNetwork
 from .sampling import sample, time_grid
 

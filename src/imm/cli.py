@@ -213,15 +213,8 @@ def cmd_eval_fid(args) -> int:
 
 def _eval_fid(args) -> int:
     from . import distributed
-    from .evaluate import (
-        check_num_images,
-        evaluate_samples,
-        expand_checkpoints,
-        fid_sweep,
-        fid_vs_steps,
-        parse_steps,
-        row_metrics,
-    )
+    from .evaluate import (check_num_images, evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps,
+                           row_metrics)
 
     if (args.samples is None) == (args.checkpoint is None):
         raise InputError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")

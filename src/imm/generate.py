@@ -24,13 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, methods, threads
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    network_from_tensors,
-    read_checkpoint,
-    read_sampling_settings,
-)
+from .checkpoint import CheckpointError, atomic_write, network_from_tensors, read_checkpoint, read_sampling_settings
 from .config import ConfigError, apply_overrides, load_config
 from .encoders import build_encoder
 from .images import load_png, save_grid, save_png, save_scatter, to_hwc

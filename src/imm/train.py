@@ -34,13 +34,7 @@ import numpy as np
 import torch
 
 from . import distributed, methods, phema, threads
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    sampling_settings,
-    save_network,
-    save_weights,
-)
+from .checkpoint import CheckpointError, atomic_write, sampling_settings, save_network, save_weights
 from .config import ConfigError, did_you_mean
 from .data import build_dataset, make_loader, random_xflip
 from .encoders import build_encoder
@@ -283,10 +277,7 @@ def _step_of(path: Path) -> int:
 def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer,
                         phema_tracker: phema.PowerEMA | None = None) -> Path:
     """Write ``training-state-STEP.pt`` atomically; with ``phema_tracker`` its profiles go under ``phema``."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model_sd = _state_dict(net)
     ema_sd = {str(d): _state_dict(e) for d, e in emas.items()}
@@ -646,10 +637,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(net.parameters(), ocfg)
     if state is not None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         del state
