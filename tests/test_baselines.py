@@ -15,7 +15,7 @@ from imm import baselines as B
 from imm import methods
 from imm.config import ConfigError
 from imm.data import toy2d_sample
-from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
+from imm.metrics import mmd, mmd_self_term
 from imm.train import load_train_config, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -91,7 +91,8 @@ def entry_sampler(method: str) -> Callable:
     ``imm generate`` and ``imm eval fid``: IMM samples each entry as it is; another method takes the
     entry's step count (``num_steps``, or one more than its ``mid_nt`` points) on its own sampler's
     uniform grid."""
-    if get(method) is METHODS["imm"]:
+    get(method)  # a known method
+    if method == "imm":
         return sample
 
     def sample_entry(net, x_T, labels=None, *, generator=None, num_steps=None, mid_nt=None, cfg_scale=None,
