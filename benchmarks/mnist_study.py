@@ -112,7 +112,8 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
 def train_variant(out: Path, name: str, method: str, overrides: list[str], seed: int, imm_steps: int,
                   keep_all: bool, setup: list[str], checkpoint_every: int) -> Path:
     """Train (or resume, or find finished) one run; returns its run folder."""
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
     steps = method_steps(imm_steps, method)
@@ -133,9 +134,9 @@ def train_variant(out: Path, name: str, method: str, overrides: list[str], seed:
 def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int], num_images: int) -> list[dict]:
     """FID of the EMA at each budget's checkpoint and NFE, cached in RUN/fid-N.json."""
     import imm
-    from imm.methods import generate
     from imm.encoders import build_encoder
     from imm.evaluate import _load_inception, load_reference, network_fid
+    from imm.methods import generate
 
     cache_path = run_dir / f"fid-{num_images}.json"
     cache = load_rows(cache_path)

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 import imm
-from imm.methods import METHODS, generate
 from imm.data import toy2d_sample
+from imm.methods import METHODS, generate
 from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
-from imm.train import load_train_config, train
+from imm.train import train
+from imm.train_config import load_train_config
 
 NFES = {"imm": [1, 2, 4, 8], "consistency": [1, 2, 4, 8], "flow_matching": [1, 2, 4, 8, 16, 32]}
 TOY_TARGETS = ["gaussians8", "checkerboard", "spirals"]

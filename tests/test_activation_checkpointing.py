@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from imm import IMMNetwork
-from imm.methods import build_loss
 from imm.config import ConfigError
+from imm.methods import build_loss
 from imm.networks import set_activation_checkpointing
 from imm.networks.dit import DiTBlock
 from imm.networks.unet import UNetBlock

@@ -16,7 +16,8 @@ from imm import methods
 from imm.config import ConfigError
 from imm.data import toy2d_sample
 from imm.metrics import mmd, mmd_self_term
-from imm.train import load_train_config, train
+from imm.train import train
+from imm.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]

@@ -169,7 +169,8 @@ def test_generate_takes_its_settings_from_an_imm_train_checkpoint(tmp_path, caps
     """No --config: the encoder and sampling entries the trainer recorded; a config that does not fit the
     network is refused before any sampling, naming the one that does."""
     from imm.checkpoint import read_sampling_settings
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=1",
                                       "+dataset.max_size=64", "logging.progress=false", "logging.tensorboard=false",

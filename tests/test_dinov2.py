@@ -241,7 +241,8 @@ def test_training_logs_fd_dinov2(dino_dir, tmp_path, capsys):
     import csv
 
     from imm.evaluate import reference_statistics
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     ref = tmp_path / "ref.npz"
     with pytest.warns(UserWarning, match="32-d DINOv2 features"):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from imm.config import ConfigError, load_config
-from imm.encoders import (SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder, StandardRGBEncoder,
-                          build_encoder)
+from imm.encoders import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder, StandardRGBEncoder, build_encoder
 
 RELEASE_VAE_CFG = {
     "class_name": "training.encoders.StabilityVAEEncoder",
@@ -114,9 +113,9 @@ def test_build_encoder_errors_are_clear():
         build_encoder({"class_name": "training.encoders.FooEncoder"})
     with pytest.raises(ValueError, match="StandardRGBEncoder, StabilityVAEEncoder"):
         build_encoder({"class_name": "other.module.StandardRGBEncoder"})
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['vae_nme'\] for encoder StabilityVAEEncoder"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'encoder.vae_nme' for StabilityVAEEncoder; did you mean 'encoder.vae_name'"):
         build_encoder({"class_name": "StabilityVAEEncoder", "vae_nme": "x"})
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown config key 'encoder.final_std' for StandardRGBEncoder"):
         build_encoder({"class_name": "StandardRGBEncoder", "final_std": 0.5})
     with pytest.raises(ConfigError, match="needs a class_name"):
         build_encoder({"vae_name": "x"})

@@ -98,7 +98,8 @@ def test_fid_of_own_images_is_zero_and_of_others_positive(ref, digits, tmp_path,
 
 @needs_inception
 def test_fid_vs_steps_from_checkpoint(ref, tmp_path, capsys):
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     cfg = load_train_config("mnist", [
         "network.model_channels=8", "training.batch_size=8", "training.total_steps=2", "logging.progress=false",
@@ -223,7 +224,8 @@ def test_eval_help(capsys):
 
 
 def test_training_logs_fid_every_n_steps(tmp_path):
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     ref = tmp_path / "ref.npz"
     assert main(["eval", "ref", "--data", "mnist", "--max-images", "8", "--out", str(ref), "--no-progress"]) == 0

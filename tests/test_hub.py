@@ -103,7 +103,8 @@ def test_cli_info_reads_hub_paths_with_hf_home(hub_cache):
 
 
 def test_init_from_takes_a_hub_path(hub_cache, tmp_path):
-    from imm.train import load_train_config, train, warm_start
+    from imm.train import train, warm_start
+    from imm.train_config import load_train_config
 
     cfg = load_train_config("toy2d", ["training.total_steps=1", "logging.progress=false", "logging.tensorboard=false"])
     trained = train(cfg, tmp_path / "run", device="cpu")

@@ -9,7 +9,8 @@ import torch
 import imm
 from imm import loss as L
 from imm.checkpoint import CheckpointError, save_network
-from imm.train import load_train_config, train, warm_start
+from imm.train import train, warm_start
+from imm.train_config import load_train_config
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.checkpoint_every=1000", "logging.sample_steps=[]"]

@@ -11,17 +11,12 @@ import torch
 
 import imm
 from imm import phema
-from imm.checkpoint import read_checkpoint
+from imm.checkpoint import load_latest_state, read_checkpoint
 from imm.cli import main
 from imm.config import ConfigError
-from imm.train import (
-    TrainingError,
-    load_latest_state,
-    load_train_config,
-    phema_snapshots,
-    reconstruct_run,
-    train,
-)
+from imm.phema_files import phema_snapshots, reconstruct_run
+from imm.train import TrainingError, train
+from imm.train_config import load_train_config
 
 TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
         "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
@@ -232,7 +227,7 @@ def test_eval_fid_sweeps_reconstructed_emas_and_plots_against_the_width(tmp_path
     import csv
 
     from imm.evaluate import expand_checkpoints, reference_statistics
-    from imm.train import load_train_config
+    from imm.train_config import load_train_config
 
     dino = tiny_dinov2_dir
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=4",

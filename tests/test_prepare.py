@@ -300,7 +300,8 @@ def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
 def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_dir):
     """PNG zip -> latents with 2 gloo processes -> a few steps of a tiny DiT (imagenet256-dit-s preset)."""
     import imm
-    from imm.train import load_train_config, train
+    from imm.train import train
+    from imm.train_config import load_train_config
 
     lat = tmp_path / "latents.zip"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

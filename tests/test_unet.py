@@ -291,3 +291,35 @@ def test_constructor_kwargs():
         SongUNet(**TINY, encoder_type="fancy")
     with pytest.raises(ValueError, match="decoder_type"):
         SongUNet(**TINY, decoder_type="residual")
+
+
+def test_the_release_style_reference_of_benchmarks_forward_computes_the_same_networks():
+    """benchmarks/forward.py times ours against the release's way of computing the networks (in-place
+    residual sums and einsum attention for DDPM++, timm's attention and the einsum unpatchify for DiT):
+    that comparison means something only if both compute the same function with the same weights."""
+    import importlib.util
+
+    from imm.precond import IMMNetwork
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forward.py"
+    spec = importlib.util.spec_from_file_location("forward_benchmark", path)
+    forward = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forward)
+    unet = dict(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
+                channel_mult=[1, 2], attn_resolutions=[4], num_blocks=1, embedding_type="positional",
+                encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])
+    dit = dict(img_resolution=8, img_channels=4, label_dim=10, model_type="DiT", depth=2, hidden_size=64,
+               num_heads=4, patch_size=2, s_embed=True, temb_type="stride", f_type="euler_fm")
+    for cfg in (unet, dit):
+        torch.manual_seed(0)
+        net = IMMNetwork(**cfg).eval()
+        for p in net.parameters():  # the zero-initialised output layers would hide differences
+            torch.nn.init.normal_(p, std=0.2)
+        ref = forward.release_style(net)
+        assert any("forward" in vars(m) for m in ref.modules())  # the release's block forwards are in use
+        x, t, s, labels = forward._inputs(net, 3, torch.device("cpu"))
+        cfg_scale = 1.5 if labels is not None else None
+        with torch.no_grad():
+            ours, theirs = net(x, t, s, labels, cfg_scale=cfg_scale), ref(x, t, s, labels, cfg_scale=cfg_scale)
+        assert ours.abs().max() > 1e-3
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -70,6 +70,9 @@ class FlowMatchingLoss:
         self.time_sampling = time_sampling
         self.label_dropout = float(label_dropout)
 
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """No schedule over training (part of the loss protocol, imm.methods.TrainingLoss)."""
+
     def __call__(self, net, images, labels=None, target_net=None, generator=None):
         meta = _unwrap(target_net if target_net is not None else net)
         batch, device = images.shape[0], images.device

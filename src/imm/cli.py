@@ -75,7 +75,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import load_train_config, train
+    from .train import train
+    from .train_config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
@@ -94,7 +95,8 @@ DEMO_FID_STEPS = [1, 2, 4]
 def cmd_demo(args) -> int:
     from . import distributed
     from .config import ConfigError
-    from .train import load_train_config, train
+    from .train import train
+    from .train_config import load_train_config
 
     cfg = load_train_config("mnist", args.overrides)
     if args.fid_images < 0 or args.fid_images == 1:
@@ -213,8 +215,15 @@ def cmd_eval_fid(args) -> int:
 
 def _eval_fid(args) -> int:
     from . import distributed
-    from .evaluate import (check_num_images, evaluate_samples, expand_checkpoints, fid_sweep, fid_vs_steps, parse_steps,
-                           row_metrics)
+    from .evaluate import (
+        check_num_images,
+        evaluate_samples,
+        expand_checkpoints,
+        fid_sweep,
+        fid_vs_steps,
+        parse_steps,
+        row_metrics,
+    )
 
     if (args.samples is None) == (args.checkpoint is None):
         raise InputError("give exactly one of --samples DIR|NPZ or --checkpoint CKPT")
@@ -511,7 +520,7 @@ EXAMPLES_EMA = """examples:
 
 def cmd_ema_reconstruct(args) -> int:
     from .config import ConfigError
-    from .train import reconstruct_run
+    from .phema_files import reconstruct_run
 
     try:
         sigma_rels = [float(s) for s in args.sigma_rel.split(",")]

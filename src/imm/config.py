@@ -5,14 +5,22 @@ A config may start with ``base: NAME`` (a preset or file) to extend it section b
 Overrides use the release's (hydra's) spelling: ``eval.batch_size=16``, ``network.temb_type=identity``,
 ``+new.key=1`` to add a key the config does not have yet. Values are parsed as YAML
 (``mid_nt=[1.4]``, ``cfg_scale=null``). A key that does not exist (without ``+``) is an error naming
-the nearest valid key. ``network.*`` keys are always accepted: they are network constructor
-arguments, checked when the network is built.
+the nearest valid key. Keys of the sections a builder checks (``network.*`` for every caller, and
+the trainer's sections for ``imm train``: ``open_sections``) are accepted here and checked against their
+declaration when the config is resolved or the piece is built.
+
+One rule declares and checks every section: a section's keys and defaults are the fields of a
+dataclass or the keyword parameters of the constructor that takes them (:func:`declared_keys`), and
+:func:`fill_section` fills the defaults in and refuses any other key, naming the nearest declared one
+(:func:`check_keys`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import inspect
 from importlib import resources
 from pathlib import Path
 
@@ -81,8 +89,9 @@ def _all_keys(cfg: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring)."""
+def apply_overrides(cfg: dict, overrides: list[str], open_sections=OPEN_SECTIONS) -> dict:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring); keys under
+    ``open_sections`` need not exist yet (their builder checks them)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
@@ -95,7 +104,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         value = parse_value(text)
         parts = key.split(".")
         node = cfg
-        open_section = parts[0] in OPEN_SECTIONS
+        open_section = parts[0] in open_sections
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
                 if part in node and node[part] is not None and not add:
@@ -133,3 +142,36 @@ def did_you_mean(key: str, candidates, prefix: str = "") -> str:
 
 def _unknown(key: str, cfg: dict) -> str:
     return f"unknown config key {key!r}{did_you_mean(key, _all_keys(cfg))} (prefix it with + to add a new key)"
+
+
+REQUIRED = inspect.Parameter.empty  # the default of a declared key that has none
+
+
+def declared_keys(source) -> dict:
+    """The keys a config section may hold and their defaults (:data:`REQUIRED` when there is none): the
+    fields of a dataclass, or the keyword parameters of a class's constructor or of a function."""
+    if dataclasses.is_dataclass(source):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
+                for f in dataclasses.fields(source)}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p.default for n, p in inspect.signature(source).parameters.items() if p.kind in kinds}
+
+
+def check_keys(section: str, given, allowed, context: str = "") -> None:
+    """A ConfigError naming the first key of ``given`` that is not in ``allowed`` (``section.key``; a
+    top-level key when ``section`` is empty), what ``context`` says (``" for kind 'npz'"``) and the
+    nearest allowed key."""
+    allowed = list(allowed)
+    prefix = f"{section}." if section else ""
+    for key in given:
+        if key not in allowed:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{context}{did_you_mean(str(key), allowed, prefix)}")
+
+
+def fill_section(section: str, given, source, context: str = "") -> dict:
+    """``given`` (a mapping or None) checked against what ``source`` declares, with its defaults filled in."""
+    given = dict(given or {})
+    declared = declared_keys(source)
+    check_keys(section, given, declared, context)
+    return {**{k: copy.deepcopy(v) for k, v in declared.items() if v is not REQUIRED}, **given}

@@ -43,3 +43,15 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """A full, CPU state_dict (gathers FSDP2 shards)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in module.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        out[k] = v.detach().to("cpu").clone()
+    return out

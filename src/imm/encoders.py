@@ -51,7 +51,6 @@ first loaded. Nothing here does I/O except that loading.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 
 from . import hub
-from .config import ConfigError
+from .config import ConfigError, check_keys, declared_keys
 from .errors import InputError, MissingError, MissingPackageError, StateError
 
 __all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEncoder", "build_encoder", "ENCODER_CLASSES"]
@@ -428,11 +427,7 @@ def build_encoder(cfg: Mapping | Encoder | None = None) -> Encoder:
         known = ", ".join(ENCODER_CLASSES)
         raise ConfigError(f"unknown encoder class_name {name!r}; expected one of {known} "
                           "(optionally prefixed with 'training.encoders.' or 'imm.encoders.')")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        allowed = ", ".join(accepted) if accepted else "none"
-        raise ConfigError(f"unknown key(s) {unknown} for encoder {short}; it accepts: {allowed}")
+    check_keys("encoder", kwargs, declared_keys(cls), f" for {short}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -26,13 +26,15 @@ class TrainingLoss(Protocol):
     for losses without groups). Calling it with ``(net, x, labels, target_net=..., generator=...)``
     returns the scalar loss to minimise and a dict of per-group tensors with at least ``loss`` [G],
     ``t`` [G] (the time of each group, for the loss-per-t log) and ``nonfinite`` (number of dropped
-    groups). A loss with a schedule over training also has ``set_progress(step, total_steps)``, which the
-    trainer calls before every step.
+    groups). ``set_progress(step, total_steps)`` is called before every step: a loss with a schedule over
+    training (iCT's N(k) curriculum, IMM's gap annealing) sets it there, the others do nothing.
     """
 
     group_size: int
 
     def __call__(self, net, x: torch.Tensor, labels, *, target_net, generator) -> tuple[torch.Tensor, dict]: ...
+
+    def set_progress(self, step: int, total_steps: int) -> None: ...
 
 
 def _pushforward(net, x_T, labels=None, *, nfe, solver="euler", cfg_scale=None, generator=None):

@@ -1,4 +1,5 @@
-"""Post-hoc EMA: power-function EMA profiles and their least-squares recombination after training.
+"""EMA of the weights: the trainer's fixed-decay EMAs (:func:`update_ema`, :func:`ema_decay`) and post-hoc
+EMA, power-function EMA profiles and their least-squares recombination after training.
 
 From Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2, CVPR 2024),
 Sec. 3 ("Post-hoc EMA") and Appendix C; written from the paper's equations. Notation as there:
@@ -28,6 +29,21 @@ import numpy as np
 import torch
 
 from .errors import InputError
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net for the parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    net_params = [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """The EMA decay at ``step``; with warm-up, min(decay, (1 + step) / (10 + step)) so early EMAs track."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its maximum at gamma = (sqrt(5) - 3) / 2 (the root of
 # d log sigma_rel / d gamma = 0, i.e. gamma^2 + 3 gamma + 1 = 0), then falls towards 0 as gamma grows.
@@ -111,7 +127,7 @@ def reconstruction_weights(steps, gammas, sigma_rel: float, step: int | None = N
 class PowerEMA:
     """One power-function EMA of a network per relative width in ``sigma_rels`` (EDM2, Sec. 3), kept next to
     the trainer's classic EMAs. :meth:`update` after every optimizer step; parameters are averaged, buffers
-    copied, as :func:`imm.train.update_ema` does for the classic ones."""
+    copied, as :func:`update_ema` does for the classic ones."""
 
     def __init__(self, net: torch.nn.Module, sigma_rels):
         self.sigma_rels = [float(s) for s in sigma_rels]
@@ -122,16 +138,14 @@ class PowerEMA:
 
     def update(self, net: torch.nn.Module, step: int) -> None:
         """Fold in ``net``'s weights after optimizer step ``step`` (1 for the first): decay power_beta(step, gamma)."""
-        from .train import update_ema
-
         for ema, gamma in zip(self.emas.values(), self.gammas):
             update_ema(ema, net, power_beta(step, gamma))
 
     def state_dict(self) -> dict:
         """{'sigma_rels': [...], 'emas': {repr(sigma_rel): full CPU state_dict}} (FSDP2 shards gathered)."""
-        from .train import _state_dict
+        from .distributed import full_state_dict
 
-        return {"sigma_rels": list(self.sigma_rels), "emas": {repr(s): _state_dict(e) for s, e in self.emas.items()}}
+        return {"sigma_rels": list(self.sigma_rels), "emas": {repr(s): full_state_dict(e) for s, e in self.emas.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the profiles of :meth:`state_dict`; the widths must be the same ones (ValueError otherwise)."""

@@ -385,8 +385,8 @@ def _open_dataset(source, config):
 
     cfg = load_config(config) if config else {}
     section = cfg.get("dataset") or {}
-    if source is None and not section.get("path") and section.get("kind") not in ("mnist", "toy2d"):
-        raise InputError("give --source PATH (or a --config whose dataset has a path)")
+    if source is None and not section:
+        raise InputError("give --source PATH (or a --config with a dataset section)")
     return open_dataset(source, section), cfg
 
 

@@ -1,6 +1,6 @@
 """What ``imm train`` writes besides checkpoints: ``metrics.jsonl``, TensorBoard and W&B logs
 (:class:`Logger`), the running sums behind each log line (:class:`StepWindow`, with the loss per t-bin of
-:data:`T_BINS`), sample grids and toy scatter plots of the EMA (:func:`sample_grids`) and the periodic
+:data:`T_BINS`), sample grids and toy scatter plots of the EMA (:class:`SampleGrids`) and the periodic
 small-N FID (:class:`PeriodicFID`). The loop itself is ``imm.train.train``.
 """
 
@@ -43,14 +43,14 @@ def logged_step(line: str) -> float:
 class Logger:
     """metrics.jsonl, TensorBoard (and W&B when asked and installed) on the main process."""
 
-    def __init__(self, run_dir: Path, cfg: dict, start_step: int):
+    def __init__(self, run_dir: Path, log: dict, start_step: int, run_config: dict | None = None):
+        """``log``: the config's logging section; ``run_config``: the whole config, which W&B records."""
         self.enabled = distributed.is_main()
         self.tb = self.wandb = None
         if not self.enabled:
             return
         drop_metrics_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        log = cfg["logging"]
         if log["tensorboard"]:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,7 +62,7 @@ class Logger:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project="imm", dir=str(run_dir), config=cfg, resume="allow")
+                self.wandb = wandb.init(project="imm", dir=str(run_dir), config=run_config, resume="allow")
             except ImportError:
                 print("imm train: wandb is not installed; logging.wandb ignored")
 
@@ -93,44 +93,53 @@ class Logger:
                 self.wandb.finish()
 
 
-@torch.no_grad()
-def sample_grids(ema, encoder, cfg: dict, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
-    """EMA samples at each of ``logging.sample_steps`` (uniform grid, the loss.method's own sampler), as PNG grids."""
-    log = cfg["logging"]
-    n = int(log["sample_count"])
-    g = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
-    x_T = torch.randn(n, ema.img_channels, ema.img_resolution, ema.img_resolution, generator=g) * ema.sigma_data
-    labels = torch.arange(n) % ema.label_dim if ema.label_dim else None
-    paths, points = [], {}
-    was_training = ema.training
-    ema.eval()
-    for steps in log["sample_steps"]:
-        x = generate(ema, x_T.to(device), None if labels is None else labels.to(device),
-                     method=cfg["loss"]["method"], nfe=int(steps))
-        images = encoder.decode(x).cpu()
-        if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: the scatter plot below
-            points[int(steps)] = images.reshape(n, -1).float()
-            continue
-        path = run_dir / "samples" / f"step{step:08d}_{steps}step.png"
-        save_grid(images, path)
-        logger.image(step, f"samples/{steps}step", images)
-        paths.append(path)
-    ema.train(was_training)
-    if points and cfg["dataset"].get("kind") == "toy2d" and distributed.is_main():
-        paths.append(toy_scatter(points, cfg, run_dir / "samples" / f"step{step:08d}_scatter.png", step, logger))
-    return paths
+class SampleGrids:
+    """EMA samples at each of ``logging.sample_steps`` (uniform grid, the ``loss.method``'s own sampler) as
+    PNG grids, from the same ``logging.sample_count`` noises (seeded by ``training.seed``) every time; for a
+    toy 2-D target (``toy2d``: its name) one scatter plot of them instead (:func:`toy_scatter`)."""
+
+    def __init__(self, log: dict, seed: int, method: str, toy2d: str | None = None):
+        self.steps, self.count = [int(n) for n in log["sample_steps"]], int(log["sample_count"])
+        self.seed, self.method, self.toy2d = int(seed), method, toy2d
+
+    @torch.no_grad()
+    def __call__(self, ema, encoder, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
+        n = self.count
+        g = torch.Generator().manual_seed(self.seed)
+        x_T = torch.randn(n, ema.img_channels, ema.img_resolution, ema.img_resolution, generator=g) * ema.sigma_data
+        labels = torch.arange(n) % ema.label_dim if ema.label_dim else None
+        paths, points = [], {}
+        was_training = ema.training
+        ema.eval()
+        for steps in self.steps:
+            x = generate(ema, x_T.to(device), None if labels is None else labels.to(device), method=self.method,
+                         nfe=steps)
+            images = encoder.decode(x).cpu()
+            if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: the scatter plot below
+                points[steps] = images.reshape(n, -1).float()
+                continue
+            path = run_dir / "samples" / f"step{step:08d}_{steps}step.png"
+            save_grid(images, path)
+            logger.image(step, f"samples/{steps}step", images)
+            paths.append(path)
+        ema.train(was_training)
+        if points and self.toy2d and distributed.is_main():
+            paths.append(toy_scatter(points, self.toy2d, run_dir / "samples" / f"step{step:08d}_scatter.png", step,
+                                     logger))
+        return paths
 
 
-def toy_scatter(points: dict, cfg: dict, path: Path, step: int, logger) -> Path:
-    """Toy 2-D runs: the samples of each step count over points of the target, in one figure, with the
-    sliced W2 of each against the target (``imm.metrics.toy2d_sliced_w2``), logged as ``sw2/{n}step`` and printed."""
+def toy_scatter(points: dict, toy2d: str, path: Path, step: int, logger) -> Path:
+    """Toy 2-D runs: the samples of each step count over points of the target ``toy2d``, in one figure, with
+    the sliced W2 of each against the target (``imm.metrics.toy2d_sliced_w2``), logged as ``sw2/{n}step``
+    and printed."""
     from .images import save_scatter
     from .metrics import toy2d_sliced_w2
 
-    sw2, target = toy2d_sliced_w2(points, cfg["dataset"]["name"])
+    sw2, target = toy2d_sliced_w2(points, toy2d)
     save_scatter({f"{k} step{'s' * (k > 1)}: sliced W2 {sw2[k]:.3f}": x for k, x in points.items()}, path, target)
     logger.scalars(step, {f"sw2/{k}step": v for k, v in sw2.items()})
-    print(f"imm train: {cfg['dataset']['name']} samples, sliced W2 to the target: "
+    print(f"imm train: {toy2d} samples, sliced W2 to the target: "
           + ", ".join(f"{k} step{'s' * (k > 1)} {v:.3f}" for k, v in sw2.items()) + f" ({path})")
     return path
 
@@ -141,16 +150,16 @@ class PeriodicFID:
     logged as ``fid/{n}step``; with ``logging.fid_metrics=[fid,fd_dinov2]`` also FD_DINOv2 (DINOv2 model
     ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``."""
 
-    def __init__(self, cfg: dict, device):
+    def __init__(self, log: dict, seed: int, device):
+        """``log``: the config's logging section; ``seed``: the first sample's seed (``training.seed``)."""
         from .evaluate import load_reference, metric_networks, parse_metrics
 
-        log = cfg["logging"]
         metrics = parse_metrics(log["fid_metrics"], "logging.fid_metrics")
         refs = {m: load_reference(log["fid_ref"], m) for m in metrics}  # fails at start when missing or malformed
         self.sets = metric_networks(log["fid_ref"], refs, device, dinov2=log["fid_dinov2"])
         self.entries = {f"{n}step": dict(sampler="pushforward", num_steps=int(n), discretization="uniform")
                         for n in log["fid_steps"]}
-        self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(cfg["training"]["seed"]), device
+        self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(seed), device
 
     def __call__(self, ema, encoder, step: int, logger) -> None:
         import warnings

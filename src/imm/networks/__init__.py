@@ -4,12 +4,11 @@ and a small MLP (``mlp.py``) for toy 2-D data."""
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..config import did_you_mean
+from ..config import check_keys, declared_keys
 from ..errors import InputError
 
 # model_type (as the release's configs spell it) -> (module, constructor)
@@ -24,8 +23,7 @@ def backbone_keys(model_type: str) -> frozenset[str]:
     """The keyword arguments the backbone ``model_type`` declares (the DiT_{S,B,L,XL}_{2,4,8} sizes: DiT's)."""
     module, name = _backbone(model_type)
     constructor = getattr(importlib.import_module(f"{__name__}.{module}"), "DiT" if name.startswith("DiT_") else name)
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(n for n, p in inspect.signature(constructor).parameters.items() if p.kind in kinds)
+    return frozenset(declared_keys(constructor))
 
 
 def _backbone(model_type: str) -> tuple[str, str]:
@@ -38,13 +36,9 @@ def build_backbone(model_type: str, **kwargs):
     """Construct the backbone the release calls ``model_type`` with its constructor kwargs. Every backbone
     declares what ``IMMNetwork`` passes it (``img_resolution``, ``img_channels``, ``in_channels``,
     ``out_channels``, ``label_dim``); any key it does not declare (a typo in ``network.*``, which the
-    release's backbones ignore) is a ValueError naming the nearest declared one."""
+    release's backbones ignore) is a ConfigError (a ValueError) naming the nearest declared one."""
     module, name = _backbone(model_type)
-    declared = backbone_keys(model_type)
-    for key in kwargs:
-        if key not in declared:
-            raise InputError(f"unknown network key {key!r} for model_type {model_type}"
-                             f"{did_you_mean(key, declared, 'network.')}")
+    check_keys("network", kwargs, backbone_keys(model_type), f" for model_type {model_type}")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)(**kwargs)
 
 
