@@ -258,10 +258,14 @@ def crossing(summary: list[dict], ours: tuple[str, int], theirs: tuple[str, int]
     if sa >= sb:
         return (f"{name}: higher at every budget measured, and not closing (log-log slopes {sa:.2f} vs {sb:.2f} "
                 f"over the last {fit_points} budgets)")
-    x = math.exp((ib - ia) / (sa - sb))
-    return (f"{name}: higher at every budget measured; log-log lines through the last {fit_points} budgets "
-            f"(slopes {sa:.2f} vs {sb:.2f}) cross near budget {x:,.0f} IMM steps ({x / common[-1]:.0f}x the largest "
-            "measured), an extrapolation")
+    log_x = (ib - ia) / (sa - sb)
+    fitted = f"log-log lines through the last {fit_points} budgets (slopes {sa:.2f} vs {sb:.2f})"
+    if log_x > math.log(1e4 * common[-1]):
+        return f"{name}: higher at every budget measured; {fitted} cross beyond 10,000x the largest measured"
+    x = math.exp(log_x)
+    ratio = x / common[-1]
+    return (f"{name}: higher at every budget measured; {fitted} cross near budget {x:,.0f} IMM steps "
+            f"({ratio:.{1 if ratio < 10 else 0}f}x the largest measured), an extrapolation")
 
 
 def ranked_table(summary: list[dict], nfes: list[int]) -> str:

@@ -14,10 +14,11 @@ Checkpoints (``RUN/checkpoints/training-state-STEP.pt``, their format in :mod:`i
 the online network, every EMA, the optimizer, the step and the config; they are written atomically and
 the last ``keep_last`` good ones are kept (:func:`imm.checkpoint.rotate_checkpoints`). Restarting the
 same command resumes from the latest readable one (:func:`resume_state`); a run stopped by non-finite
-steps writes none (:func:`_diverged`). The configuration's sections are declared and resolved in
-:mod:`imm.train_config`, the logs, sample grids and periodic FID written by :mod:`imm.train_log`.
-``imm.load_network`` reads them (the first EMA), and the final EMA is also written as
-``RUN/network.safetensors``.
+steps writes none (:func:`_diverged`). ``imm.load_network`` reads them (the first EMA), and the final
+EMA is also written as ``RUN/network.safetensors``.
+
+The configuration's sections are declared and resolved in :mod:`imm.train_config`; the logs, sample
+grids and periodic FID are written by :mod:`imm.train_log`.
 """
 
 from __future__ import annotations
