@@ -194,3 +194,24 @@ def test_mnist_study_quick_modes(tmp_path):
     assert mnist_study.main(["levers", "--quick", "--out", str(out), "--cached-only"]) == 0
     assert {r["variant"] for r in json.loads((out / "levers.json").read_text())["rows"]} == {
         "imm", "flow_matching", "FM 50% then IMM, euler_fm"}  # the budget curve's IMM run serves the lever table
+
+
+def test_mnist_study_crossing_reads_trends_without_overflow():
+    """The budget table's crossing lines: a measured crossing, an extrapolated one, one too far out to name
+    (nearly parallel lines used to overflow math.exp) and lines that are not closing."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mnist_study
+
+    def rows(variant, fids):
+        return [{"variant": variant, "nfe": 2, "budget": b, "fid": f} for b, f in zip((100, 200, 400), fids)]
+
+    def cross(ours, theirs):
+        return mnist_study.crossing(rows("a", ours) + rows("b", theirs), ("a", 2), ("b", 2))
+
+    assert "lower from budget 200 on" in cross([90, 70, 50], [80, 75, 70])
+    assert "cross near budget 1,600 IMM steps (4.0x the largest measured)" in cross([160, 80, 40], [40, 40 / 2**0.5, 20])
+    assert "cross beyond 10,000x the largest measured" in cross([100, 50, 25], [1e-9, 0.5e-9, 0.25e-9 * 1.001])
+    assert "not closing" in cross([100, 90, 80], [50, 40, 30])
