@@ -92,6 +92,13 @@ LEVERS = {  # "imm" and "flow_matching" are the budget curve's runs, read at the
     "FM 50% then IMM, simple_edm": ("imm", [], 0.5),
     "anneal k 1->3": ("imm", ["loss.k_start=1", "loss.k=3"]),
     "anneal k 2->4": ("imm", ["loss.k_start=2", "loss.k=4"]),
+    # the ablation's winners at this budget, combined (2-NFE: M=1 and M=2, euler_fm; 1-NFE: lognormal t>=0.5)
+    "M=1, euler_fm, lognormal t>=0.5": ("imm", ["loss.group_size=1", "network.f_type=euler_fm",
+                                                "loss.time_sampling=lognormal_authors"]),
+    "M=2, euler_fm, lognormal t>=0.5": ("imm", ["loss.group_size=2", "network.f_type=euler_fm",
+                                                "loss.time_sampling=lognormal_authors"]),
+    "M=1, euler_fm": ("imm", ["loss.group_size=1", "network.f_type=euler_fm"]),
+    "M=2, euler_fm": ("imm", ["loss.group_size=2", "network.f_type=euler_fm"]),
 }
 
 
