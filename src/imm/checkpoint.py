@@ -503,9 +503,7 @@ def load_latest_state(run_dir: Path):
     """The newest readable training state (an unreadable newest one falls back to the one before)."""
     for path in reversed(checkpoint_paths(run_dir)):
         try:
-            state = read_training_state(path)
-            if isinstance(state, dict) and state.get("format") == TRAINING_STATE_FORMAT:
-                return path, state
+            return path, read_training_state(path)  # refuses anything but a training state
         except Exception as e:  # noqa: BLE001 - a torn or corrupt file: try the previous one
             if distributed.is_main():
                 print(f"imm train: skipping unreadable checkpoint {path.name} ({type(e).__name__})")

@@ -54,8 +54,6 @@ Formats
   shuffled once with a fixed seed.
 * :class:`Toy2DDataset` -- 2-D point clouds (``gaussians8``, ``checkerboard``, ``spirals``,
   ``rings``) as float32 ``[2, 1, 1]`` items, mean 0 and unit standard deviation per coordinate.
-
-The sampler and loader that feed these to the trainer are in :mod:`imm.loader`.
 """
 
 from __future__ import annotations
@@ -722,6 +720,10 @@ _KIND_ALIASES = {"dir": "folder", "directory": "folder", "image_folder": "folder
                  "toy": "toy2d", "2d": "toy2d"}
 _CLASS_NAMES = {"ImageFolderDataset": None, "NpzDataset": "npz", "MNISTDataset": "mnist",
                 "Toy2DDataset": "toy2d"}
+_KIND_CLASSES = {"folder": ImageFolderDataset, "zip": ImageFolderDataset, "npz": NpzDataset, "mnist": MNISTDataset,
+                 "toy2d": Toy2DDataset}  # the constructor whose keyword parameters are the kind's dataset keys
+
+
 def _infer_kind(path) -> str:
     if path is None:
         raise ConfigError(f"the dataset config needs a kind ({', '.join(DATASET_KINDS)}) or a path")
@@ -788,10 +790,8 @@ def build_dataset(cfg: Mapping | RawDataset) -> RawDataset:
     kind = _KIND_ALIASES.get(str(kind).lower(), str(kind).lower())
     if kind not in DATASET_KINDS:
         raise ConfigError(f"unknown dataset kind {cfg.get('kind')!r}; expected one of {', '.join(DATASET_KINDS)}")
-    cls = {"folder": ImageFolderDataset, "zip": ImageFolderDataset, "npz": NpzDataset, "mnist": MNISTDataset,
-           "toy2d": Toy2DDataset}[kind]
     extra = ("resolution",) if kind == "toy2d" else ()  # accepted for a uniform config; must be 1
-    check_keys("dataset", kwargs, [*declared_keys(cls), *extra], f" for kind {kind!r}")
+    check_keys("dataset", kwargs, [*declared_keys(_KIND_CLASSES[kind]), *extra], f" for kind {kind!r}")
 
     if kind in ("folder", "zip"):
         if "path" not in kwargs:

@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from .distributed import full_state_dict
 from .errors import InputError
 
 
@@ -44,6 +45,7 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 def ema_decay(decay: float, step: int, warmup: bool) -> float:
     """The EMA decay at ``step``; with warm-up, min(decay, (1 + step) / (10 + step)) so early EMAs track."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its maximum at gamma = (sqrt(5) - 3) / 2 (the root of
 # d log sigma_rel / d gamma = 0, i.e. gamma^2 + 3 gamma + 1 = 0), then falls towards 0 as gamma grows.
@@ -143,8 +145,6 @@ class PowerEMA:
 
     def state_dict(self) -> dict:
         """{'sigma_rels': [...], 'emas': {repr(sigma_rel): full CPU state_dict}} (FSDP2 shards gathered)."""
-        from .distributed import full_state_dict
-
         return {"sigma_rels": list(self.sigma_rels), "emas": {repr(s): full_state_dict(e) for s, e in self.emas.items()}}
 
     def load_state_dict(self, state: dict) -> None:
