@@ -162,7 +162,10 @@ def frechet_distance_to_features(feats, mu_ref, sigma_ref, mu=None, sigma=None) 
     a = (feats.astype(np.float64) - mu) / np.sqrt(feats.shape[0] - 1)
     small = a @ sigma_ref @ a.T
     eig = np.linalg.eigvalsh((small + small.T) / 2)
-    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
+    # Eigenvalues under numpy.linalg.matrix_rank's round-off bound are zeros (their square roots, ~1e-9,
+    # would not cancel when the two sets are the same).
+    eig[eig <= max(eig.max(), 0.0) * small.shape[0] * np.finfo(np.float64).eps] = 0.0
+    tr_covmean = float(np.sqrt(eig).sum())
     diff = mu - mu_ref
     return float(diff @ diff + np.trace(sigma) + np.trace(sigma_ref) - 2 * tr_covmean)
 
