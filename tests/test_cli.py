@@ -1,6 +1,7 @@
 """The `imm` command: help, generate (grids, seeded images, torchrun), convert, info, errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +33,10 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run(["imm", "--help"], capture_output=True, text=True)
+    # the script pip wrote beside the interpreter running the tests (its environment need not be on PATH)
+    script = shutil.which("imm", path=os.path.dirname(sys.executable))
+    assert script is not None, f"no `imm` script beside {sys.executable}"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout
 
 
