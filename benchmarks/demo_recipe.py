@@ -55,8 +55,7 @@ def train_variant(out: Path, name: str) -> tuple[Path, str]:
     overrides = VARIANTS[name] + ["logging.progress=false"]
     cfg = load_train_config("mnist", overrides)
     method = cfg["loss"]["method"]
-    steps = method_steps(int(cfg["training"]["total_steps"]), method)
-    cfg = load_train_config("mnist", overrides + [f"training.total_steps={steps}"])
+    steps = cfg["training"]["total_steps"] = method_steps(int(cfg["training"]["total_steps"]), method)
     run_dir = run_dir_of(out, name)
     if not ((run_dir / "network.safetensors").exists() and checkpoint_at(run_dir, steps).exists()):
         t0 = time.perf_counter()
@@ -67,22 +66,18 @@ def train_variant(out: Path, name: str) -> tuple[Path, str]:
 
 def sampler(method: str):
     """``imm.sample``'s call for a network trained by ``method``: IMM samples each entry as it is (None:
-    network_fid's default); flow matching takes one Euler step per interval of the entry's time grid
-    (on a uniform grid exactly ``imm.baselines.flow_sample``'s Euler)."""
+    network_fid's default); flow matching takes one Euler step (``imm.baselines.flow_sample``) per
+    interval of the entry's time grid."""
     if method == "imm":
         return None
     if method != "flow_matching":
         sys.exit(f"demo_recipe.py: no sampler for {method!r} runs")
-    from imm.baselines import flow_velocity
+    from imm.baselines import flow_sample
     from imm.sampling import time_grid
 
     def euler_on_grid(net, x_T, labels=None, *, generator=None, sampler=None, num_steps=None, discretization=None,
                       mid_nt=None):
-        grid = time_grid(net, num_steps, discretization, mid_nt)
-        x = x_T.to(torch.float64)
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
-            x = x + float(t_next - t_cur) * flow_velocity(net, x.float(), t_cur, labels).to(torch.float64)
-        return x.to(torch.float32)
+        return flow_sample(net, x_T, labels, grid=time_grid(net, num_steps, discretization, mid_nt))
 
     return euler_on_grid
 

@@ -66,12 +66,30 @@ def test_flow_sampler_integrates_the_exact_flow_to_the_data(solver, nfe):
     assert torch.allclose(x, 0.99 * x0 + 0.01 * z, atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_flow_sampler_follows_a_given_time_grid(solver):
+    """Any decreasing grid from T to eps follows the straight point-mass paths exactly, and a uniform
+    grid given explicitly is the default grid's computation."""
+    x0 = torch.randn(1, 3, 4, 4)
+    net = PointMassVelocity(x0, T=1.0, eps=0.01)
+    z = torch.randn(5, 3, 4, 4) * 0.5
+    x = B.flow_sample(net, z, solver=solver, grid=torch.tensor([1.0, 0.75, 0.2, 0.01]))
+    assert torch.allclose(x, 0.99 * x0 + 0.01 * z, atol=1e-5)
+    uniform = torch.linspace(1.0, 0.01, 3, dtype=torch.float64)
+    assert torch.equal(B.flow_sample(net, z, solver=solver, grid=uniform),
+                       B.flow_sample(net, z, nfe=2 if solver == "euler" else 4, solver=solver))
+
+
 def test_flow_sampler_rejects_bad_nfe():
     net = PointMassVelocity(torch.zeros(1, 2, 1, 1))
     with pytest.raises(ValueError, match="even"):
         B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=3, solver="heun")
     with pytest.raises(ValueError, match="solver"):
         B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=2, solver="rk4")
+    with pytest.raises(ValueError, match="decreasing"):
+        B.flow_sample(net, torch.zeros(1, 2, 1, 1), grid=torch.tensor([0.5, 0.7, 0.01]))
+    with pytest.raises(ValueError, match="disagrees"):
+        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=4, grid=torch.tensor([1.0, 0.5, 0.01]))
 
 
 def test_ict_curriculum_and_levels():

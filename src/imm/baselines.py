@@ -103,18 +103,29 @@ def flow_velocity(net, x, t, labels=None, cfg_scale: float | None = None):
 
 
 @torch.no_grad()
-def flow_sample(net, x_T, labels=None, *, nfe: int, solver: str = "euler", cfg_scale: float | None = None):
-    """Integrate the flow from t = T to t = eps on a uniform grid with ``nfe`` network evaluations.
+def flow_sample(net, x_T, labels=None, *, nfe: int | None = None, solver: str = "euler",
+                cfg_scale: float | None = None, grid: torch.Tensor | None = None):
+    """Integrate the flow from t = T to t = eps with ``nfe`` network evaluations.
 
-    ``euler``: nfe steps. ``heun``: nfe / 2 steps of Heun's second-order method (nfe must be even; the
-    corrector is used on every step, so nfe = 2 x steps exactly). Float64 state, float32 network.
+    ``euler``: one step per interval of the time grid; ``heun``: Heun's second-order method on each
+    interval (the corrector on every step, so nfe = 2 x steps exactly). The grid is uniform with nfe
+    (Euler) or nfe / 2 (Heun) steps, or ``grid`` as given (times T = t_0 > ... > t_N = eps, e.g.
+    ``imm.sampling.time_grid`` of a sampling entry; nfe then follows from it). Float64 state, float32
+    network.
     """
     if solver not in FLOW_SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(FLOW_SOLVERS)}")
-    if nfe < 1 or (solver == "heun" and nfe % 2):
-        raise InputError(f"nfe={nfe}: Euler needs nfe >= 1, Heun an even nfe >= 2")
-    steps = nfe if solver == "euler" else nfe // 2
-    grid = torch.linspace(net.T, net.eps, steps + 1, dtype=torch.float64)
+    if grid is None:
+        if nfe is None or nfe < 1 or (solver == "heun" and nfe % 2):
+            raise InputError(f"nfe={nfe}: Euler needs nfe >= 1, Heun an even nfe >= 2")
+        steps = nfe if solver == "euler" else nfe // 2
+        grid = torch.linspace(net.T, net.eps, steps + 1, dtype=torch.float64)
+    else:
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        if grid.ndim != 1 or len(grid) < 2 or not bool((grid[1:] < grid[:-1]).all()):
+            raise InputError("grid must hold two or more decreasing times")
+        if nfe is not None and nfe != (len(grid) - 1) * (1 if solver == "euler" else 2):
+            raise InputError(f"nfe={nfe} disagrees with a {len(grid) - 1}-step {solver} grid")
     x = x_T.to(torch.float64)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         h = float(t_next - t_cur)
