@@ -8,12 +8,14 @@ Each variant is the ``mnist`` preset exactly as ``imm demo`` trains it (1.25M-pa
 900 steps, both cores) with a few overrides, trained one after the other into ``--out``/<variant>/ (a
 killed run resumes from its last checkpoint). FID of ``--num-images`` EMA samples (default 1,000, image
 i from seed i: the protocol of docs/demo.md's 99.8 at 2 steps) at 1, 2 and 4 steps on uniform time
-grids against the bundled 5,000-digit reference, cached in ``--out``/<variant>/fid-N-seedS.json.
+grids against the bundled 5,000-digit reference, cached in ``--out``/<variant>/fid-N-seedS.json and
+in ``--record`` (default benchmarks/results/demo_recipe.json, kept in git; see benchmarks/record.py): a
+variant whose FIDs are all on record is not trained again.
 
 ``--mid-t``: the 2-step sampler T -> t_mid -> eps for each t_mid given (in t, OT-FM time: x_t = (1 - t) x
 + t z), scored on ``--select-images`` images from other seeds (10^6 + i), so that the choice is not
-made on the images that report it; the chosen t_mid is then scored on the reporting seeds (kept in
-``--out``/<variant>/mid-t.json; a rerun with more t_mid values reuses the cached scores).
+made on the images that report it; the chosen t_mid is then scored on the reporting seeds (a rerun
+with more t_mid values reuses the cached scores; ``--cached-only`` chooses among all cached ones).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_study import FID_SEED, checkpoint_at, load_rows, save_json  # noqa: E402
+import record  # noqa: E402  (the FIDs kept in git)
+from mnist_study import FID_SEED, checkpoint_at  # noqa: E402
 from quality import method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
 
 VARIANTS = {
     "preset": [],
     "M=1": ["loss.group_size=1"],
+    "M=4": ["loss.group_size=4"],  # the preset until 2026-12-02
     "M=2": ["loss.group_size=2"],
     "euler_fm": ["network.f_type=euler_fm"],
     "M=1, euler_fm": ["loss.group_size=1", "network.f_type=euler_fm"],
@@ -41,27 +45,32 @@ VARIANTS = {
 }
 STEPS = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8]}
 REPORT_SEED = 0
+RECORD = Path(__file__).resolve().parent / "results" / "demo_recipe.json"
 
 
 def run_dir_of(out: Path, name: str) -> Path:
     return out / name.replace(", ", "+").replace(" ", "_").replace("=", "")
 
 
-def train_variant(out: Path, name: str) -> tuple[Path, str]:
-    """Train (or resume, or find finished) the variant's run; returns its run folder and training method."""
-    from imm.train import train
+def variant_config(name: str) -> dict:
+    """The variant's training config: the mnist preset with its overrides, flow matching given the
+    preset's IMM compute in its own steps."""
     from imm.train_config import load_train_config
 
-    overrides = VARIANTS[name] + ["logging.progress=false"]
-    cfg = load_train_config("mnist", overrides)
-    method = cfg["loss"]["method"]
-    steps = cfg["training"]["total_steps"] = method_steps(int(cfg["training"]["total_steps"]), method)
-    run_dir = run_dir_of(out, name)
+    cfg = load_train_config("mnist", VARIANTS[name] + ["logging.progress=false"])
+    cfg["training"]["total_steps"] = method_steps(int(cfg["training"]["total_steps"]), cfg["loss"]["method"])
+    return cfg
+
+
+def train_variant(cfg: dict, run_dir: Path) -> None:
+    """Train (or resume, or find finished) a variant's run."""
+    from imm.train import train
+
+    steps = cfg["training"]["total_steps"]
     if not ((run_dir / "network.safetensors").exists() and checkpoint_at(run_dir, steps).exists()):
         t0 = time.perf_counter()
         train(cfg, run_dir, progress=False)
-        print(f"{name}: trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-    return run_dir, method
+        print(f"{run_dir.name}: trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def sampler(method: str):
@@ -82,24 +91,35 @@ def sampler(method: str):
     return euler_on_grid
 
 
-def fids(run_dir: Path, method: str, entries: dict, num_images: int, seed: int) -> dict:
-    """FID of the run's EMA network for each sampling entry (``{key: imm.sample kwargs}``), cached by key."""
-    import imm
-    from imm.encoders import build_encoder
-    from imm.evaluate import _load_inception, load_reference, network_fid
-
-    cache_path = run_dir / f"fid-{num_images}-seed{seed}.json"
-    cache = load_rows(cache_path)
+def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
+    """FID of the variant's EMA network for each sampling entry (``{key: imm.sample kwargs}``), from the
+    record and the run's cache where there, else measured (training the run first if need be) and kept in
+    both. With ``--cached-only`` only the known ones (all known ones if ``entries`` is None)."""
+    cfg, run_dir, key = variant_config(name), run_dir_of(args.out, name), f"fid-{num_images}-seed{seed}"
+    recipe = record.recipe(cfg, steps=cfg["training"]["total_steps"])
+    on_record = record.cells(args.record, run_dir.name, recipe, key)
+    cache = {**on_record, **record.load(run_dir / f"{key}.json")}
+    if not args.cached_only and cache.keys() - on_record.keys():  # measured here before the record kept them
+        record.add(args.record, run_dir.name, recipe, key, {k: v for k, v in cache.items() if k not in on_record})
+    if entries is None:
+        return cache
     todo = {k: v for k, v in entries.items() if k not in cache}
-    if todo:
+    if todo and not args.cached_only:
+        import imm
+        from imm.encoders import build_encoder
+        from imm.evaluate import _load_inception, load_reference, network_fid
+
+        train_variant(cfg, run_dir)
         net = imm.load_network(run_dir / "network.safetensors").eval()
         mu, sigma = load_reference("mnist")
-        encoder = build_encoder({"class_name": "StandardRGBEncoder", "channels": 1})
+        encoder = build_encoder(cfg["encoder"])
         rows = network_fid(net, encoder, _load_inception(), todo, mu, sigma, num_images, 100, seed=seed,
-                           device=torch.device("cpu"), progress=False, sample_fn=sampler(method))
-        cache.update({k: r["fid"] for k, r in zip(todo, rows)})
-        save_json(cache_path, cache)
-    return {k: cache[k] for k in entries}
+                           device=torch.device("cpu"), progress=False, sample_fn=sampler(cfg["loss"]["method"]))
+        new = {k: r["fid"] for k, r in zip(todo, rows)}
+        cache.update(new)
+        record.save_json(run_dir / f"{key}.json", {**record.load(run_dir / f"{key}.json"), **new})
+        record.add(args.record, run_dir.name, recipe, key, new)
+    return {k: cache[k] for k in entries if k in cache}
 
 
 def mid_t_entry(t_mid: float) -> dict:
@@ -122,7 +142,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=1000, help="images per FID (default 1000)")
     parser.add_argument("--mid-t", default=None, help="comma-separated 2-step middle times t to choose from, e.g. 0.4,0.5,0.6")
     parser.add_argument("--select-images", type=int, default=300, help="images per FID when choosing --mid-t (default 300)")
-    parser.add_argument("--cached-only", action="store_true", help="no training or sampling: print what is cached")
+    parser.add_argument("--record", type=Path, default=RECORD,
+                        help=f"the FIDs measured, kept across machines (default {RECORD.relative_to(RECORD.parents[2])})")
+    parser.add_argument("--cached-only", action="store_true", help="no training or sampling: print what is on record or cached")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(";") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -136,23 +158,19 @@ def main(argv=None) -> int:
     lines = ["| variant | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in all_steps) + " | 2 steps, chosen t_mid |",
              "|---|" + "---|" * (len(all_steps) + 1)]
     for name in names:
-        run_dir = run_dir_of(args.out, name)
-        if args.cached_only:
-            got = load_rows(run_dir / f"fid-{args.num_images}-seed{REPORT_SEED}.json")
-            chosen = load_rows(run_dir / "mid-t.json").get(str(args.select_images))
-        else:
-            run_dir, method = train_variant(args.out, name)
-            got = fids(run_dir, method, uniform_entries(STEPS[method]), args.num_images, REPORT_SEED)
-            chosen = None
-            if mid_ts:
-                scores = fids(run_dir, method, {f"t_mid={t:g}": mid_t_entry(t) for t in mid_ts}, args.select_images, FID_SEED)
-                print(f"{name}: 2-step FID of {args.select_images} selection images by t_mid: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()), flush=True)
-                best = min(scores, key=scores.get)
-                t_best = float(best.split("=")[1])
-                report = fids(run_dir, method, {best: mid_t_entry(t_best)}, args.num_images, REPORT_SEED)[best]
-                chosen = {"t_mid": t_best, "fid": report, "selection": scores}
-                save_json(run_dir / "mid-t.json", {**load_rows(run_dir / "mid-t.json"), str(args.select_images): chosen})
+        method = variant_config(name)["loss"]["method"]
+        got = fids(args, name, uniform_entries(STEPS[method]), args.num_images, REPORT_SEED)
+        selection = {f"t_mid={t:g}": mid_t_entry(t) for t in mid_ts} if mid_ts else None
+        scores = fids(args, name, selection, args.select_images, FID_SEED)
+        scores = {k: v for k, v in scores.items() if k.startswith("t_mid=")}
+        chosen = None
+        if scores:
+            print(f"{name}: 2-step FID of {args.select_images} selection images by t_mid: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(scores.items())), flush=True)
+            best = min(scores, key=scores.get)
+            t_best = float(best.split("=")[1])
+            report = fids(args, name, {best: mid_t_entry(t_best)}, args.num_images, REPORT_SEED)
+            chosen = {"t_mid": t_best, "fid": report[best]} if report else None
         cells = [f"{got[k]:.1f}" if k in got else "" for k in uniform_entries(all_steps)]
         cells.append(f"{chosen['fid']:.1f} (t_mid = {chosen['t_mid']:g})" if chosen else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

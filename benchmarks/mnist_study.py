@@ -18,16 +18,16 @@ round(4 B / 3) steps at the same batch. The budget curve trains one run per meth
 with a constant learning rate and evaluates its EMA checkpoints at each budget on the way (the FID-vs-
 training-progress curve of EDM-style papers); consistency training, whose curriculum is laid out over
 the run's length, gets one run per budget. Runs and FIDs are cached under ``--out``: a rerun adds
-seeds, budgets and variants without redoing finished work. ``--jobs`` runs that many single-threaded
-processes side by side.
+seeds, budgets and variants without redoing finished work. Every FID measured is also added to
+``--record`` (default benchmarks/results/mnist_study.json, kept in git): a run whose FIDs are all on
+record is neither trained nor evaluated again, so the study grows across machines whose ``runs/`` is
+gone. ``--jobs`` runs that many single-threaded processes side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,7 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import record  # noqa: E402  (the FIDs kept in git)
 from quality import method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
+from record import load as load_rows  # noqa: E402
+from record import save_json
 
 SETUP = ["network.model_channels=16", "training.batch_size=64", "logging.progress=false",
          "logging.sample_every=1000000", "logging.tensorboard=false"]
@@ -52,6 +55,7 @@ LENGTH_SCHEDULED = ("consistency",)
 NFES = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8], "consistency": [1, 2, 4]}
 FID_SEED = 1_000_000
 ABLATION_BUDGET = 480
+RECORD = Path(__file__).resolve().parent / "results" / "mnist_study.json"
 
 # name -> (method, overrides on top of SETUP). The budget curve's three runs:
 BUDGET_VARIANTS = {"imm": ("imm", []), "flow_matching": ("flow_matching", []), "consistency": ("consistency", [])}
@@ -104,36 +108,57 @@ LEVERS = {  # "imm" and "flow_matching" are the budget curve's runs, read at the
 }
 
 
-def load_rows(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def checkpoint_at(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"training-state-{step:08d}.pt"
+
+
+def run_id(run: str, seed: int) -> str:
+    """A run's folder name under ``--out``/runs/ and its key in the record."""
+    return f"{run.replace(' ', '_').replace('=', '')}-seed{seed}"
+
+
+def train_config(method: str, overrides: list[str], setup: list[str], *extra: str) -> dict:
+    """A run's training config: the mnist preset, the study's set-up, the study's IMM recipe, the variant."""
+    from imm.train_config import load_train_config
+
+    return load_train_config("mnist", [*setup, f"loss.method={method}", *(IMM_RECIPE if method == "imm" else []),
+                                       *overrides, *extra])
+
+
+def recipe_of(task: dict) -> dict:
+    """What a task's run trains (``record.recipe``), a warm start's flow-matching share included."""
+    pretrain = {"warm_start": f"first {task['pretrain']:g} of the budget on {run_id('flow_matching', task['seed'])}"} \
+        if task["pretrain"] else {}
+    return record.recipe(train_config(task["method"], task["overrides"], task["setup"], f"training.seed={task['seed']}"),
+                         **pretrain)
+
+
+def recorded(task: dict) -> dict:
+    """The record's FIDs of a task's run (``{"step/nfe": fid}``)."""
+    if not task["record"]:
+        return {}
+    return record.cells(task["record"], run_id(task["run"], task["seed"]), recipe_of(task), f"fid-{task['num_images']}")
+
+
+def add_to_record(task: dict, fids: dict) -> None:
+    record.add(task["record"], run_id(task["run"], task["seed"]), recipe_of(task), f"fid-{task['num_images']}", fids,
+               sort_key=lambda kv: [int(x) for x in kv[0].split("/")])
 
 
 def train_variant(out: Path, name: str, method: str, overrides: list[str], seed: int, imm_steps: int,
                   keep_all: bool, setup: list[str], checkpoint_every: int) -> Path:
     """Train (or resume, or find finished) one run; returns its run folder."""
     from imm.train import train
-    from imm.train_config import load_train_config
 
-    run_dir = out / "runs" / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
+    run_dir = out / "runs" / run_id(name, seed)
     steps = method_steps(imm_steps, method)
     done = load_rows(run_dir / "done.json")
     if done.get("steps") == steps or (done.get("steps", 0) > steps and checkpoint_at(run_dir, steps).exists()):
         return run_dir  # finished (a longer run's checkpoint serves a shorter budget); a longer budget resumes
-    recipe = IMM_RECIPE if method == "imm" else []
-    cfg = load_train_config("mnist", setup + [f"loss.method={method}", *recipe, *overrides, f"training.total_steps={steps}",
-                                              f"training.seed={seed}", f"logging.log_every={max(1, steps // 20)}",
-                                              f"logging.checkpoint_every={checkpoint_every}",  # a killed run resumes
-                                              f"logging.keep_last={0 if keep_all else 1}"])
+    cfg = train_config(method, overrides, setup, f"training.total_steps={steps}", f"training.seed={seed}",
+                       f"logging.log_every={max(1, steps // 20)}",
+                       f"logging.checkpoint_every={checkpoint_every}",  # a killed run resumes
+                       f"logging.keep_last={0 if keep_all else 1}")
     t0 = time.perf_counter()
     train(cfg, run_dir, progress=False)
     save_json(run_dir / "done.json", {"seconds": round(time.perf_counter() - t0, 1), "steps": steps,
@@ -188,9 +213,10 @@ def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, checkpoi
 
 
 def cached_rows(task: dict) -> list[dict]:
-    """--cached-only: the rows of ``task`` whose FIDs are already cached (no training, no evaluation)."""
-    run_dir = task["out"] / "runs" / f"{task['run'].replace(' ', '_').replace('=', '')}-seed{task['seed']}"
-    cache = load_rows(run_dir / f"fid-{task['num_images']}.json")
+    """The rows of ``task`` whose FIDs are on record or cached under ``--out`` (no training, no evaluation)."""
+    run = run_id(task["run"], task["seed"])
+    cache = {**recorded(task),
+             **load_rows(task["out"] / "runs" / run / f"fid-{task['num_images']}.json")}
     rows = []
     for budget in task["budgets"]:
         steps = method_steps(budget - round(task["pretrain"] * budget), task["method"]) if task["pretrain"] else \
@@ -202,8 +228,9 @@ def cached_rows(task: dict) -> list[dict]:
 
 def job(task: dict) -> list[dict]:
     """One variant and seed: train, then evaluate; single-threaded so that --jobs processes share the cores."""
-    if task.get("cached_only"):
-        return cached_rows(task)
+    known = cached_rows(task)
+    if task.get("cached_only") or len(known) == len(task["budgets"]) * len(task["nfes"]):
+        return known
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     overrides, budgets = task["overrides"], task["budgets"]
@@ -213,6 +240,8 @@ def job(task: dict) -> list[dict]:
     run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], max(budgets),
                             len(budgets) > 1, task["setup"], task["checkpoint_every"])
     rows = evaluate_run(run_dir, task["method"], budgets, task["nfes"], task["num_images"])
+    if task["record"]:
+        add_to_record(task, {f"{r['steps']}/{r['nfe']}": r["fid"] for r in rows})
     if task["pretrain"]:
         rows = [{**r, "budget": task["budgets"][0]} for r in rows]
     print(f"{task['name']} seed {task['seed']}: done in {time.perf_counter() - t0:.0f} s; "
@@ -335,7 +364,7 @@ def plan(args) -> list[tuple]:
                       "pretrain": pretrain[0] if pretrain else 0, "seed": seed,
                       "nfes": NFES[method][:2] if args.quick else NFES[method], "num_images": args.num_images,
                       "setup": QUICK_SETUP if args.quick else SETUP, "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY,
-                      "cached_only": args.cached_only}
+                      "cached_only": args.cached_only, "record": None if args.quick else args.record}
             if method in LENGTH_SCHEDULED and len(budgets) > 1:  # one run per budget, each with its full schedule
                 tasks += [{**common, "run": f"{name} B{b}", "budgets": [b]} for b in budgets]
             else:
@@ -352,6 +381,8 @@ def main(argv=None) -> int:
                         help="budget study: IMM-step budgets (multiples of 120)")
     parser.add_argument("--budget", type=int, default=ABLATION_BUDGET, help="ablate/levers: the one budget")
     parser.add_argument("--only", type=lambda s: s.split(";"), help="';'-separated subset of the variants")
+    parser.add_argument("--record", type=Path, default=RECORD,
+                        help=f"the FIDs measured, kept across machines (default {RECORD.relative_to(RECORD.parents[2])}; --quick keeps none)")
     parser.add_argument("--num-images", type=int, default=256, help="samples per FID (default 256)")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes side by side")
     parser.add_argument("--quick", action="store_true", help="smoke run: budgets 3 and 6, 8 FID images, NFE 1 and 2")

@@ -220,6 +220,92 @@ def test_mnist_study_crossing_reads_trends_without_overflow():
     assert "not closing" in cross([100, 90, 80], [50, 40, 30])
 
 
+def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
+    """The FIDs kept in git (benchmarks/results/): a run whose FIDs are all on record is neither trained nor
+    evaluated; a record entry of another recipe is not used; merged FIDs keep the ones already there. And
+    every run in the committed record is one the script plans today, with the recipe it would train."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mnist_study as S
+
+    def tasks(study, only, record, budgets=(480,), seeds=(0,)):
+        args = argparse.Namespace(study=study, budgets=list(budgets), budget=480, only=only, seeds=list(seeds),
+                                  out=tmp_path / "out", quick=False, num_images=256, cached_only=False, record=record)
+        return S.plan(args)
+
+    record = tmp_path / "record.json"
+    (task,) = tasks("ablate", ["M=2"], record)
+    S.add_to_record(task, {"480/1": 3.0, "480/2": 2.0})
+    S.add_to_record(task, {"480/4": 1.0, "480/2": 2.5})
+    assert json.loads(record.read_text())["M2-seed0"]["fid-256"] == {"480/1": 3.0, "480/2": 2.5, "480/4": 1.0}
+    rows = S.job(task)  # everything on record: no training (the run folder is never made)
+    assert [(r["nfe"], r["fid"]) for r in rows] == [(1, 3.0), (2, 2.5), (4, 1.0)]
+    assert not (tmp_path / "out").exists()
+    other = {**task, "overrides": ["loss.group_size=8"]}
+    assert S.cached_rows(other) == []  # same run name, another recipe
+    S.add_to_record(other, {"480/1": 9.0})
+    assert json.loads(record.read_text())["M2-seed0"]["fid-256"] == {"480/1": 9.0}
+
+    committed = json.loads(S.RECORD.read_text())
+    planned = {}
+    for study in ("budget", "ablate", "levers"):
+        for t in tasks(study, None, S.RECORD, budgets=S.BUDGETS, seeds=(0, 1, 2)):
+            planned[S.run_id(t["run"], t["seed"])] = S.recipe_of(t)
+    for run, entry in committed.items():
+        assert entry["recipe"] == planned[run], run
+
+
+def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):
+    """benchmarks/record.py: a recipe is the flattened config without logging, sampling and run length; a
+    key added since leaves a record valid, a changed value voids it (and a new FID then replaces the entry)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import record
+
+    cfg = {"loss": {"k": 3, "betas": (0.9, 0.99)}, "logging": {"log_every": 5}, "sampling": {"2_steps": {}},
+           "training": {"total_steps": 9, "seed": 0}}
+    recipe = record.recipe(cfg, steps=9)
+    assert recipe == {"loss.k": 3, "loss.betas": [0.9, 0.99], "training.seed": 0, "steps": 9}
+    path = tmp_path / "r.json"
+    record.add(path, "run", recipe, "fid-8", {"b": 2.0})
+    record.add(path, "run", recipe, "fid-8", {"a": 1.0, "b": 2.5}, sort_key=lambda kv: kv[0])
+    assert list(record.cells(path, "run", recipe, "fid-8").items()) == [("a", 1.0), ("b", 2.5)]
+    assert record.cells(path, "run", {**recipe, "loss.new_key": None}, "fid-8") == {"a": 1.0, "b": 2.5}
+    changed = {**recipe, "loss.k": 4}
+    assert record.cells(path, "run", changed, "fid-8") == {} and "another recipe" in capsys.readouterr().out
+    record.add(path, "run", changed, "fid-8", {"c": 3.0})
+    assert record.cells(path, "run", changed, "fid-8") == {"c": 3.0}
+    assert record.cells(path, "other run", recipe, "fid-8") == {} and record.cells(None, "run", recipe, "fid-8") == {}
+
+
+def test_demo_recipe_committed_record_is_todays_recipes(tmp_path, capsys):
+    """Every variant in benchmarks/results/demo_recipe.json trained the recipe the script would train today
+    (a changed preset default voids the record: this test then says so), and --cached-only prints its table."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_recipe
+    import record
+
+    committed = json.loads(demo_recipe.RECORD.read_text())
+    names = {demo_recipe.run_dir_of(Path("."), v).name: v for v in demo_recipe.VARIANTS}
+    for run, entry in committed.items():
+        cfg = demo_recipe.variant_config(names[run])
+        assert record.same_recipe(entry["recipe"], record.recipe(cfg, steps=cfg["training"]["total_steps"])), run
+    assert demo_recipe.main(["--variants", names[next(iter(committed))], "--cached-only", "--out", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith(f"| {names[next(iter(committed))]} | ") and "t_mid = " in row
+    assert not any(tmp_path.iterdir())  # nothing trained or measured
+
+
 def test_demo_recipe_middle_time_is_the_samplers_middle_time():
     """benchmarks/demo_recipe.py's 2-step entry through t_mid: the sampler's time grid is [T, t_mid, eps], for
     IMM's pushforward sampler and flow matching's Euler steps alike."""
