@@ -1,8 +1,8 @@
 """Candidate recipes for ``imm demo`` at the demo's own scale, measured the way docs/demo.md measures the demo.
 
-    python benchmarks/demo_recipe.py --variants "preset;M=1;M=1, euler_fm"       # train, then FID at 1/2/4 steps
+    python benchmarks/demo_recipe.py --variants "M=4;M=1;M=1, euler_fm"          # train, then FID at 1/2/4 steps
     python benchmarks/demo_recipe.py --variants "M=1" --mid-t 0.3,0.4,0.5,0.6,0.7   # also choose the 2-step middle time
-    python benchmarks/demo_recipe.py --variants "preset;M=1" --cached-only          # the table from the cache
+    python benchmarks/demo_recipe.py --variants "M=4;M=1;flow matching" --cached-only   # the table from the record
 
 Each variant is the ``mnist`` preset exactly as ``imm demo`` trains it (1.25M-parameter UNet, batch 64,
 900 steps, both cores) with a few overrides, trained one after the other into ``--out``/<variant>/ (a
@@ -136,8 +136,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--variants", default="preset;M=1",
-                        help=f"';'-separated variants, of: {'; '.join(VARIANTS)} (default: preset;M=1)")
+    parser.add_argument("--variants", default="preset;flow matching",
+                        help=f"';'-separated variants, of: {'; '.join(VARIANTS)} (default: preset;flow matching)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo-scale"), help="runs and FIDs (default: runs/demo-scale)")
     parser.add_argument("--num-images", type=int, default=1000, help="images per FID (default 1000)")
     parser.add_argument("--mid-t", default=None, help="comma-separated 2-step middle times t to choose from, e.g. 0.4,0.5,0.6")
