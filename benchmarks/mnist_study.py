@@ -199,16 +199,22 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
     return rows
 
 
-def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, checkpoint_every: int) -> tuple[list[str], int]:
+def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, setup: list[str],
+                    checkpoint_every: int) -> tuple[list[str], int]:
     """(init_from override, IMM steps) that spend ``fraction`` of ``budget`` on the budget curve's
-    flow-matching run and the rest on IMM."""
+    flow-matching run and the rest on IMM. Where that run's checkpoint is not on this machine (its FIDs
+    may be on record while its files are gone), its first ``fraction`` of the budget is trained here."""
     fm_steps = method_steps(round(fraction * budget), "flow_matching")
     if fm_steps % checkpoint_every:
         sys.exit(f"mnist_study.py: a warm start needs a flow-matching checkpoint at step {fm_steps}; "
                  f"choose a budget whose fraction {fraction} is a multiple of {3 * checkpoint_every // 4} IMM steps")
-    ckpt = checkpoint_at(out / "runs" / f"flow_matching-seed{seed}", fm_steps)
+    ckpt = checkpoint_at(out / "runs" / run_id("flow_matching", seed), fm_steps)
     if not ckpt.exists():
-        sys.exit(f"mnist_study.py: {ckpt} is missing: run 'mnist_study.py budget --seeds {seed}' first")
+        train_variant(out, "flow_matching", "flow_matching", [], seed, round(fraction * budget), True, setup,
+                      checkpoint_every)
+    if not ckpt.exists():
+        sys.exit(f"mnist_study.py: {ckpt} is missing (the run went past it without keeping it); "
+                 f"remove {ckpt.parents[1]} to train it again")
     return [f"training.init_from={ckpt}"], budget - round(fraction * budget)
 
 
@@ -235,7 +241,8 @@ def job(task: dict) -> list[dict]:
     t0 = time.perf_counter()
     overrides, budgets = task["overrides"], task["budgets"]
     if task["pretrain"]:  # a warm start: the rows keep the whole budget, the run has the IMM share of it
-        extra, steps = warm_start_plan(task["out"], budgets[0], task["pretrain"], task["seed"], task["checkpoint_every"])
+        extra, steps = warm_start_plan(task["out"], budgets[0], task["pretrain"], task["seed"], task["setup"],
+                                       task["checkpoint_every"])
         overrides, budgets = overrides + extra, [steps]
     run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], max(budgets),
                             len(budgets) > 1, task["setup"], task["checkpoint_every"])

@@ -188,6 +188,13 @@ def test_mnist_study_quick_modes(tmp_path):
     warm = out / "runs" / "FM_50%_then_IMM,_euler_fm-seed0"
     assert json.loads((warm / "done.json").read_text())["steps"] == 1  # 3 - round(1.5): the IMM share of the budget
     assert "init_from: " + str(out / "runs" / "flow_matching-seed0") in (warm / "config.yaml").read_text()
+    # a warm start on a machine without the budget curve's files trains its flow-matching share itself
+    fresh = tmp_path / "fresh"
+    assert mnist_study.main(["levers", "--quick", "--out", str(fresh), "--only", "FM 50% then IMM, euler_fm"]) == 0
+    fm_steps = json.loads((fresh / "runs" / "flow_matching-seed0" / "done.json").read_text())["steps"]
+    assert fm_steps == mnist_study.method_steps(round(0.5 * 3), "flow_matching")
+    assert "init_from: " + str(mnist_study.checkpoint_at(fresh / "runs" / "flow_matching-seed0", fm_steps)) in \
+        (fresh / "runs" / "FM_50%_then_IMM,_euler_fm-seed0" / "config.yaml").read_text()
     # --cached-only rebuilds the tables from the caches alone: the same rows, and a variant never run has none
     before = {json.dumps(r, sort_keys=True) for r in budget["rows"]}
     assert mnist_study.main(["budget", "--quick", "--out", str(out), "--cached-only"]) == 0
