@@ -78,7 +78,11 @@ ABLATIONS = {
     "a=2": _abl("loss.a=2"), "b=4": _abl("loss.b=4"), "b=2": _abl("loss.b=2"),
     "rbf": _abl("loss.kernel=rbf"),
     "lr 1e-3": _abl("optimizer.lr=1e-3"), "lr 4e-3": _abl("optimizer.lr=4e-3"),
+    # with the preset's EMA warm-up, decay min(d, (1 + s) / (10 + s)) <= 0.982 over 480 steps: below every d
+    # here, so these three rows train the same EMA; without warm-up the decay is d from the first step
     "EMA 0.99": _abl("training.ema_decays=[0.99]"), "EMA 0.999": _abl("training.ema_decays=[0.999]"),
+    "EMA 0.99, no warm-up": _abl("training.ema_decays=[0.99]", "training.ema_warmup=false"),
+    "EMA 0.995, no warm-up": _abl("training.ema_warmup=false"),
     "batch 32": _abl("training.batch_size=32"), "batch 128": _abl("training.batch_size=128"),
     "euler_fm": _abl("network.f_type=euler_fm"),
     "label dropout 0.1, target sees dropped": _abl("loss.label_dropout=0.1", "loss.same_dropped_labels=true"),
