@@ -333,13 +333,14 @@ def paired_differences(rows: list[dict], reference: str, nfe: int) -> dict[str, 
     return out
 
 
-def ranked_table(summary: list[dict], nfes: list[int], differences: dict[str, list[float]] | None = None) -> str:
-    """One row per variant, columns = NFE, sorted by the 2-NFE FID; with ``differences``, a last column of
-    each variant's paired differences to the reference (as ``paired_differences`` gives them)."""
+def ranked_table(summary: list[dict], nfes: list[int],
+                 differences: tuple[str, dict[str, list[float]]] | None = None) -> str:
+    """One row per variant, columns = NFE, sorted by the 2-NFE FID; with ``differences`` = (heading, values
+    per variant, as ``paired_differences`` gives them), a last column of those values."""
     variants = list(dict.fromkeys(s["variant"] for s in summary))
     cell = {(s["variant"], s["nfe"]): s for s in summary}
     variants.sort(key=lambda v: cell.get((v, 2), {"fid": math.inf})["fid"])
-    extra = [" NFE 2 minus the study's recipe, per seed |"] if differences is not None else []
+    extra = [f" {differences[0]} |"] if differences is not None else []
     lines = ["| variant | seeds | " + " | ".join(f"NFE {n}" for n in nfes) + " |" + "".join(extra),
              "|---|---|" + "---|" * (len(nfes) + len(extra))]
     for v in variants:
@@ -348,7 +349,7 @@ def ranked_table(summary: list[dict], nfes: list[int], differences: dict[str, li
             f"{cell[v, n]['fid']:.1f}" + (f" ± {cell[v, n]['fid_std']:.1f}" if cell[v, n]["seeds"] > 1 else "")
             if (v, n) in cell else "" for n in nfes) + " |"
         if differences is not None:
-            line += " " + ", ".join(f"{d:+.1f}" for d in differences.get(v, [])) + " |"
+            line += " " + ", ".join(f"{d:+.1f}" for d in differences[1].get(v, [])) + " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -434,8 +435,11 @@ def main(argv=None) -> int:
     summary = summarise(rows)
     if args.study == "budget":
         table = budget_table(summary)
+    elif args.study == "ablate":
+        table = ranked_table(summary, [1, 2, 4],
+                             ("NFE 2 minus the study's recipe, per seed", paired_differences(rows, "imm", 2)))
     else:
-        table = ranked_table(summary, [1, 2, 4], paired_differences(rows, "imm", 2) if args.study == "ablate" else None)
+        table = ranked_table(summary, [1, 2, 4])
     if args.study == "budget" and {"imm", "flow_matching"} <= {s["variant"] for s in summary}:
         table += "\n\n" + "\n".join(f"- {crossing(summary, ('imm', n), ('flow_matching', m))}"
                                      for n, m in ((1, 1), (2, 2), (2, 4), (2, 8), (4, 4)))

@@ -242,7 +242,8 @@ def test_mnist_study_ablation_table_pairs_variants_with_the_recipe_by_seed():
             for (v, seed), f in fids.items() for n in (1, 2)]
     differences = mnist_study.paired_differences(rows, "imm", 2)
     assert differences == {"k=2": [-10.0, -5.0], "a=2": [20.0]}  # M=8's seed 2 has no recipe run to pair with
-    table = mnist_study.ranked_table(mnist_study.summarise(rows), [1, 2], differences).splitlines()
+    table = mnist_study.ranked_table(mnist_study.summarise(rows), [1, 2],
+                                     ("NFE 2 minus the study's recipe, per seed", differences)).splitlines()
     assert table[0].endswith("| NFE 2 minus the study's recipe, per seed |")
     assert [line.split(" | ")[0] for line in table[2:]] == ["| M=8", "| k=2", "| imm", "| a=2"]
     assert table[3].endswith("| -10.0, -5.0 |") and table[4].endswith("| 127.0 ± 35.4 |  |")
