@@ -1,6 +1,6 @@
 """How `imm train` shares a CPU: seconds per step of the mnist preset alone, beside one busy single-threaded
 process, and two runs side by side, with PyTorch's fixed default of one thread per core ("fixed") against
-the package's automatic thread count (`imm.threads`, "auto"), in one run of this script.
+the package's automatic thread count (`imm.core.threads`, "auto"), in one run of this script.
 
     python benchmarks/cpu_sharing.py --steps 30 --out runs/cpu-sharing     # about 15 min on 2 idle cores
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         alone = cases["alone"][0]
         busy = cases["beside one busy process"][0]
         pair = cases["two runs side by side"]
-        label = f"fixed {args.fixed_threads}" if mode == "fixed" else "auto (imm.threads)"
+        label = f"fixed {args.fixed_threads}" if mode == "fixed" else "auto (imm.core.threads)"
         lines.append(f"| {label} | {alone:.2f} | {busy:.2f} ({busy / alone:.2f}x) | "
                      + ", ".join(f"{t:.2f} ({t / alone:.2f}x)" for t in pair) + " |")
     table = "\n".join(lines)

@@ -56,7 +56,7 @@ def run_dir_of(out: Path, name: str) -> Path:
 def variant_config(name: str) -> dict:
     """The variant's training config: the mnist preset with its overrides, flow matching given the
     preset's IMM compute in its own steps."""
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
 
     cfg = load_train_config("mnist", VARIANTS[name] + ["logging.progress=false"])
     cfg["training"]["total_steps"] = method_steps(int(cfg["training"]["total_steps"]), cfg["loss"]["method"])
@@ -65,7 +65,7 @@ def variant_config(name: str) -> dict:
 
 def train_variant(cfg: dict, run_dir: Path) -> None:
     """Train (or resume, or find finished) a variant's run."""
-    from imm.train import train
+    from imm.training.loop import train
 
     steps = cfg["training"]["total_steps"]
     if not ((run_dir / "network.safetensors").exists() and checkpoint_at(run_dir, steps).exists()):
@@ -76,14 +76,14 @@ def train_variant(cfg: dict, run_dir: Path) -> None:
 
 def sampler(method: str):
     """``imm.sample``'s call for a network trained by ``method``: IMM samples each entry as it is (None:
-    network_fid's default); flow matching takes one Euler step (``imm.baselines.flow_sample``) per
+    network_fid's default); flow matching takes one Euler step (``imm.methods.baselines.flow_sample``) per
     interval of the entry's time grid."""
     if method == "imm":
         return None
     if method != "flow_matching":
         sys.exit(f"demo_recipe.py: no sampler for {method!r} runs")
-    from imm.baselines import flow_sample
-    from imm.sampling import time_grid
+    from imm.methods.baselines import flow_sample
+    from imm.model.sampling import time_grid
 
     def euler_on_grid(net, x_T, labels=None, *, generator=None, sampler=None, num_steps=None, discretization=None,
                       mid_nt=None):
@@ -107,8 +107,8 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
     todo = {k: v for k, v in entries.items() if k not in cache}
     if todo and not args.cached_only:
         import imm
-        from imm.encoders import build_encoder
-        from imm.evaluate import _load_inception, load_reference, network_fid
+        from imm.data.encoders import build_encoder
+        from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
 
         train_variant(cfg, run_dir)
         net = imm.load_network(run_dir / "network.safetensors").eval()

@@ -35,10 +35,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from imm.networks.dit import Attention as DiTAttention
-from imm.networks.dit import DiT
-from imm.networks.unet import UNetBlock
-from imm.precond import IMMNetwork
+from imm.model.backbones.dit import Attention as DiTAttention
+from imm.model.backbones.dit import DiT
+from imm.model.backbones.unet import UNetBlock
+from imm.model.network import IMMNetwork
 
 CONFIGS = {
     # the release's CIFAR-10 DDPM++ (cifar10.pt), 56M parameters

@@ -12,7 +12,7 @@ Every FID uses the same ``--num-images`` samples (default 256; image i from seed
 noise for every run) against the bundled reference, so FIDs are biased upwards alike for all runs and
 are comparable with each other, not with FID-50K numbers.
 
-Compute is counted in forward-pass equivalents per sample (``imm.methods.METHODS``: IMM
+Compute is counted in forward-pass equivalents per sample (``imm.methods.registry.METHODS``: IMM
 and consistency training 4, flow matching 3), so a budget of B "IMM steps" gives flow matching
 round(4 B / 3) steps at the same batch. The budget curve trains one run per method to the largest budget
 with a constant learning rate and evaluates its EMA checkpoints at each budget on the way (the FID-vs-
@@ -126,7 +126,7 @@ def run_id(run: str, seed: int) -> str:
 
 def train_config(method: str, overrides: list[str], setup: list[str], *extra: str) -> dict:
     """A run's training config: the mnist preset, the study's set-up, the study's IMM recipe, the variant."""
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
 
     return load_train_config("mnist", [*setup, f"loss.method={method}", *(IMM_RECIPE if method == "imm" else []),
                                        *overrides, *extra])
@@ -155,7 +155,7 @@ def add_to_record(task: dict, fids: dict) -> None:
 def train_variant(out: Path, name: str, method: str, overrides: list[str], seed: int, imm_steps: int,
                   keep_all: bool, setup: list[str], checkpoint_every: int) -> Path:
     """Train (or resume, or find finished) one run; returns its run folder."""
-    from imm.train import train
+    from imm.training.loop import train
 
     run_dir = out / "runs" / run_id(name, seed)
     steps = method_steps(imm_steps, method)
@@ -176,9 +176,9 @@ def train_variant(out: Path, name: str, method: str, overrides: list[str], seed:
 def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int], num_images: int) -> list[dict]:
     """FID of the EMA at each budget's checkpoint and NFE, cached in RUN/fid-N.json."""
     import imm
-    from imm.encoders import build_encoder
-    from imm.evaluate import _load_inception, load_reference, network_fid
-    from imm.methods import generate
+    from imm.data.encoders import build_encoder
+    from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
+    from imm.methods.registry import generate
 
     cache_path = run_dir / f"fid-{num_images}.json"
     cache = load_rows(cache_path)
@@ -360,7 +360,7 @@ def plot_budget(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from imm.evaluate import plain_numbers
+    from imm.evaluation.evaluate import plain_numbers
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {"imm": "-", "flow_matching": "--", "consistency": ":"}

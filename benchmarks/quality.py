@@ -6,7 +6,7 @@
 
 Every method trains the same network (the dataset's preset), with the same optimizer, batch, data and
 EMA, through the same trainer (``loss.method``). Compute is equal in forward-pass equivalents per
-sample (``imm.methods.METHODS``: IMM and consistency training 4, flow matching 3): a
+sample (``imm.methods.registry.METHODS``: IMM and consistency training 4, flow matching 3): a
 budget of S IMM steps gives consistency training S steps and flow matching round(4 S / 3) steps.
 
 Samplers (uniform time grids): IMM pushforward, consistency training restart (multistep CM
@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 import imm
-from imm.data import toy2d_sample
-from imm.methods import METHODS, generate
-from imm.metrics import mmd, mmd_self_term, sliced_wasserstein
-from imm.train import train
-from imm.train_config import load_train_config
+from imm.data.datasets import toy2d_sample
+from imm.evaluation.toy_metrics import mmd, mmd_self_term, sliced_wasserstein
+from imm.methods.registry import METHODS, generate
+from imm.training.config import load_train_config
+from imm.training.loop import train
 
 NFES = {"imm": [1, 2, 4, 8], "consistency": [1, 2, 4, 8], "flow_matching": [1, 2, 4, 8, 16, 32]}
 TOY_TARGETS = ["gaussians8", "checkerboard", "spirals"]
@@ -136,8 +136,8 @@ def run_toy2d(args, out: Path) -> list[dict]:
 
 
 def run_mnist(args, out: Path) -> list[dict]:
-    from imm.encoders import build_encoder
-    from imm.evaluate import _load_inception, load_reference, network_fid
+    from imm.data.encoders import build_encoder
+    from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
 
     num_images = 8 if args.quick else args.num_images
     mu_ref, sigma_ref = load_reference("mnist")

@@ -10,7 +10,7 @@
 For each case, in eager mode and compiled with torch.compile (run side by side in one process):
 
 * training samples/s of a full IMM step (the no-grad target pass, the gradient pass, backward, the
-  optimizer step), as the trainer does it (``imm.methods.build_loss``, ``imm.train.make_optimizer``);
+  optimizer step), as the trainer does it (``imm.methods.registry.build_loss``, ``imm.training.loop.make_optimizer``);
 * images/s of 1-step sampling (``imm.sample``; with CFG 1.5, i.e. a doubled batch, for the
   class-conditional DiT);
 * peak memory (CUDA: max allocated; CPU: the process's peak RSS, for the whole run);
@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import CONFIGS  # noqa: E402  (the released network configurations)
 
 import imm  # noqa: E402
-from imm.methods import build_loss  # noqa: E402
-from imm.networks import set_activation_checkpointing  # noqa: E402
-from imm.train import make_optimizer  # noqa: E402
+from imm.methods.registry import build_loss  # noqa: E402
+from imm.model.backbones import set_activation_checkpointing  # noqa: E402
+from imm.training.loop import make_optimizer  # noqa: E402
 
 # Dense (non-sparse) peak FLOP/s from NVIDIA's data sheets, by a substring of the device name.
 PEAK_FLOPS = {

@@ -14,8 +14,8 @@ import argparse
 import torch
 
 import imm
-from imm.data import toy2d_sample
-from imm.metrics import sliced_wasserstein
+from imm.data.datasets import toy2d_sample
+from imm.evaluation.toy_metrics import sliced_wasserstein
 
 
 def main() -> None:

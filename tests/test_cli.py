@@ -11,8 +11,8 @@ from PIL import Image
 
 import imm
 from imm.cli import main
-from imm.encoders import StandardRGBEncoder
-from imm.generate import seeded_inputs
+from imm.data.encoders import StandardRGBEncoder
+from imm.evaluation.generate import seeded_inputs
 
 from .conftest import FIXTURES
 
@@ -139,7 +139,7 @@ def test_overrides_may_come_after_options(tmp_path):
 
 
 def test_missing_inception_and_reference_speak_the_cli(tmp_path, capsys, monkeypatch):
-    from imm import inception
+    from imm.evaluation import inception
 
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
@@ -159,7 +159,7 @@ def test_missing_inception_and_reference_speak_the_cli(tmp_path, capsys, monkeyp
 
 
 def test_generate_help_lists_every_preset_with_sampling_entries(capsys):
-    from imm.config import load_config, preset_names
+    from imm.core.config import load_config, preset_names
 
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -172,9 +172,9 @@ def test_generate_help_lists_every_preset_with_sampling_entries(capsys):
 def test_generate_takes_its_settings_from_an_imm_train_checkpoint(tmp_path, capsys):
     """No --config: the encoder and sampling entries the trainer recorded; a config that does not fit the
     network is refused before any sampling, naming the one that does."""
-    from imm.checkpoint import read_sampling_settings
-    from imm.train import train
-    from imm.train_config import load_train_config
+    from imm.io.checkpoint import read_sampling_settings
+    from imm.training.config import load_train_config
+    from imm.training.loop import train
 
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=1",
                                       "+dataset.max_size=64", "logging.progress=false", "logging.tensorboard=false",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from imm.config import ConfigError, apply_overrides, load_config, preset_names
+from imm.core.config import ConfigError, apply_overrides, load_config, preset_names
 
 
 def test_presets_load():
@@ -70,9 +70,9 @@ def test_a_network_key_typo_is_refused_for_every_backbone(model_type, typo, near
 def test_declared_keys_of_a_dataclass_and_of_a_constructor():
     """One rule for every section: its keys and defaults are the fields of a dataclass or a constructor's
     keyword parameters, and fill_section refuses any other key naming the nearest."""
-    from imm.config import REQUIRED, declared_keys, fill_section
-    from imm.data import NpzDataset
-    from imm.train_config import TrainingSection
+    from imm.core.config import REQUIRED, declared_keys, fill_section
+    from imm.data.datasets import NpzDataset
+    from imm.training.config import TrainingSection
 
     keys = declared_keys(TrainingSection)
     assert keys["seed"] == 0 and keys["ema_decays"] == [0.9999]
@@ -86,7 +86,7 @@ def test_declared_keys_of_a_dataclass_and_of_a_constructor():
 
 
 def test_train_config_is_resolved_once_from_its_declarations():
-    from imm.train_config import load_train_config, resolve_config
+    from imm.training.config import load_train_config, resolve_config
 
     cfg = load_train_config("toy2d", ["training.seed=3", "optimizer.warmup_steps=5", "loss.kernel=rbf"])
     assert (cfg["training"]["seed"], cfg["optimizer"]["warmup_steps"], cfg["loss"]["kernel"]) == (3, 5, "rbf")
@@ -105,7 +105,7 @@ def test_train_config_is_resolved_once_from_its_declarations():
 
 
 def test_a_baseline_drops_the_presets_imm_keys_but_refuses_them_on_the_command_line():
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
 
     fm = load_train_config("mnist", ["loss.method=flow_matching"])
     assert fm["loss"] == {"method": "flow_matching", "time_sampling": "uniform", "label_dropout": 0.0}
@@ -115,7 +115,7 @@ def test_a_baseline_drops_the_presets_imm_keys_but_refuses_them_on_the_command_l
 
 
 def test_every_method_meets_the_loss_protocol():
-    from imm import methods
+    from imm.methods import registry as methods
 
     for name, method in methods.METHODS.items():
         loss = methods.build_loss({"method": name})

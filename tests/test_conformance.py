@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import imm
-from imm.sampling import time_grid
+from imm.model.sampling import time_grid
 
 from .conftest import FIXTURES
 

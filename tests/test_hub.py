@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import imm
-from imm import hub
-from imm.checkpoint import CheckpointError
+from imm.io import hub
+from imm.io.checkpoint import CheckpointError
 
 from .conftest import FIXTURES
 
@@ -103,8 +103,8 @@ def test_cli_info_reads_hub_paths_with_hf_home(hub_cache):
 
 
 def test_init_from_takes_a_hub_path(hub_cache, tmp_path):
-    from imm.train import train, warm_start
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
+    from imm.training.loop import train, warm_start
 
     cfg = load_train_config("toy2d", ["training.total_steps=1", "logging.progress=false", "logging.tensorboard=false"])
     trained = train(cfg, tmp_path / "run", device="cpu")
@@ -119,7 +119,7 @@ def test_vae_hub_id_not_cached_offline_is_one_line_at_once(hub_cache, monkeypatc
     """The SD-VAE by hub id: offline and not cached fails at once (it retried for about 40 s before)."""
     import huggingface_hub
 
-    from imm.encoders import StabilityVAEEncoder
+    from imm.data.encoders import StabilityVAEEncoder
 
     pytest.importorskip("diffusers")
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("a request was made offline"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import imm
-from imm import loss as L
-from imm.checkpoint import CheckpointError, save_network
-from imm.train import train, warm_start
-from imm.train_config import load_train_config
+from imm.io.checkpoint import CheckpointError, save_network
+from imm.methods import moment_matching as L
+from imm.training.config import load_train_config
+from imm.training.loop import train, warm_start
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.checkpoint_every=1000", "logging.sample_steps=[]"]
@@ -124,7 +124,7 @@ def test_warm_start_refuses_another_architecture(tmp_path):
 
 
 def _inception_available():
-    from imm.inception import find_inception_weights
+    from imm.evaluation.inception import find_inception_weights
 
     return find_inception_weights() is not None
 
@@ -136,7 +136,7 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     import json
 
     from imm.cli import main
-    from imm.config import load_config
+    from imm.core.config import load_config
 
     run = tmp_path / "demo"
     assert main(["demo", "--run-dir", str(run), "--fid-images", "6", "training.total_steps=2", "+dataset.max_size=64",
@@ -346,7 +346,7 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
     import torch
 
     from imm import IMMNetwork
-    from imm.sampling import time_grid
+    from imm.model.sampling import time_grid
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import demo_recipe
@@ -359,7 +359,7 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
         assert torch.allclose(grid, torch.tensor([0.994, t_mid, 0.006], dtype=torch.float64), atol=1e-6)
     assert len({demo_recipe.run_dir_of(Path("o"), v) for v in demo_recipe.VARIANTS}) == len(demo_recipe.VARIANTS)
     # flow matching's Euler along an entry's grid: on a uniform grid exactly the baseline's own sampler
-    from imm.baselines import flow_sample
+    from imm.methods.baselines import flow_sample
 
     torch.manual_seed(0)
     x_T = torch.randn(5, 2, 1, 1)

@@ -1,6 +1,6 @@
 # Copyright 2025 The imm authors.
 # SPDX-License-Identifier: Apache-2.0
-"""Tests for the IMM training loss (imm.loss): Eq. 8, 12, 13, 67, App. C.4-C.9, Lemma 1 and 4."""
+"""Tests for the IMM training loss (imm.methods.moment_matching): Eq. 8, 12, 13, 67, App. C.4-C.9, Lemma 1 and 4."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from imm import loss as L
-from imm import schedules
-from imm.precond import IMMNetwork
+from imm.methods import moment_matching as L
+from imm.model import schedules
+from imm.model.network import IMMNetwork
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -124,7 +124,7 @@ class ConstantNet(torch.nn.Module):
         self.out = torch.nn.Parameter(torch.randn(4, 8, 8))
 
     def c_skip_c_out(self, s, t):
-        from imm.precond import c_skip_c_out
+        from imm.model.network import c_skip_c_out
         return c_skip_c_out(s, t, self.f_type, self.noise_schedule, self.sigma_data)
 
     def forward(self, x, t, s, class_labels=None, force_fp32=False):

@@ -17,8 +17,8 @@ from PIL import Image
 
 import imm
 from imm.cli import main
-from imm.evaluate import load_images
-from imm.prepare import prepare_images
+from imm.data.prepare import prepare_images
+from imm.evaluation.evaluate import load_images
 
 from .conftest import FIXTURES
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import imm
-from imm import phema
-from imm.checkpoint import load_latest_state, read_checkpoint
 from imm.cli import main
-from imm.config import ConfigError
-from imm.phema_files import phema_snapshots, reconstruct_run
-from imm.train import TrainingError, train
-from imm.train_config import load_train_config
+from imm.core.config import ConfigError
+from imm.io.checkpoint import load_latest_state, read_checkpoint
+from imm.training import phema
+from imm.training.config import load_train_config
+from imm.training.loop import TrainingError, train
+from imm.training.phema_files import phema_snapshots, reconstruct_run
 
 TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
         "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
@@ -226,8 +226,8 @@ def test_eval_fid_sweeps_reconstructed_emas_and_plots_against_the_width(tmp_path
     checkpoint would be, a table over widths and a plot against sigma_rel (tiny mnist UNet, tiny DINOv2)."""
     import csv
 
-    from imm.evaluate import expand_checkpoints, reference_statistics
-    from imm.train_config import load_train_config
+    from imm.evaluation.evaluate import expand_checkpoints, reference_statistics
+    from imm.training.config import load_train_config
 
     dino = tiny_dinov2_dir
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=4",

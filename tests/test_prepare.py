@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from imm.cli import main
-from imm.data import ImageFolderDataset
-from imm.latents import stats_path_for, write_latent_archive
-from imm.prepare import (
+from imm.data.datasets import ImageFolderDataset
+from imm.data.latents import stats_path_for, write_latent_archive
+from imm.data.prepare import (
     Source,
     apply_transform,
     center_crop,
@@ -176,7 +176,7 @@ def test_worker_processes_write_the_same_archive(tmp_path, photo_dir):
 
 
 def test_interrupted_images_run_leaves_no_archive(tmp_path, photo_dir, monkeypatch):
-    import imm.prepare as prep
+    import imm.data.prepare as prep
 
     calls = []
     real = prep._process
@@ -300,8 +300,8 @@ def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
 def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_dir):
     """PNG zip -> latents with 2 gloo processes -> a few steps of a tiny DiT (imagenet256-dit-s preset)."""
     import imm
-    from imm.train import train
-    from imm.train_config import load_train_config
+    from imm.training.config import load_train_config
+    from imm.training.loop import train
 
     lat = tmp_path / "latents.zip"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -332,11 +332,11 @@ def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_
 
 
 def test_training_and_prepare_label_a_folder_the_same_way(tmp_path):
-    """Issue 12: one class-folder rule (imm.scan) for `imm train` and `imm prepare`. These layouts got
+    """Issue 12: one class-folder rule (imm.data.scan) for `imm train` and `imm prepare`. These layouts got
     labels from one and none from the other before: a shared top folder (ImageNet's train/<class>/...),
     and images deeper down in a class folder."""
-    from imm.data import ImageFolderDataset
-    from imm.prepare import Source
+    from imm.data.datasets import ImageFolderDataset
+    from imm.data.prepare import Source
 
     rng = np.random.default_rng(0)
     layouts = {"shared-top": ["train/cat/1.png", "train/cat/2.png", "train/dog/3.png"],

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from imm import schedules
-from imm.precond import IMMNetwork, c_skip_c_out
+from imm.model import schedules
+from imm.model.network import IMMNetwork, c_skip_c_out
 
 T64 = torch.linspace(0.01, 0.99, 41, dtype=torch.float64)
 
@@ -63,9 +63,9 @@ class _Const(torch.nn.Module):
 
 @pytest.fixture
 def const_backbone(monkeypatch):
-    import imm.precond
+    import imm.model.network
 
-    monkeypatch.setattr(imm.precond, "build_backbone", lambda model_type, **kw: _Const(**kw))
+    monkeypatch.setattr(imm.model.network, "build_backbone", lambda model_type, **kw: _Const(**kw))
 
 
 @pytest.mark.parametrize("f_type,schedule", [("simple_edm", "fm"), ("simple_edm", "vp_cosine"), ("euler_fm", "fm")])

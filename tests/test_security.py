@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 import imm
-from imm import safe_pickle
-from imm.checkpoint import CheckpointError, read_checkpoint, read_training_state
 from imm.cli import main
-from imm.config import ConfigError, load_config
+from imm.core.config import ConfigError, load_config
+from imm.io import safe_pickle
+from imm.io.checkpoint import CheckpointError, read_checkpoint, read_training_state
 
 from .conftest import FIXTURES
 
@@ -562,6 +562,6 @@ def test_file_that_cannot_be_opened(tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root reads any file: the refusal a normal user gets, from open() itself
         def refuse(file, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(file))
-        monkeypatch.setattr("imm.checkpoint.open", refuse, raising=False)
+        monkeypatch.setattr("imm.io.checkpoint.open", refuse, raising=False)
     with pytest.raises(CheckpointError, match="cannot read"):
         read_checkpoint(path)

@@ -1,4 +1,4 @@
-"""imm.threads: the thread count follows the cores other processes leave free; --threads and
+"""imm.core.threads: the thread count follows the cores other processes leave free; --threads and
 OMP_NUM_THREADS fix it."""
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from imm import cli, threads
+from imm import cli
+from imm.core import threads
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import imm
-from imm.checkpoint import atomic_write, checkpoint_paths, load_latest_state
-from imm.config import ConfigError, apply_overrides, load_config
-from imm.data import toy2d_sample
-from imm.metrics import sliced_wasserstein
-from imm.train import TrainingError, train
-from imm.train_config import load_train_config, resolve_config
+from imm.core.config import ConfigError, apply_overrides, load_config
+from imm.data.datasets import toy2d_sample
+from imm.evaluation.toy_metrics import sliced_wasserstein
+from imm.io.checkpoint import atomic_write, checkpoint_paths, load_latest_state
+from imm.training.config import load_train_config, resolve_config
+from imm.training.loop import TrainingError, train
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false", "logging.sample_steps=[]"]  # no end-of-run scatter plot (toy2d_learns checks it)
 

@@ -1,6 +1,6 @@
 # Copyright 2025 The imm authors.
 # SPDX-License-Identifier: Apache-2.0
-"""Tests for the DDPM++/NCSN++ UNet backbone (imm.networks.unet)."""
+"""Tests for the DDPM++/NCSN++ UNet backbone (imm.model.backbones.unet)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imm.networks import unet
+from imm.model.backbones import unet
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 REFERENCE_SHAPES = FIXTURES.parent / "official_param_shapes.json"
@@ -59,7 +59,7 @@ def test_cifar10_names_and_shapes_match_release():
 
 
 def test_official_fixture_state_dict_loads_strict():
-    checkpoint = pytest.importorskip("imm.checkpoint")
+    checkpoint = pytest.importorskip("imm.io.checkpoint")
     path = FIXTURES / "unet_cifar_like.pkl"
     if not path.exists():
         pytest.skip("official-format fixture missing")
@@ -299,7 +299,7 @@ def test_the_release_style_reference_of_benchmarks_forward_computes_the_same_net
     that comparison means something only if both compute the same function with the same weights."""
     import importlib.util
 
-    from imm.precond import IMMNetwork
+    from imm.model.network import IMMNetwork
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "forward.py"
     spec = importlib.util.spec_from_file_location("forward_benchmark", path)

@@ -1,8 +1,8 @@
 """imm: Inductive Moment Matching (Zhou, Ermon, Song, ICML 2025) in PyTorch."""
 
-from .checkpoint import CheckpointError, convert, load_network, read_checkpoint, save_network
-from .precond import IMMNetwork
-from .sampling import sample, time_grid
+from imm.io.checkpoint import CheckpointError, convert, load_network, read_checkpoint, save_network
+from imm.model.network import IMMNetwork
+from imm.model.sampling import sample, time_grid
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "IMMNetwork", "convert", "load_network", "read_checkpoint", "sample",

@@ -1,0 +1,177 @@
+"""Configs as data: YAML presets (``src/imm/presets/*.yaml``) or files, with dotted ``key=value`` overrides.
+
+A config may start with ``base: NAME`` (a preset or file) to extend it section by section.
+
+Overrides use the release's (hydra's) spelling: ``eval.batch_size=16``, ``network.temb_type=identity``,
+``+new.key=1`` to add a key the config does not have yet. Values are parsed as YAML
+(``mid_nt=[1.4]``, ``cfg_scale=null``). A key that does not exist (without ``+``) is an error naming
+the nearest valid key. Keys of the sections a builder checks (``network.*`` for every caller, and
+the trainer's sections for ``imm train``: ``open_sections``) are accepted here and checked against their
+declaration when the config is resolved or the piece is built.
+
+One rule declares and checks every section: a section's keys and defaults are the fields of a
+dataclass or the keyword parameters of the constructor that takes them (:func:`declared_keys`), and
+:func:`fill_section` fills the defaults in and refuses any other key, naming the nearest declared one
+(:func:`check_keys`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from imm.core.errors import InputError
+
+OPEN_SECTIONS = ("network",)
+
+
+class ConfigError(InputError):
+    """A config file, preset name or override that cannot be used."""
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("imm") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
+    """A preset by name (``cifar10``) or a YAML file by path (``_extending``: the configs whose ``base:`` led here)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text, identity = path.read_text(), str(path.resolve())
+    elif name_or_path in preset_names():
+        text = (resources.files("imm") / "presets" / f"{name_or_path}.yaml").read_text()
+        identity = f"preset {name_or_path}"
+    else:
+        raise ConfigError(f"unknown config {name_or_path!r}: not a file, and presets are {', '.join(preset_names())}")
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"config {name_or_path}: invalid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {name_or_path}: top level must be a mapping")
+    base = cfg.pop("base", None)  # a preset may extend another one: `base: imagenet256`
+    if not base:
+        return cfg
+    if not isinstance(base, str):
+        raise ConfigError(f"config {name_or_path}: base must name a preset or a file, got {base!r:.60}")
+    if identity in _extending:
+        chain = " -> ".join([*_extending[_extending.index(identity):], identity])
+        raise ConfigError(f"config {name_or_path}: its base: chain comes back to itself ({chain})")
+    return merge(load_config(base, (*_extending, identity)), cfg)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``, section by section (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _all_keys(cfg: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, dict):
+            keys += _all_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def apply_overrides(cfg: dict, overrides: list[str], open_sections=OPEN_SECTIONS) -> dict:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring); keys under
+    ``open_sections`` need not exist yet (their builder checks them)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        add = key.startswith("+")
+        key = key.lstrip("+").strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = parse_value(text)
+        parts = key.split(".")
+        node = cfg
+        open_section = parts[0] in open_sections
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if part in node and node[part] is not None and not add:
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+                if part not in node and not (add or open_section):
+                    raise ConfigError(_unknown(key, cfg))
+                node[part] = {}
+            node = node[part]
+        if parts[-1] not in node and not (add or open_section):
+            raise ConfigError(_unknown(key, cfg))
+        node[parts[-1]] = value
+    return cfg
+
+
+def parse_value(text: str):
+    """A YAML value; numbers in exponent notation without a dot (``3e-4``, which YAML 1.1 reads as a
+    string) are floats."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def did_you_mean(key: str, candidates, prefix: str = "") -> str:
+    """``"; did you mean 'PREFIX.NEAREST'?"`` for the nearest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _unknown(key: str, cfg: dict) -> str:
+    return f"unknown config key {key!r}{did_you_mean(key, _all_keys(cfg))} (prefix it with + to add a new key)"
+
+
+REQUIRED = inspect.Parameter.empty  # the default of a declared key that has none
+
+
+def declared_keys(source) -> dict:
+    """The keys a config section may hold and their defaults (:data:`REQUIRED` when there is none): the
+    fields of a dataclass, or the keyword parameters of a class's constructor or of a function."""
+    if dataclasses.is_dataclass(source):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
+                for f in dataclasses.fields(source)}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p.default for n, p in inspect.signature(source).parameters.items() if p.kind in kinds}
+
+
+def check_keys(section: str, given, allowed, context: str = "") -> None:
+    """A ConfigError naming the first key of ``given`` that is not in ``allowed`` (``section.key``; a
+    top-level key when ``section`` is empty), what ``context`` says (``" for kind 'npz'"``) and the
+    nearest allowed key."""
+    allowed = list(allowed)
+    prefix = f"{section}." if section else ""
+    for key in given:
+        if key not in allowed:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{context}{did_you_mean(str(key), allowed, prefix)}")
+
+
+def fill_section(section: str, given, source, context: str = "") -> dict:
+    """``given`` (a mapping or None) checked against what ``source`` declares, with its defaults filled in."""
+    given = dict(given or {})
+    declared = declared_keys(source)
+    check_keys(section, given, declared, context)
+    return {**{k: copy.deepcopy(v) for k, v in declared.items() if v is not REQUIRED}, **given}

@@ -1,0 +1,84 @@
+"""Writing images: grids like the release's ``<entry>_samples.png``, single PNGs, ADM-style ``.npz``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imm.core.errors import InputError
+
+
+def to_hwc(images: torch.Tensor) -> np.ndarray:
+    """uint8 NCHW tensor -> uint8 NHWC array."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise InputError(f"expected uint8 images of shape [N, C, H, W]; got {images.dtype} {list(images.shape)}")
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """Save uint8 NCHW images as one grid PNG, ``nrow`` images per row (default: square-ish)."""
+    arr = to_hwc(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or max(1, int(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        y, x = divmod(i, nrow)
+        top, left = padding + y * (h + padding), padding + x * (w + padding)
+        grid[top:top + h, left:left + w] = arr[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _pil(grid).save(path)
+
+
+def save_png(image_hwc: np.ndarray, path) -> None:
+    _pil(image_hwc).save(path, format="PNG")
+
+
+def load_png(path) -> np.ndarray:
+    """A PNG as HWC array (grayscale gets a channel axis), decoded completely. Anything but a regular
+    file (a FIFO would block the read) and any file that does not decode raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def save_scatter(panels: dict[str, torch.Tensor], path, target: torch.Tensor | None = None, limit: float = 3.0) -> None:
+    """2-D points (toy runs) as one PNG of scatter plots side by side, one per ``{title: [N, 2] points}``,
+    each over the ``target`` points in grey when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    try:
+        for ax, (title, x) in zip(axes[0], panels.items()):
+            if target is not None:
+                ax.scatter(*target.T, s=2, c="0.8", label="target")
+            ax.scatter(*x.T, s=2, c="C0", label="samples")
+            ax.set_title(title, fontsize=9)
+            ax.set_aspect("equal")
+            ax.set_xlim(-limit, limit)
+            ax.set_ylim(-limit, limit)
+        if target is not None:
+            axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
