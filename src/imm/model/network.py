@@ -10,8 +10,9 @@ with c_in(t) = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) and c_noise(t) = time_s
 * ``euler_fm``:   c_skip = 1, c_out = -(t - s) sigma_d   (OT-FM only; sigma_d G is the velocity)
 * ``identity``:   DDIM(x_t, G, t, s), Eq. 11, with G as the x-prediction.
 
-``IMMNetwork`` takes the constructor keys of the release's ``IMMPrecond`` so its configurations and
-state_dicts (backbone under ``.model``) carry over unchanged.
+``IMMNetwork`` takes the constructor keys of ``IMMPrecond`` in the official release
+(github.com/lumalabs/imm, ``training/preconds.py``), so the release's configurations and state_dicts
+(backbone under ``.model``) carry over unchanged.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Few-step samplers (paper Sec. 4.3, Alg. 2/4/5; release ``generate_images.py``).
+"""Few-step samplers (paper Sec. 4.3, Alg. 2/4/5; the official release's ``generate_images.py``,
+github.com/lumalabs/imm).
 
 * ``pushforward``: x <- f_{t_{i+1}, t_i}(x) along the time grid (Alg. 2).
 * ``restart``:     x <- f_{eps, t_i}(x), then re-noise to t_{i+1} with fresh noise (Alg. 5).

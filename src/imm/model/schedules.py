@@ -1,4 +1,5 @@
-"""Flow interpolants and noise schedules (paper Sec. 2 and App. C; release `preconds.py`).
+"""Flow interpolants and noise schedules (paper Sec. 2 and App. C; ``training/preconds.py`` of the
+official release, github.com/lumalabs/imm).
 
 A schedule gives x_t = alpha_t * x + sigma_t * eps with eps ~ N(0, sigma_d^2 I):
 

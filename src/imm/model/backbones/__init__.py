@@ -1,4 +1,5 @@
-"""Backbones G: the DDPM++/NCSN++ UNet (``unet.py``) and DiT (``dit.py``), by the release's names,
+"""Backbones G: the DDPM++/NCSN++ UNet (``unet.py``) and DiT (``dit.py``), by the names of the official
+release (github.com/lumalabs/imm),
 and a small MLP (``mlp.py``) for toy 2-D data."""
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 """Diffusion Transformer (DiT, adaLN-Zero) backbone for Inductive Moment Matching.
 
 This is an independent implementation of the DiT variant shipped with the
-official IMM release (Zhou, Ermon & Song, ICML 2025).  That network is the
-DiT of Peebles & Xie (2023) with one addition: a second timestep embedder
+official IMM release (github.com/lumalabs/imm, ``training/dit.py``).  That
+network is the DiT of Peebles & Xie ("Scalable Diffusion Models with
+Transformers", ICCV 2023) with one addition: a second timestep embedder
 (``s_embedder``) whose output is added to the embedding of ``t``.  Blocks use
 timm-style patch embedding, attention and MLP layers.
 

@@ -3,10 +3,12 @@
 """DDPM++ / NCSN++ UNet (EDM's ``SongUNet``) with the IMM second-time embedding.
 
 This is an independent implementation of the ``SongUNet`` backbone of the
-official IMM release (Zhou, Ermon & Song, ICML 2025), itself the UNet of Karras
-et al. (EDM, 2022) after Song et al. (2021), extended by a second noise-level
-input ``s``.  Parameter and buffer names, shapes and numerics follow the
-release, so its state dicts load with ``strict=True`` and give the same output.
+official IMM release (github.com/lumalabs/imm, ``training/unets.py``), itself
+the UNet of Karras et al. (EDM, NeurIPS 2022) after Song et al. ("Score-Based
+Generative Modeling through Stochastic Differential Equations", ICLR 2021),
+extended by a second noise-level input ``s``.  Parameter and buffer names,
+shapes and numerics follow the release, so its state dicts load with
+``strict=True`` and give the same output.
 
 Layout facts the weights depend on:
 
