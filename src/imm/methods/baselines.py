@@ -5,19 +5,20 @@
 Both baselines train the same ``IMMNetwork`` (same backbone, same c_in / c_noise preconditioning) and
 plug into the trainer through ``loss.method`` (``imm``, ``flow_matching``, ``consistency``):
 
-* **Flow matching** (``FlowMatchingLoss``; Lipman et al. 2023, the OT path = the paper's ``fm``
-  schedule): x_t = (1 - t) x + t z with z ~ N(0, sigma_d^2 I), velocity target v = z - x. The
+* **Flow matching** (``FlowMatchingLoss``; Lipman et al., "Flow Matching for Generative Modeling", ICLR
+  2023; the OT path = the paper's ``fm`` schedule): x_t = (1 - t) x + t z with z ~ N(0, sigma_d^2 I), velocity target v = z - x. The
   backbone output G (read with ``IMMNetwork(..., backbone_only=True)``, so the c_in / c_noise
   preconditioning is shared and ``f_type`` does not matter) is trained so that sigma_d G(x_t, t, t) is
   the velocity: the loss is ||G - v / sigma_d||^2, and ``flow_sample`` runs Euler or Heun on
   dx/dt = sigma_d G(x, t, t). The second time input is always s = t (t - s = 0 for
   ``temb_type='stride'``), in training and in sampling. (With ``f_type='euler_fm'``,
   f_{s,t} = x_t - (t - s) sigma_d G of App. C.5 is the same Euler step.)
-* **Consistency training** (``ConsistencyTrainingLoss``; iCT, Song & Dhariwal 2024): the special case
-  of IMM in Lemma 1/2 of the paper: one particle per group (M = 1), the target time fixed at s = eps
-  (the network is f_{eps,t}, a consistency function with the boundary f_{eps,eps} = identity), and the
-  pseudo-Huber kernel, whose MMD^2 with M = 1 is exactly iCT's loss sqrt(||y_t - y_r||^2 + c^2) - c
-  (``kernel='energy'`` gives the squared L2 of the original CT). Its usual time schedule (iCT): a
+* **Consistency training** (``ConsistencyTrainingLoss``; iCT: Song & Dhariwal, "Improved Techniques for
+  Training Consistency Models", ICLR 2024): the special case of IMM in Lemma 1/2 of the paper: one
+  particle per group (M = 1), the target time fixed at s = eps (the network is f_{eps,t}, a consistency
+  function with the boundary f_{eps,eps} = identity), and the pseudo-Huber kernel, whose MMD^2 with
+  M = 1 is exactly iCT's loss sqrt(||y_t - y_r||^2 + c^2) - c (``kernel='energy'`` gives the squared L2
+  of the original CT, Song et al., "Consistency Models", ICML 2023). Its usual time schedule (iCT): a
   Karras grid of N noise levels in eta (= sigma of EDM, rho = 7, eta in [0.002, eta(T)]), N doubling
   on the curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2(s1 / s0) + 1)),
   adjacent levels (eta_i, eta_{i+1}) drawn from the discretised lognormal (P_mean, P_std), t and r

@@ -13,10 +13,10 @@ One optimizer step (Algorithm 3) on a batch of B = G * M samples split into G gr
    time-dependent Laplace kernel (App. C.8), weighted by w(s, t) (Eq. 13, App. C.9);
 5. the loss is the mean over the groups whose loss is finite.
 
-``IMMLoss`` implements it in the style of EDM2's loss classes; its pieces are module-level functions
-(``sample_times``, ``map_r``, ``weighting``, ``kernel_weight``, ``group_mmd``) for tests and baselines.
-Tags in brackets name sources listed in docs/sources.md: [P] the paper, [O] the official release, [U] an
-authors'-style training loss in public code, whose details beyond [P] are options here.
+``IMMLoss`` is a loss object called once per step, like the loss classes of EDM2 (Karras et al., CVPR
+2024); its pieces are module-level functions, which the tests and ``imm.methods.baselines`` use alone.
+Where the paper leaves a detail open (the target pass's precision, dropout masks and labels, the kernel
+clamp, log-normal times), the choice is an option of ``IMMLoss``; docs/sources.md lists them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ KERNELS = ("laplace", "rbf", "energy", "pseudo_huber")
 # Time range (eps_t, T) that sets the default step of each ablated mapping as range / 2^k (App. C.6, I.6):
 # decrement in t with T = 1, eps = 0; in log-SNR with eps = 0.001, T = 0.994 (lambda is infinite at 0 and
 # 1); increment in 1/eta with eps = 0.005, T = 1 (1/eta is infinite at 0). The eta decrement uses the
-# training range (net.eps, net.T) itself, as [U].
+# training range (net.eps, net.T) itself, where the paper rounds it to eta_max = 160, eta_min = 0.
 _MAPPING_RANGES = {"time_decrement": (0.0, 1.0), "logsnr_decrement": (0.001, 0.994),
                    "inverse_eta_increment": (0.005, 1.0)}
 
@@ -73,16 +73,18 @@ def sample_times(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample n pairs (t, s) with eps <= s <= t <= T (Alg. 3 line 2; App. C.7).
 
-    * ``uniform`` ([P], Table 5): t ~ U(eps, T), then s ~ U(eps, t).
-    * ``lognormal`` ([U]'s default; [P] says uniform): eta_t ~ LogNormal(P_mean, P_std) restricted to
-      [eta(eps), eta(T)], then eta_s from the same law restricted to [eta(eps), eta_t]; both mapped back
-      with eta^-1. The restriction is an exact truncation (inverse CDF), followed by [U]'s safety clamp
-      ``eta_s = min(eta_s, eta_t).clamp(min=eta(eps))`` (docs/sources.md, item 1).
-    * ``lognormal_authors``: ``lognormal`` with the bounds as the authors'-style training code passes
-      them (docs/sources.md, item 1): the first draw's lower bound
-      max(eta(eps), 1e-8) is used as a bound on log eta, so eta_t >= exp(max(eta(eps), 1e-8)) >= 1,
+    * ``uniform`` (the paper, Table 5): t ~ U(eps, T), then s ~ U(eps, t).
+    * ``lognormal`` (not in the paper, which trains with uniform times): the log-normal law of EDM's
+      training noise levels (Karras et al., NeurIPS 2022, Sec. 5: ln sigma ~ N(P_mean, P_std^2))
+      applied to eta: eta_t ~ LogNormal(P_mean, P_std) restricted to [eta(eps), eta(T)], then eta_s
+      from the same law restricted to [eta(eps), eta_t]; both mapped back with eta^-1. The restriction
+      is an exact truncation (inverse CDF); ``eta_s = min(eta_s, eta_t).clamp(min=eta(eps))`` then
+      keeps rounding from putting s above t or below eps.
+    * ``lognormal_authors`` (not in the paper): ``lognormal`` with the first draw's lower bound
+      max(eta(eps), 1e-8) applied to log eta instead of eta, so eta_t >= exp(max(eta(eps), 1e-8)) >= 1,
       i.e. t >= 1/2 on the OT-FM path; the second draw's lower bound is eta = 1e-8, so s still covers
-      [eps, t] (after the same clamp).
+      [eps, t] (after the same clamp). docs/benchmarks.md measures its effect: better 1-step, worse
+      4-step quality than uniform times.
 
     Drawn in float64 and returned in ``dtype``; the draws are two ``rand(n)`` calls on ``generator``.
     """
@@ -111,7 +113,8 @@ def sample_times(
 def mapping_step(mapping: str, schedule: str, T: float, eps: float, k: int) -> float:
     """Default step of a mapping, (upper - lower) / 2^k in the mapping's own variable (App. C.6).
 
-    ``eta_decrement``: (eta(T) - eta(eps)) / 2^k, as [U] (the paper rounds eta_max to 160, eta_min to 0).
+    ``eta_decrement``: (eta(T) - eta(eps)) / 2^k over the network's own range (the paper rounds the
+    range to eta_max = 160, eta_min = 0).
     The ablated alternatives use the ranges of App. I.6 (``_MAPPING_RANGES``) whatever the training range.
     """
     _check("mapping", mapping, MAPPINGS)
@@ -145,9 +148,9 @@ def map_r(
     * ``logsnr_decrement``: lambda_r = lambda_t + step, step = (lambda(0.001) - lambda(0.994)) / 2^k;
     * ``inverse_eta_increment``: 1/eta_r = 1/eta_t + step, step = (1/eta(0.005) - 1/eta(1)) / 2^k.
 
-    ``step`` overrides the default (``step=0`` gives r = t). Then, in [U]'s order (docs/sources.md, item 1):
-    with ``min_gap`` Delta, r = min(r, t - Delta) (the FP16 variant of App. I.6); finally
-    r = max(r, s).clamp(min=eps). Returned in t's dtype; rounding keeps s <= r <= t.
+    ``step`` overrides the default (``step=0`` gives r = t). Then, with ``min_gap`` Delta,
+    r = min(r, t - Delta) (the FP16 variant of App. I.6); last r = max(r, s).clamp(min=eps), so r >= s
+    holds even where the gap would cross s. Returned in t's dtype; rounding keeps s <= r <= t.
     """
     _check("mapping", mapping, MAPPINGS)
     if step is None:
@@ -199,7 +202,7 @@ def kernel_weight_from_c_out(c_out: torch.Tensor) -> torch.Tensor:
 
 def kernel_weight(s: torch.Tensor, t: torch.Tensor, f_type: str = "euler_fm", schedule: str = "fm",
                   sigma_data: float = 0.5) -> torch.Tensor:
-    """Kernel weight w~(s, t) = 1/|c_out(s, t)| of App. C.8 ([U] ``get_kernel_weight``).
+    """Kernel weight w~(s, t) = 1/|c_out(s, t)| of App. C.8.
 
     euler_fm: 1/((t - s) sigma_d); simple_edm: sqrt(alpha_t^2 + sigma_t^2)/(sigma_d |alpha_s sigma_t -
     alpha_t sigma_s|); identity: sigma_t/|alpha_s sigma_t - sigma_s alpha_t|. Since y = c_skip x_t +
@@ -232,8 +235,9 @@ def kernel_matrix(
 ) -> torch.Tensor:
     """k(x, y) from squared distances [G, M, M] and the per-group kernel weight w~ [G] (App. C.8).
 
-    * ``laplace``: exp(-w~ max(||x - y||, kernel_eps) / D) (paper, [P] C.8); with ``clamp_squared`` the
-      clamp is max(||x - y||^2, kernel_eps) before the root, as [U] (docs/sources.md, item 4; [P] does not settle which).
+    * ``laplace``: exp(-w~ max(||x - y||, kernel_eps) / D) (App. C.8); with ``clamp_squared`` the clamp is
+      max(||x - y||^2, kernel_eps) before the root instead, a floor of sqrt(kernel_eps) on the distance
+      (an option; both keep the gradient at x = y finite).
     * ``rbf``: exp(-(w~ ||x - y||)^2 / D). Our scaling: the same t-invariant distance w~ ||x - y|| (the
       distance of the backbone outputs G) as the Laplace kernel, squared, over D, i.e. a Gaussian whose
       bandwidth is one unit of G per dimension (G is unit-variance by construction).
@@ -357,7 +361,8 @@ class IMMLoss:
     (number of dropped groups, int64 scalar), ``label_dropped`` (fraction of labels dropped).
 
     Options (paper defaults; CIFAR-10 uses k=15, b=5):
-      group_size M=4; time_sampling 'uniform' | 'lognormal' (P_mean, P_std in eta, [U]);
+      group_size M=4; time_sampling of ``TIME_SAMPLINGS`` ('uniform', Table 5; the log-normal ones
+      with P_mean, P_std in eta, see ``sample_times``);
       mapping r(s,t) of ``MAPPINGS`` with k=12, optional ``mapping_step`` and ``min_gap`` Delta;
       gap annealing (ours, not in the paper): with ``k_start`` the mapping's k moves linearly from
       k_start to k over the first ``k_anneal_steps`` steps (default: the whole run), so the gap
@@ -365,9 +370,11 @@ class IMMLoss:
       to the final fine gap; the trainer calls ``set_progress(step, total_steps)`` before each step;
       kernel of ``KERNELS`` ('laplace'), kernel_eps=1e-8, clamp_squared=False, huber_c;
       weighting exponents a=1, b=4;
-      target_fp32: the no-grad pass with force_fp32=True ([U]); share_dropout: both passes see the same
-      dropout masks ([U]); label_dropout p (0 unless ImageNet, 0.1) with same_dropped_labels=True
-      (Alg. 3) or False ([U]: the target pass sees the undropped labels).
+      target_fp32 (on by default): the no-grad pass runs with ``force_fp32=True``, the argument of
+      ``IMMPrecond.forward`` in the official release (github.com/lumalabs/imm) that turns mixed precision
+      off; share_dropout (on by default): both passes draw the same dropout masks; the paper states neither;
+      label_dropout p (0 unless ImageNet, 0.1) with same_dropped_labels=True (Alg. 3: both passes see
+      the dropped labels) or False (the target pass sees the undropped labels).
     """
 
     def __init__(
@@ -484,7 +491,7 @@ class IMMLoss:
         noise = d["noise"].to(t.dtype)
         x_t = schedules.add_noise(x, t_b.view(bshape), noise, sched)  # x_t = alpha_t x + sigma_t eps
         # x_r = DDIM(x_t, x, r, t) (Eq. 11) with the same eps: alpha_r x + sigma_r eps, which is exact and
-        # stays finite at t = 0 (App. C.2; [U] ddim(..., noise=eps)).
+        # stays finite at t = 0 (App. C.2; the release's IMMPrecond.ddim(..., noise=eps) computes the same).
         x_r = schedules.add_noise(x, r_b.view(bshape), noise, sched)
 
         # Two passes over the whole batch (Alg. 3). The no-grad pass goes first so its temporaries are freed
