@@ -2,16 +2,16 @@
 
 Readable inputs:
 
-* the release's pickles (``cifar10.pt``, ``imagenet256_ts_a2.pkl``, ``imagenet256_s_a1.pkl``): a dict
-  whose ``ema`` entry is the network, read through :mod:`imm.io.safe_pickle` (no code from the file runs);
+* the pickles of the official release (github.com/lumalabs/imm; on the Hugging Face Hub as ``lumaai/imm``:
+  ``cifar10.pt``, ``imagenet256_ts_a2.pkl``, ``imagenet256_s_a1.pkl``): a dict whose ``ema`` entry is the
+  network, read through :mod:`imm.io.safe_pickle` (no code from the file runs);
 * files written by ``torch.save``: a whole network, ``{'ema': ...}``, or a plain state_dict;
 * our own format: one ``.safetensors`` file with the network's configuration as JSON in its
   metadata (``imm convert`` and the trainer write it).
 
-The trainer's checkpoints (written by :func:`save_training_state`, listed by :func:`checkpoint_paths`,
-the newest readable one found by :func:`load_latest_state`) are ``torch.save`` dicts of plain data
-(step, config, network configuration, online and EMA state_dicts, optimizer state), read through the
-restricted unpickler too; ``load_network`` reads their first EMA.
+The trainer's checkpoints are ``torch.save`` dicts of plain data (step, config, network configuration,
+online and EMA state_dicts, optimizer state), read through the restricted unpickler too;
+``load_network`` reads their first EMA.
 
 The network's configuration comes from the file itself (the pickled constructor arguments) and
 keyword overrides apply on top; files that carry none (plain state_dicts) need the whole
@@ -484,7 +484,7 @@ def rotate_checkpoints(run_dir: Path, good: list[Path], keep_last: int) -> None:
 
 
 def set_aside(paths: list[Path], suffix: str) -> None:
-    """Rename checkpoints to NAME.pt + suffix (kept for inspection; no longer resumed or rotated)."""
+    """Rename checkpoints to NAME.pt + suffix (kept for inspection; never resumed or rotated)."""
     if distributed.is_main():
         for path in paths:
             path.replace(path.with_name(path.name + suffix))

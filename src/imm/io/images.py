@@ -1,4 +1,5 @@
-"""Writing images: grids like the release's ``<entry>_samples.png``, single PNGs, ADM-style ``.npz``."""
+"""Image files: sample grids like the ``<key>_samples.png`` of the official release's ``generate_images.py``
+(github.com/lumalabs/imm), single PNGs, and scatter plots of 2-D toy samples."""
 
 from __future__ import annotations
 

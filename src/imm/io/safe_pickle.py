@@ -1,9 +1,9 @@
 """Reading pickles and ``torch.save`` files as data: nothing in the file runs, is imported or is changed.
 
-The release pickles its networks through EDM's ``persistence`` mechanism (a call to
-``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta`` embeds the module's
-source code) and through ordinary classes of torch.nn, timm, omegaconf and dnnlib. Loading them
-the official way executes that source. Here instead, a restricted version of Python's own
+The official release (github.com/lumalabs/imm) pickles its networks through EDM's ``persistence``
+mechanism (a call to ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta`` embeds
+the module's source code) and through ordinary classes of torch.nn, timm, omegaconf and dnnlib.
+Loading them the official way executes that source. Here instead, a restricted version of Python's own
 pure-Python unpickler (``pickle._Unpickler``; opcodes as documented in the standard library's
 ``pickletools``) runs every opcode under these rules:
 
