@@ -2,7 +2,8 @@
 
 A config may start with ``base: NAME`` (a preset or file) to extend it section by section.
 
-Overrides use the release's (hydra's) spelling: ``eval.batch_size=16``, ``network.temb_type=identity``,
+Overrides use Hydra's override syntax (hydra.cc), as the official release's configs do
+(github.com/lumalabs/imm): ``eval.batch_size=16``, ``network.temb_type=identity``,
 ``+new.key=1`` to add a key the config does not have yet. Values are parsed as YAML
 (``mid_nt=[1.4]``, ``cfg_scale=null``). A key that does not exist (without ``+``) is an error naming
 the nearest valid key. Keys of the sections a builder checks (``network.*`` for every caller, and
