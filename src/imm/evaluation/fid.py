@@ -1,13 +1,15 @@
 """FID, Inception Score and precision/recall from Inception features (math; I/O only for .npz statistics).
 
-* :func:`feature_statistics`: mean and unbiased covariance (``np.cov(rowvar=False)``) in float64.
-* :func:`frechet_distance`: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` with scipy's
-  ``linalg.sqrtm`` as pytorch-fid and EDM compute it (tiny imaginary parts dropped; if the product is
-  singular the square root is retried on ``(S1 + eps I)(S2 + eps I)``).
-* :func:`load_statistics` / :func:`save_statistics`: ``.npz`` files with ``mu`` and ``sigma`` (EDM's
-  ``fid-refs/*.npz``; ADM's ``VIRTUAL_*.npz`` also hold images in ``arr_0``, never read here).
-* :func:`inception_score` (Salimans et al. 2016, from 1008-way logits) and :func:`precision_recall`
-  (Kynkäänniemi et al. 2019, k-NN manifolds).
+The FID follows pytorch-fid (github.com/mseitzer/pytorch-fid) and EDM's ``fid.py`` (github.com/NVlabs/edm)
+so that its numbers compare with published ones: the mean and the unbiased covariance
+(``np.cov(rowvar=False)``) in float64, and ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` with
+scipy's ``linalg.sqrtm`` (tiny imaginary parts dropped; a singular product is retried on
+``(S1 + eps I)(S2 + eps I)``). Reference statistics are ``.npz`` files with ``mu`` and ``sigma``: EDM's
+``fid-refs/*.npz`` or the ``VIRTUAL_*.npz`` of ADM's evaluation suite (Dhariwal & Nichol, "Diffusion
+Models Beat GANs on Image Synthesis", NeurIPS 2021), whose images in ``arr_0`` are never read.
+The Inception Score is that of Salimans et al. ("Improved Techniques for Training GANs", NeurIPS 2016),
+from the 1008-way logits; precision and recall those of Kynkäänniemi et al. ("Improved Precision and
+Recall Metric for Assessing Generative Models", NeurIPS 2019), from k-NN manifolds.
 
 Typical use::
 

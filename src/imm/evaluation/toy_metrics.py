@@ -1,8 +1,6 @@
-"""Sample-quality metrics (pure math).
-
-* :func:`sliced_wasserstein`: the sliced 2-Wasserstein distance between two point sets, for toy data.
-* :func:`mmd`: the unbiased squared MMD with a sum of Gaussian kernels, for toy data (``mmd_self_term``
-  caches the reference set's own term).
+"""Sample-quality metrics for the 2-D toy data (pure math): the sliced 2-Wasserstein distance (Bonneel
+et al., "Sliced and Radon Wasserstein Barycenters of Measures", JMIV 2015) and the unbiased squared MMD
+(Gretton et al., "A Kernel Two-Sample Test", JMLR 2012) with a sum of Gaussian kernels.
 """
 
 from __future__ import annotations
