@@ -6,8 +6,8 @@ the package's automatic thread count (`imm.core.threads`, "auto"), in one run of
 
 Needs the machine otherwise idle: anything else running adds to every number. Each training run is a real
 `imm train --config mnist` subprocess; its seconds per step are the median over its log windows after the
-first (start-up and the first steps excluded). Ratios are to the alone time of the same mode, and the
-issue's targets are the auto mode's: beside a busy process at most 2.2x, two runs at most 2.5x each.
+first (start-up and the first steps excluded). Ratios are to the alone time of the same mode; the
+targets, for the auto mode: beside a busy process at most 2.2x, two runs at most 2.5x each.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def run_trainings(n: int, steps: int, log_every: int, threads: str, busy: bool, 
     neighbour = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
     try:
         if busy:
-            time.sleep(1.0)  # the busy process is running before training starts, as in the issue
+            time.sleep(1.0)  # the case measured: the neighbour is already busy when training starts
         dirs = [Path(tempfile.mkdtemp(dir=work)) for _ in range(n)]
         procs = [subprocess.Popen(train_command(d, steps, log_every, threads), env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for d in dirs]

@@ -35,7 +35,7 @@ from quality import method_steps  # noqa: E402  (the equal-compute rule shared w
 VARIANTS = {
     "preset": [],
     "M=1": ["loss.group_size=1"],
-    "M=4": ["loss.group_size=4"],  # the preset until 2026-12-02
+    "M=4": ["loss.group_size=4"],  # the recipe of mnist_study.py (IMM_RECIPE)
     "M=2": ["loss.group_size=2"],
     "euler_fm": ["network.f_type=euler_fm"],
     "M=1, euler_fm": ["loss.group_size=1", "network.f_type=euler_fm"],
@@ -100,7 +100,7 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
     recipe = record.recipe(cfg, steps=cfg["training"]["total_steps"])
     on_record = record.cells(args.record, run_dir.name, recipe, key)
     cache = {**on_record, **record.load(run_dir / f"{key}.json")}
-    if not args.cached_only and cache.keys() - on_record.keys():  # measured here before the record kept them
+    if not args.cached_only and cache.keys() - on_record.keys():  # cached in the run dir but not on record: record them
         record.add(args.record, run_dir.name, recipe, key, {k: v for k, v in cache.items() if k not in on_record})
     if entries is None:
         return cache

@@ -47,7 +47,7 @@ SETUP = ["network.model_channels=16", "training.batch_size=64", "logging.progres
 BUDGETS = [120, 240, 480, 960, 1920]  # IMM steps; multiples of 3*40 so every method's steps hit a checkpoint
 CHECKPOINT_EVERY = 40
 QUICK_SETUP = SETUP + ["+dataset.max_size=64", "network.model_channels=8"]  # --quick: checkpoints every step
-# The IMM recipe this study measured: the mnist preset's until 2026-12-02, when the preset moved to M = 1.
+# The IMM recipe this study measures: the mnist preset with groups of 4 (the preset itself has M = 1).
 IMM_RECIPE = ["loss.group_size=4"]
 # Methods whose training schedule depends on the run's length (iCT's N(k) curriculum): a checkpoint on the
 # way of a longer run is not a shorter run, so the budget curve trains them once per budget.

@@ -3,8 +3,9 @@
 A record maps a run's name to ``{"recipe": {...}, KEY: {CELL: FID, ...}, "note": optional}``. The recipe is the
 run's resolved training config, flattened to dotted keys, without what does not change the trained
 weights (logging, sampling entries, the run's length, the warm start's file path). A recorded run answers
-for a run planned today only if every key of its recipe still has the same value: a key added since
-(with the behaviour it had before as its default) does not void a record, a changed default does.
+for a planned run only if every key of its recipe has the same value in the planned run's: keys only the
+planned run has are ignored, so a setting whose default trains the same weights leaves a record valid,
+while a changed value (a changed default included) voids it.
 """
 
 from __future__ import annotations
