@@ -226,8 +226,8 @@ def test_throughput_benchmark_quick(tmp_path):
 
 @pytest.mark.parametrize("method", ["flow_matching", "consistency"])
 def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(method, tmp_path, monkeypatch):
-    """Issue 12: a checkpoint records its loss.method, and `imm generate` / the FID path sample it with
-    that method's sampler (before, only the benchmark scripts knew how)."""
+    """A checkpoint records its loss.method, and `imm generate` / the FID path sample it with that method's
+    sampler."""
     from imm import cli
     from imm.io.checkpoint import read_sampling_settings
 

@@ -203,7 +203,7 @@ def test_storage_bytes_loader_is_weights_only():
 
 def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
     """A safetensors file begins with its header length (8 bytes, little-endian): a length of 0x..80 makes
-    the first byte 0x80, a pickle's first byte. It was read as a pickle ("unsupported pickle protocol")."""
+    the first byte 0x80, a pickle's first byte: it must be read as safetensors, not as a pickle."""
     import struct
 
     from safetensors.torch import save_file

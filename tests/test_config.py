@@ -53,8 +53,8 @@ def test_bad_config_files(tmp_path):
     ("SongUNet", "model_chanels", "model_channels"), ("DiT", "hiden_size", "hidden_size"),
     ("DiT_S_2", "num_head", "num_heads"), ("MLP", "hiden", "hidden")])
 def test_a_network_key_typo_is_refused_for_every_backbone(model_type, typo, nearest, capsys):
-    """Issue 12: the release's backbones ignore unknown keys (SongUNet warned), so a typo trained another
-    model; now it is one error naming the nearest key, from Python and from `imm train`."""
+    """The release's backbones ignore unknown keys (SongUNet warns), so there a typo trains another model;
+    here it is one error naming the nearest key, from Python and from `imm train`."""
     import imm
 
     with pytest.raises(ValueError, match=rf"unknown config key 'network\.{typo}' for model_type {model_type}; did you mean 'network\.{nearest}'"):

@@ -131,7 +131,7 @@ def test_cli_ref_and_fid_with_both_metrics(dino_dir, image_sets, tmp_path, capsy
     assert result == json.loads((tmp_path / "out" / "fid.json").read_text())
     assert abs(result["fid"]) < 1e-3 and abs(result["fd_dinov2"]) < 1e-10  # tolerances: see test_evaluate.py
     assert "2048-d Inception" in err and "32-d DINOv2" in err  # each metric's small-N warning
-    # without --metrics: FID alone, as before
+    # without --metrics: FID alone
     rc, out, err = _run(["eval", "fid", "--samples", str(image_sets / "few_brighter.npz"), "--ref", str(ref),
                          "--device", "cpu", "--no-progress"], capsys)
     assert rc == 0, err

@@ -282,7 +282,7 @@ def test_unpatchify_inverts_patch_layout():
 
 
 def test_unknown_constructor_keys_are_refused_and_extra_forward_kwargs_accepted():
-    """The release's DiT ignores unknown constructor keys; here a typo is an error (issue 12), while the
+    """The release's DiT ignores unknown constructor keys; here a typo is an error, while the
     forward pass still takes extra keywords."""
     with pytest.raises(TypeError, match="some_future_option"):
         dit.DiT(**TINY_KWARGS, some_future_option=1)

@@ -1,4 +1,4 @@
-"""Training never loses a good checkpoint (issue 13, section 4): non-finite stops, unreadable checkpoints,
+"""Training never loses a good checkpoint: non-finite stops, unreadable checkpoints,
 orphaned temporary files, file modes, unreadable samples, metrics.jsonl after a resume, bad numbers."""
 
 import io

@@ -116,7 +116,7 @@ def test_init_from_takes_a_hub_path(hub_cache, tmp_path):
 
 
 def test_vae_hub_id_not_cached_offline_is_one_line_at_once(hub_cache, monkeypatch):
-    """The SD-VAE by hub id: offline and not cached fails at once (it retried for about 40 s before)."""
+    """The SD-VAE by hub id: offline and not cached fails at once, not after huggingface_hub's retries."""
     import huggingface_hub
 
     from imm.data.encoders import StabilityVAEEncoder

@@ -1,4 +1,5 @@
-"""Issue-10 training options: the authors'-style lognormal bounds, gap annealing, warm start (training.init_from)."""
+"""Training options beyond the paper: lognormal times with t >= 1/2 (lognormal_authors), gap annealing, warm start
+(training.init_from), and the benchmark scripts that measure them."""
 
 import copy
 import math
@@ -208,7 +209,7 @@ def test_mnist_study_quick_modes(tmp_path):
 
 def test_mnist_study_crossing_reads_trends_without_overflow():
     """The budget table's crossing lines: a measured crossing, an extrapolated one, one too far out to name
-    (nearly parallel lines used to overflow math.exp) and lines that are not closing."""
+    (nearly parallel lines, whose crossing would overflow math.exp) and lines that are not closing."""
     import sys
     from pathlib import Path
 
@@ -252,7 +253,7 @@ def test_mnist_study_ablation_table_pairs_variants_with_the_recipe_by_seed():
 def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
     """The FIDs kept in git (benchmarks/results/): a run whose FIDs are all on record is neither trained nor
     evaluated; a record entry of another recipe is not used; merged FIDs keep the ones already there. And
-    every run in the committed record is one the script plans today, with the recipe it would train."""
+    every run in the committed record is one the script plans, with the recipe it trains."""
     import argparse
     import json
     import sys
@@ -316,8 +317,8 @@ def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):
 
 
 def test_demo_recipe_committed_record_is_todays_recipes(tmp_path, capsys):
-    """Every variant in benchmarks/results/demo_recipe.json trained the recipe the script would train today
-    (a changed preset default voids the record: this test then says so), and --cached-only prints its table."""
+    """Every variant in benchmarks/results/demo_recipe.json trained the recipe the script trains (a changed
+    preset default voids the record: this test then says so), and --cached-only prints its table."""
     import json
     import sys
     from pathlib import Path

@@ -225,7 +225,7 @@ def test_weighting_matches_reference_values():
 def test_eta_decrement_gaps_match_reference():
     t = torch.tensor([0.05, 0.5, 0.9, 0.994], dtype=torch.float64)
     gap = t - L.map_r(torch.zeros_like(t), t, "fm", T=0.994, eps=0.0, k=12)
-    # values printed in the notes: 0.037, 0.010, 4e-4, 1.4e-6 (one unit of the last printed digit)
+    # the expected gaps to the digits given: 0.037, 0.010, 4e-4, 1.4e-6 (each within one unit of its last digit)
     for value, printed, unit in zip(gap.tolist(), [0.037, 0.010, 4e-4, 1.4e-6], [1e-3, 1e-3, 1e-4, 1e-7]):
         assert abs(value - printed) <= unit, (value, printed)
     # closed form for OT-FM: eta_r = eta_t - eta(T) / 2^12

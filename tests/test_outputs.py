@@ -1,4 +1,4 @@
-"""Resumable outputs check what they resume (issue 13, section 5): `imm generate --num-images` records
+"""Resumable outputs check what they resume: `imm generate --num-images` records
 its settings and verifies its PNGs, `imm prepare images` never opens FIFOs, scales 16-bit images and
 names what it skips, `imm eval fid --samples` names unreadable files, and outputs get the user's mode."""
 

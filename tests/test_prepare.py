@@ -332,9 +332,9 @@ def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_
 
 
 def test_training_and_prepare_label_a_folder_the_same_way(tmp_path):
-    """Issue 12: one class-folder rule (imm.data.scan) for `imm train` and `imm prepare`. These layouts got
-    labels from one and none from the other before: a shared top folder (ImageNet's train/<class>/...),
-    and images deeper down in a class folder."""
+    """One class-folder rule (imm.data.scan) for `imm train` and `imm prepare`, on the layouts where two rules
+    could disagree: a shared top folder (ImageNet's train/<class>/...) and images deeper down in a class
+    folder."""
     from imm.data.datasets import ImageFolderDataset
     from imm.data.prepare import Source
 

@@ -1,5 +1,5 @@
 """Loading never runs, imports or changes anything a file names; what a file can make us allocate is bounded
-by what it holds; every bad file gets one CheckpointError line naming it (issue 13, sections 1-3).
+by what it holds; every bad file gets one CheckpointError line naming it.
 
 Hostile pickles are written opcode by opcode (opcode names and bytes as in the standard library's
 ``pickletools``).

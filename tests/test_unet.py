@@ -283,7 +283,7 @@ def test_constructor_kwargs():
     net = SongUNet(**{**TINY, "channel_mult": (1, 2), "attn_resolutions": (4,), "resample_filter": (1, 1)},
                    img_channels=3)
     assert set(net.state_dict()) == set(SongUNet(**TINY).state_dict())
-    with pytest.raises(TypeError, match="not_an_argument"):  # it only warned before (issue 12): now refused
+    with pytest.raises(TypeError, match="not_an_argument"):  # refused, where the release's SongUNet only warns
         SongUNet(**TINY, not_an_argument=1)
     with pytest.raises(ValueError, match="embedding_type"):
         SongUNet(**TINY, embedding_type="learned")
