@@ -29,9 +29,10 @@ Pixel convention of the VAE (what we found, and where):
   ``class_name: training.encoders.StabilityVAEEncoder``, ``vae_name: stabilityai/sd-vae-ft-ema``,
   ``final_std: 0.5``, ``raw_mean: [0.86488, -0.27787343, 0.21616915, 0.3738409]``,
   ``raw_std: [4.85503674, 5.31922414, 3.93725398, 3.9870003]``, ``use_fp16: true``) uses
-  statistics of the **[-1, 1]** convention. The release's own ``training/encoders.py`` was not
-  available to us; the evidence is (1) Luma's sibling release lumalabs/tvm (same first author, same
-  EDM2-derived code base) ships the identical encoder block (``configs/im256_w2.yaml``, only
+  statistics of the **[-1, 1]** convention: the release's own ``training/encoders.py``
+  (``StabilityVAEEncoder.encode_pixels``) feeds the VAE ``x / 127.5 - 1``. The rest agrees: (1) Luma's
+  sibling release lumalabs/tvm (same first author, same EDM2-derived code base) ships the identical
+  encoder block (``configs/im256_w2.yaml``, only
   ``final_std`` differs) with a ``training/encoders.py`` (commit 78607b52) whose VAE encoder takes
   ``x / 127.5 - 1``, runs the VAE in fp16 when ``use_fp16``, stores ``cat([mean, std])`` of
   ``latent_dist`` and decodes with ``(y * 0.5 + 0.5).clamp(0, 1) * 255`` truncated to ``uint8``;

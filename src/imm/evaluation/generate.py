@@ -177,7 +177,7 @@ def image_settings(net, digest: str, entry: dict, seed: int, encoder_cfg, method
     """What the images of one sampling entry depend on, as plain JSON data."""
     settings = {"weights_sha256": digest, "network": net.config, "seed": int(seed), "sampling": entry,
                 "encoder": encoder_cfg, "labels": LABELS_RULE}
-    if method != "imm":  # (IMM's settings files stay as they were)
+    if method != "imm":  # IMM's settings have no method key, so they match files written without one
         settings["method"] = method
     return json.loads(json.dumps(settings, sort_keys=True))
 
