@@ -6,7 +6,7 @@ import torch
 
 import imm
 from imm.core.config import ConfigError
-from imm.evaluation.generate import sampling_entries
+from imm.evaluation.sampling_run import sampling_entries
 
 from .conftest import FIXTURES
 
@@ -70,15 +70,19 @@ def test_interval_errors_and_config_entries(net):
         imm.sample(net, x, labels, num_steps=2, discretization="uniform", cfg_scale=1.5, cfg_interval=[0.8, 0.2])
     entries = sampling_entries({"sampling": {"2_steps": {"num_steps": 2, "discretization": "uniform",
                                                          "cfg_scale": 1.5, "cfg_interval": [0.6, 1.0]}}})
-    assert entries["2_steps"]["cfg_interval"] == [0.6, 1.0]
-    with pytest.raises(ConfigError, match="unknown keys"):
+    assert entries["2_steps"].cfg_interval == (0.6, 1.0)
+    assert entries["2_steps"].kwargs()["cfg_interval"] == [0.6, 1.0]
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampling\.a\.cfg_intervall'; did you mean "
+                                          r"'sampling\.a\.cfg_interval'"):
         sampling_entries({"sampling": {"a": {"cfg_intervall": [0, 1]}}})
 
 
 def test_fid_rows_count_the_guided_steps_only(net):
-    from imm.evaluation.evaluate import _steps_and_nfe
+    from imm.evaluation.evaluate import steps_and_nfe
+    from imm.model.sampling import SamplingEntry
 
     entry = {"num_steps": 2, "discretization": "uniform", "cfg_scale": 1.5}
-    assert _steps_and_nfe(net, entry) == (2, 4)
-    assert _steps_and_nfe(net, {**entry, "cfg_interval": [0.6, 1.0]}) == (2, 3)
-    assert _steps_and_nfe(net, {**entry, "cfg_scale": None}) == (2, 2)
+    assert steps_and_nfe(net, entry) == (2, 4)
+    assert steps_and_nfe(net, {**entry, "cfg_interval": [0.6, 1.0]}) == (2, 3)
+    assert steps_and_nfe(net, {**entry, "cfg_scale": None}) == (2, 2)
+    assert steps_and_nfe(net, SamplingEntry(**entry, cfg_interval=[0.6, 1.0])) == (2, 3)

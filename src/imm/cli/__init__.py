@@ -53,7 +53,8 @@ def _add_threads_option(p) -> None:
 
 
 def cmd_generate(args) -> int:
-    from imm.evaluation.generate import run, sampling_config
+    from imm.evaluation.generate import run
+    from imm.evaluation.sampling_run import sampling_config
 
     overrides, network = _split_overrides(args.overrides)
     cfg, source = sampling_config(args.config, args.checkpoint, overrides)
@@ -244,7 +245,7 @@ def _eval_fid(args) -> int:
         raise InputError("--is and --pr go with --samples (generate with `imm generate --num-images` first)")
     if args.num_images is None:
         raise InputError("--checkpoint needs --num-images N (50000 for published numbers)")
-    from imm.evaluation.generate import sampling_config
+    from imm.evaluation.sampling_run import sampling_config
 
     overrides, network = _split_overrides(args.overrides)
     check_num_images(args.num_images)  # argument errors before reading any checkpoint

@@ -41,6 +41,7 @@ from imm.core import distributed, threads
 from imm.core.config import ConfigError
 from imm.core.errors import InputError, MissingError, MissingPackageError
 from imm.evaluation import fid as fidlib
+from imm.model.sampling import SamplingEntry
 
 FEATURE_DIM = 2048
 # metric -> (its name in messages, the feature network, the keys of its statistics in a reference file)
@@ -327,25 +328,18 @@ def parse_steps(text) -> list[int]:
     return steps
 
 
-def _step_entries(cfg: dict, net, steps: list[int], cfg_scale: float | None,
-                  cfg_interval: list[float] | None = None) -> dict[str, dict]:
-    """``{name: sample kwargs}``: a uniform time grid per step count, or the config's sampling entries;
-    ``cfg_scale``/``cfg_interval`` (when given) replace the entries' own."""
-    from imm.evaluation.generate import sampling_entries
-
-    guidance = {k: v for k, v in (("cfg_scale", cfg_scale), ("cfg_interval", cfg_interval)) if v is not None}
-    if steps:
-        return {("1_step" if s == 1 else f"{s}_steps"): {"sampler": "pushforward", "num_steps": s,  # imm generate's names
-                                                         "discretization": "uniform", "cfg_scale": None, **guidance}
-                for s in steps}
-    return {k: {**v, **guidance} for k, v in sampling_entries(cfg).items()}
+def _sampler_kwargs(entry) -> dict:
+    """The keyword arguments a sampler takes for ``entry``: a :class:`SamplingEntry`, or a plain mapping of a
+    baseline sampler's own arguments (``{"nfe": 2}``)."""
+    return entry.kwargs() if isinstance(entry, SamplingEntry) else dict(entry)
 
 
-def _steps_and_nfe(net, kwargs) -> tuple[int, int]:
+def steps_and_nfe(net, entry) -> tuple[int, int]:
     """(steps, network evaluations per image) of a sampling entry: a guided step costs 2 (the doubled
     batch), and with ``cfg_interval`` only the steps inside the interval are guided."""
     from imm.model.sampling import step_cfg_scales, time_grid
 
+    kwargs = _sampler_kwargs(entry)
     if "nfe" in kwargs:  # the baselines' entries
         return int(kwargs["nfe"]), int(kwargs["nfe"]) * (2 if kwargs.get("cfg_scale") is not None else 1)
     grid = time_grid(net, kwargs.get("num_steps"), kwargs.get("discretization"), kwargs.get("mid_nt"))
@@ -395,8 +389,9 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
     rows = []
-    for name, kwargs in entries.items():
-        n_steps, nfe = _steps_and_nfe(net, kwargs)
+    for name, entry in entries.items():
+        kwargs = _sampler_kwargs(entry)
+        n_steps, nfe = steps_and_nfe(net, entry)
         t0 = time.time()
         indices = list(range(rank, num_images, world))
         batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
@@ -439,27 +434,14 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
     """Each of ``metrics`` (FID by default; ``fd_dinov2`` with the DINOv2 hub id or folder ``dinov2``) of
     ``num_images`` samples per step count (or per sampling entry of ``cfg``); rank 0 writes
     ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
-    from imm.data.encoders import build_encoder
-    from imm.evaluation.generate import check_fits, network_from_config, training_method
-    from imm.io.checkpoint import CheckpointError
-    from imm.methods.registry import entry_sampler
+    from imm.evaluation.sampling_run import resolve_sampling_run
 
     refs = {m: load_reference(ref, m) for m in parse_metrics(metrics)}
     check_num_images(num_images)
     device = distributed.init(device)
-    eval_cfg = cfg.get("eval") or {}
-    checkpoint = checkpoint or eval_cfg.get("resume")
-    if not checkpoint:
-        raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
-    batch_size = int(batch_size or eval_cfg.get("batch_size") or 64)
-    seed = int(seed if seed is not None else (eval_cfg.get("seed") or 0))
-    net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
-    if cfg_scale is not None and not net.label_dim:
-        raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
-    entries = _step_entries(cfg, net, steps or [], cfg_scale, cfg_interval)
-    encoder = build_encoder(cfg.get("encoder"))
-    check_fits(net, encoder, entries, source)  # before any sampling
-    encoder.init(device)
+    run = resolve_sampling_run(cfg, checkpoint, device, network_overrides=network_overrides, source=source,
+                               steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
+                               batch_size=batch_size)
     sets = metric_networks(ref, refs, device, inception_path, dinov2)
     main = distributed.is_main()
     for metric, (_, mu, _) in sets.items():
@@ -468,13 +450,13 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
             warnings.warn(f"only {num_images} images per step count for {mu.shape[0]}-d {network} features: the "
                           f"{name} estimate is biased (use >= {mu.shape[0]}, typically 50000)", BiasedEstimateWarning,
                           stacklevel=2)
-    rows = network_distances(net, encoder, sets, entries, num_images, batch_size, seed, device, progress,
-                             entry_sampler(training_method(cfg)))
+    rows = network_distances(run.net, run.encoder, sets, run.entries, num_images, run.eval.batch_size,
+                             run.eval.seed, device, progress, run.sample_fn)
     if main:
         from imm.evaluation.dinov2 import DEFAULT_MODEL
 
         dino = {"dinov2": str(dinov2 or DEFAULT_MODEL)} if "fd_dinov2" in sets else {}
-        write_results(rows, out, checkpoint=str(checkpoint), ref=str(ref), seed=seed, cfg_scale=cfg_scale,
+        write_results(rows, out, checkpoint=run.checkpoint, ref=str(ref), seed=run.eval.seed, cfg_scale=cfg_scale,
                       cfg_interval=cfg_interval, **dino)
     distributed.barrier()
     return rows

@@ -36,12 +36,11 @@ from imm.core import distributed
 from imm.core.distributed import full_state_dict
 from imm.core.errors import InputError
 from imm.io import hub, safe_pickle
-from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, IMMNetwork
+from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, NETWORK_CLASSES, IMMNetwork
 
 FORMAT_NAME = "imm-network"
 FORMAT_VERSION = "1"
 TRAINING_STATE_FORMAT = "imm-training"  # the "format" entry of the trainer's training-state-STEP.pt
-NETWORK_CLASSES = ("IMMPrecond", "IMMNetwork")
 # attributes of the release's IMMPrecond that its forward pass reads (they win over _init_kwargs)
 _RUNTIME_ATTRS = ("img_resolution", "img_channels", "label_dim", "noise_schedule", "sigma_data",
                   "f_type", "T", "eps", "temb_type", "time_scale")

@@ -22,6 +22,7 @@ import inspect
 
 import torch
 
+from imm.core.config import ConfigError
 from imm.core.errors import InputError
 from imm.model import schedules
 from imm.model.backbones import build_backbone
@@ -171,6 +172,22 @@ class IMMNetwork(torch.nn.Module):
             return schedules.ddim(x, out, t, s, self.noise_schedule)
         c_skip, c_out = self.c_skip_c_out(s, t)
         return c_skip * x + c_out * out
+
+
+# The class names a network configuration may give in ``class_name``: the release's wrapper (its configs
+# spell it ``training.preconds.IMMPrecond``) and ours.
+NETWORK_CLASSES = ("IMMPrecond", "IMMNetwork")
+
+
+def check_network_class(section, where: str = "network") -> dict:
+    """``section`` (a network configuration) without its ``class_name``, which must name the IMM network
+    wrapper (any dotted prefix); another class is one InputError naming it."""
+    section = dict(section or {})
+    name = section.pop("class_name", None)
+    if name is not None and str(name).rsplit(".", 1)[-1] not in NETWORK_CLASSES:
+        raise ConfigError(f"{where}.class_name {name!r} is not an IMM network; expected one of "
+                         f"{', '.join(NETWORK_CLASSES)} (optionally with a module prefix such as training.preconds.)")
+    return section
 
 
 IMM_NETWORK_KEYS = tuple(p for p in inspect.signature(IMMNetwork.__init__).parameters if p not in ("self", "model_kwargs"))

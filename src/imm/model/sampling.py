@@ -16,6 +16,7 @@ The loop runs in float64 like the release; the network itself runs in float32 (o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -24,6 +25,46 @@ from imm.model import schedules
 
 SAMPLERS = ("pushforward", "restart")
 DISCRETIZATIONS = ("uniform", "edm")
+
+
+@dataclass(frozen=True)
+class SamplingEntry:
+    """One named way to sample (an entry of a config's ``sampling:`` section): the keyword arguments of
+    :func:`sample` other than the inputs. Unset (None) fields take :func:`sample`'s defaults."""
+
+    sampler: str = "pushforward"
+    num_steps: int | None = None
+    discretization: str | None = None
+    mid_nt: tuple[float, ...] | None = None
+    cfg_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        for name in ("mid_nt", "cfg_interval"):  # hashable and immutable like the rest of the entry
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def kwargs(self) -> dict:
+        """The fields that are set, as keyword arguments of :func:`sample` (lists for the sequences)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.name == "sampler":
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def with_guidance(self, cfg_scale: float | None = None, cfg_interval=None) -> SamplingEntry:
+        """A copy with ``cfg_scale`` / ``cfg_interval`` replaced where they are given (not None)."""
+        changes = {k: v for k, v in (("cfg_scale", cfg_scale), ("cfg_interval", cfg_interval)) if v is not None}
+        return SamplingEntry(**{**self.kwargs(), **changes})
+
+    @classmethod
+    def uniform(cls, num_steps: int) -> SamplingEntry:
+        """``num_steps`` pushforward steps on the uniform time grid."""
+        return cls(num_steps=int(num_steps), discretization="uniform")
 
 
 def time_grid(net, num_steps: int | None = None, discretization: str | None = None,

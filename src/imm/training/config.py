@@ -22,7 +22,9 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from imm.core.config import ConfigError, apply_overrides, check_keys, declared_keys, fill_section, load_config
+from imm.evaluation.sampling_run import EvalSection, sampling_entries
 from imm.methods import registry as methods
+from imm.model.network import check_network_class
 from imm.training import phema
 
 SECTIONS = ("resolution", "channels", "label_dim", "dataset", "encoder", "network", "loss", "optimizer",
@@ -157,6 +159,10 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError(f"loss.method must be one of {', '.join(methods.METHODS)}, got {method!r}")
     loss = {k: v for k, v in loss.items() if k not in _imm_only_loss_keys(method)}
     cfg["loss"] = {"method": method, **fill_section("loss", loss, methods.METHODS[method].loss)}
+    if cfg.get("sampling") is not None:  # what imm generate and imm eval fid read from the run's files
+        sampling_entries(cfg)
+    EvalSection.from_config(cfg.get("eval"))
+    check_network_class(cfg.get("network") or {})
     if not cfg.get("dataset"):
         raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
     if cfg["logging"]["fid_every"] and method != "imm":
@@ -184,7 +190,7 @@ def load_train_config(name_or_path: str, overrides=()) -> dict:
 
 def network_config(cfg: dict, dataset, encoder) -> dict:
     """IMMNetwork arguments: the config's network section with the data's shape filled in."""
-    net = {k: v for k, v in (cfg.get("network") or {}).items() if k != "class_name"}
+    net = check_network_class(cfg.get("network") or {})
     net.setdefault("img_resolution", cfg.get("resolution") or dataset.resolution)
     net.setdefault("img_channels", cfg.get("channels") or encoder.channels)
     net.setdefault("label_dim", cfg.get("label_dim", dataset.label_dim) or 0)

@@ -153,12 +153,12 @@ class PeriodicFID:
     def __init__(self, log: dict, seed: int, device):
         """``log``: the config's logging section; ``seed``: the first sample's seed (``training.seed``)."""
         from imm.evaluation.evaluate import load_reference, metric_networks, parse_metrics
+        from imm.evaluation.sampling_run import step_entries
 
         metrics = parse_metrics(log["fid_metrics"], "logging.fid_metrics")
         refs = {m: load_reference(log["fid_ref"], m) for m in metrics}  # fails at start when missing or malformed
         self.sets = metric_networks(log["fid_ref"], refs, device, dinov2=log["fid_dinov2"])
-        self.entries = {f"{n}step": dict(sampler="pushforward", num_steps=int(n), discretization="uniform")
-                        for n in log["fid_steps"]}
+        self.entries = step_entries(log["fid_steps"])
         self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(seed), device
 
     def __call__(self, ema, encoder, step: int, logger) -> None:

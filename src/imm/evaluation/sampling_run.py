@@ -1,0 +1,180 @@
+"""What a sampling run is made of, resolved in one place for ``imm generate``, ``imm eval fid`` and the
+trainer's periodic FID: the config to sample with, its ``sampling:`` entries and ``eval:`` settings as
+typed objects, the network, its encoder and the sampler of the method it was trained with.
+
+The ``sampling:`` and ``eval:`` sections keep the release's keys (``sampling.NAME.name:
+pushforward_generator_fn``, ``eval.resume``/``seed``/``batch_size``; lumaai/imm ``configs/*.yaml``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+
+from imm.core.config import ConfigError, apply_overrides, check_keys, fill_section, load_config
+from imm.data.encoders import build_encoder
+from imm.io.checkpoint import CheckpointError, network_from_tensors, read_checkpoint, read_sampling_settings
+from imm.methods import registry as methods
+from imm.model.network import check_network_class
+from imm.model.sampling import SamplingEntry
+
+# The release's sampler names (generate_images.py) and ours.
+SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
+                 "pushforward": "pushforward", "restart": "restart"}
+# The network shape (channels, resolution, label_dim) of each preset that samples, for naming the right one.
+PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (1, 32, 10), "toy2d": (2, 1, 0)}
+DEFAULT_CONFIG = "cifar10"  # for files that record no settings (the released cifar10.pt among them)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """The ``eval:`` section: which checkpoint (``resume``, when ``--checkpoint`` is not given), the seed of
+    image 0 (image i uses ``seed + i``) and the images per batch."""
+
+    resume: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+
+    @classmethod
+    def from_config(cls, section: Mapping | None) -> EvalSection:
+        defaults = cls()
+        values = fill_section("eval", section, cls)
+        for key in ("seed", "batch_size"):
+            if values[key] is None:  # eval.seed=null: the default, as in the release's configs
+                values[key] = getattr(defaults, key)
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
+                raise ConfigError(f"eval.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}")
+        return cls(**values)
+
+
+def sampling_entry(name: str, section: Mapping | None) -> SamplingEntry:
+    """One entry of a ``sampling:`` section; the sampler is named by the release's ``name`` key."""
+    values = dict(section or {})
+    check_keys(f"sampling.{name}", values, ["name", *SamplingEntry.__dataclass_fields__])
+    sampler = values.pop("name", values.pop("sampler", "pushforward"))
+    if sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"sampling entry {name!r}: unknown sampler {sampler!r}; use pushforward_generator_fn or "
+                          "restart_generator_fn")
+    try:
+        return SamplingEntry(sampler=SAMPLER_NAMES[sampler], **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampling entry {name!r}: {e}") from None
+
+
+def sampling_entries(cfg: Mapping) -> dict[str, SamplingEntry]:
+    """The config's ``sampling:`` section, entry by entry."""
+    section = cfg.get("sampling") or {}
+    if not isinstance(section, Mapping) or not section:
+        raise ConfigError("the config has no sampling entries (a `sampling:` section of named entries)")
+    return {str(name): sampling_entry(str(name), entry) for name, entry in section.items()}
+
+
+def step_entries(steps, cfg_scale: float | None = None, cfg_interval=None) -> dict[str, SamplingEntry]:
+    """One uniform-grid entry per step count, named as ``imm generate`` names them (``1_step``, ``2_steps``)."""
+    return {("1_step" if s == 1 else f"{s}_steps"): SamplingEntry.uniform(s).with_guidance(cfg_scale, cfg_interval)
+            for s in steps}
+
+
+def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tuple[dict, str]:
+    """The config to sample with, and how to name it in messages: ``--config`` when given; else the encoder,
+    sampling entries and eval settings the checkpoint records (``imm train`` writes them into its files);
+    else the ``cifar10`` preset. :func:`resolve_sampling_run` then refuses a network that does not fit it,
+    naming the right ``--config``."""
+    if config is None and checkpoint:
+        settings = read_sampling_settings(checkpoint)
+        if settings and settings.get("sampling"):  # eval's keys stated, so that eval.KEY= overrides apply
+            settings = {**settings, "eval": {**asdict(EvalSection()), **(settings.get("eval") or {})}}
+            return apply_overrides(settings, overrides), f"the settings recorded in {checkpoint}"
+    config = config or DEFAULT_CONFIG
+    return apply_overrides(load_config(config), overrides), f"--config {config}"
+
+
+def training_method(cfg: Mapping) -> str:
+    """The ``loss.method`` the network was trained with (a checkpoint of ``imm train`` records it), ``imm``
+    when the config does not say."""
+    method = (cfg.get("loss") or {}).get("method") or "imm"
+    methods.get(method)
+    return method
+
+
+def check_fits(net, encoder, entries: Mapping[str, SamplingEntry], source: str) -> None:
+    """Before any sampling: the config's encoder takes the network's channels and its guided entries have a
+    class-conditional network; otherwise one ConfigError naming the preset that fits."""
+    shape = (net.img_channels, net.img_resolution, net.label_dim)
+    fits = [name for name, preset in PRESET_SHAPES.items() if preset == shape]
+    hint = (f"use --config {fits[0]}" if fits else "pass --config with a YAML file whose encoder and sampling "
+            "entries fit it")
+    what = f"the network makes {net.img_channels}-channel {net.img_resolution}x{net.img_resolution} samples" + (
+        f" of {net.label_dim} classes" if net.label_dim else ", unconditional")
+    if getattr(encoder, "channels", net.img_channels) != net.img_channels:
+        raise ConfigError(f"{source} decodes {encoder.channels}-channel samples but {what}: {hint}")
+    guided = [name for name, entry in entries.items() if entry.cfg_scale is not None]
+    if guided and not net.label_dim:
+        raise ConfigError(f"{source}: the sampling entries {', '.join(guided)} use guidance (cfg_scale) but {what}: {hint}")
+
+
+def network_from_config(cfg: Mapping, checkpoint, network_overrides: Mapping, device) -> torch.nn.Module:
+    """The network of ``checkpoint`` built from the file's own configuration (or the config's ``network:``
+    section when the file carries none), with ``network_overrides`` on top, its weights loaded."""
+    file_config, tensors = read_checkpoint(checkpoint)
+    if file_config is None:
+        section = check_network_class(cfg.get("network") or {}, "network")
+        file_config = {"img_resolution": cfg.get("resolution"), "img_channels": cfg.get("channels"),
+                       "label_dim": cfg.get("label_dim", 0), **section}
+    config = {**file_config, **check_network_class(network_overrides, "network")}
+    return network_from_tensors(config, tensors, str(checkpoint), device)
+
+
+@dataclass
+class SamplingRun:
+    """Everything a sampling run needs: the network (eval mode, on ``device``), the encoder that decodes its
+    samples, the entries to sample, ``sample_fn`` (``imm.sample``'s call, with the sampler of the network's
+    training method) and the ``eval`` settings."""
+
+    net: torch.nn.Module
+    encoder: object
+    entries: dict[str, SamplingEntry]
+    sample_fn: Callable
+    method: str
+    eval: EvalSection
+    checkpoint: str
+    device: torch.device
+
+
+def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides: Mapping | None = None,
+                         source: str = "the config", names: list[str] | None = None, steps=None,
+                         cfg_scale: float | None = None, cfg_interval=None, seed: int | None = None,
+                         batch_size: int | None = None) -> SamplingRun:
+    """The sampling run of ``cfg`` for ``checkpoint`` (else ``eval.resume``): the config's sampling entries
+    (only ``names`` when given), or a uniform-grid entry per step count of ``steps``; ``cfg_scale`` and
+    ``cfg_interval`` replace the entries' guidance, ``seed`` and ``batch_size`` the ``eval`` section's. Every
+    check (entries, eval settings, the network against the encoder and the guidance) runs before the encoder
+    is loaded."""
+    settings = EvalSection.from_config(cfg.get("eval"))
+    settings = EvalSection(resume=settings.resume, seed=settings.seed if seed is None else int(seed),
+                           batch_size=settings.batch_size if batch_size is None else int(batch_size))
+    checkpoint = checkpoint or settings.resume
+    if not checkpoint:
+        raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
+    if steps:
+        entries = step_entries(steps)
+    else:
+        entries = sampling_entries(cfg)
+        if names:
+            missing = [n for n in names if n not in entries]
+            if missing:
+                raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(entries)}")
+            entries = {n: entries[n] for n in names}
+    entries = {n: e.with_guidance(cfg_scale, cfg_interval) for n, e in entries.items()}
+    method = training_method(cfg)
+    net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
+    if cfg_scale is not None and not net.label_dim:
+        raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
+    encoder = build_encoder(cfg.get("encoder"))
+    check_fits(net, encoder, entries, source)
+    encoder.init(device)
+    return SamplingRun(net=net, encoder=encoder, entries=entries, sample_fn=methods.entry_sampler(method),
+                       method=method, eval=settings, checkpoint=str(checkpoint), device=device)
