@@ -382,7 +382,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
     ``imm.methods.registry.entry_sampler`` for the network's training method)."""
     from tqdm.auto import tqdm
 
-    from imm.evaluation.generate import seeded_inputs
+    from imm.evaluation.generate import draw_samples
     from imm.model.sampling import sample
 
     sample_fn = sample if sample_fn is None else sample_fn
@@ -398,10 +398,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
         feats = {m: [] for m in sets}
         for idx in tqdm(batches, desc=name, unit="batch", disable=not (progress and main)):
             threads.tick()
-            noise, labels = seeded_inputs(net, idx, seed)
-            g = torch.Generator(device=device).manual_seed(seed + idx[0])
-            x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
-            images = encoder.decode(x)
+            images = draw_samples(net, encoder, sample_fn, kwargs, idx, seed, device)
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
                 raise InputError(f"the encoder decodes to {images.dtype} {list(images.shape)}; FID needs uint8 "
                                  "NCHW images with 1 or 3 channels")

@@ -49,15 +49,19 @@ def seeded_inputs(net, indices, seed: int):
     return torch.stack(noises), labels_t
 
 
-def draw(run: SamplingRun, entry: SamplingEntry, indices) -> torch.Tensor:
-    """The decoded samples of images ``indices`` of one entry: image i from seed ``eval.seed + i`` (its label
-    and starting noise), the sampler's own randomness from the seed of the first image."""
-    net, device, seed = run.net, run.device, run.eval.seed
+def draw_samples(net, encoder, sample_fn, kwargs: dict, indices, seed: int, device) -> torch.Tensor:
+    """The decoded samples of images ``indices``: image i from seed ``seed + i`` (its label and starting
+    noise), the sampler's own randomness from the seed of the first image; ``sample_fn`` has
+    :func:`imm.sample`'s call and ``kwargs`` are its sampling arguments."""
     noise, labels = seeded_inputs(net, indices, seed)
-    g = torch.Generator(device=device).manual_seed(seed + int(indices[0]))
-    x = run.sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g,
-                      **entry.kwargs())
-    return run.encoder.decode(x)
+    g = torch.Generator(device=device).manual_seed(int(seed) + int(indices[0]))
+    x = sample_fn(net, noise.to(device), None if labels is None else labels.to(device), generator=g, **kwargs)
+    return encoder.decode(x)
+
+
+def draw(run: SamplingRun, entry: SamplingEntry, indices) -> torch.Tensor:
+    """:func:`draw_samples` of one entry of a resolved sampling run."""
+    return draw_samples(run.net, run.encoder, run.sample_fn, entry.kwargs(), indices, run.eval.seed, run.device)
 
 
 def generate_grids(run: SamplingRun, out: Path, toy_target: str | None = None) -> list[Path]:
