@@ -32,6 +32,55 @@ def test_help_lists_subcommands(capsys):
         assert e.value.code == 0
 
 
+def _commands(parser, words=()):
+    """(words, parser) for every command and subcommand below ``parser``."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*words, name), sub
+                yield from _commands(sub, (*words, name))
+
+
+def test_every_command_has_help_with_a_description_and_examples(capsys):
+    from imm.cli import build_parser
+    from imm.cli.options import DEFAULT_DEVICE
+
+    commands = dict(_commands(build_parser()))
+    assert {("demo",), ("eval", "ref"), ("eval", "fid"), ("prepare", "stats"), ("ema", "reconstruct"),
+            ("convert",), ("info",)} <= set(commands)
+    for words, parser in commands.items():
+        assert parser.description and parser.epilog.startswith("examples:\n"), words
+        assert f"imm {' '.join(words)} " in parser.epilog, words  # examples of this command
+        with pytest.raises(SystemExit) as e:
+            main([*words, "--help"])
+        assert e.value.code == 0 and "examples:" in capsys.readouterr().out, words
+        device = [a.help for a in parser._actions if "--device" in a.option_strings]
+        assert device in ([], [f"cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})"],
+                          ["cpu, cuda or cuda:N (default: cpu)"]), words
+    for group in ("eval", "prepare", "ema"):  # a group alone prints its help and fails
+        assert main([group]) == 2 and f"{group.upper()}_COMMAND" in capsys.readouterr().out
+
+
+def test_demo_checks_its_arguments_and_the_fid_network_before_training(tmp_path, capsys, monkeypatch):
+    from imm.evaluation import inception
+    from imm.training.demo import plan_demo
+
+    assert main(["demo", "--run-dir", str(tmp_path / "run"), "--fid-images", "1"]) == 2
+    assert capsys.readouterr().err == "imm demo: error: --fid-images must be 0 (no FID) or at least 2, got 1\n"
+    assert not (tmp_path / "run").exists()
+    assert plan_demo(["training.total_steps=7"], 0).config["training"]["total_steps"] == 7
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(inception, "find_inception_weights", lambda: None)
+    monkeypatch.setattr(inception, "download_inception", offline)
+    plan = plan_demo([], 300)
+    assert plan.fid_images == 0 and "--inception PATH" in plan.no_fid_reason and "\n" not in plan.no_fid_reason
+
+
 def test_console_script_installed():
     # the script pip wrote beside the interpreter running the tests (its environment need not be on PATH)
     script = shutil.which("imm", path=os.path.dirname(sys.executable))
