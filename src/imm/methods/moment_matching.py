@@ -455,10 +455,7 @@ class IMMLoss:
         noise = torch.randn(images.shape, generator=generator, device=device, dtype=tdtype) * meta.sigma_data
         onehot = keep = None
         if labels is not None and getattr(meta, "label_dim", 0):
-            if labels.ndim == 1 and not labels.is_floating_point():
-                onehot = torch.nn.functional.one_hot(labels.to(device), meta.label_dim).to(torch.float32)
-            else:
-                onehot = labels.to(device=device, dtype=torch.float32).reshape(batch, meta.label_dim)
+            onehot = meta.one_hot(labels, batch, device)
         target_labels = onehot
         if onehot is not None and self.label_dropout > 0:
             keep = torch.rand(batch, generator=generator, device=device) >= self.label_dropout
