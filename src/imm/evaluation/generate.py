@@ -286,9 +286,7 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
         entries: list[str] | None = None, progress: bool = True, source: str = "the config") -> list[Path]:
     """Everything ``imm generate`` does after parsing its arguments."""
     device = distributed.init(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    distributed.set_tf32(device)
     eval_cfg = cfg.get("eval") or {}
     checkpoint = checkpoint or eval_cfg.get("resume")
     if not checkpoint:

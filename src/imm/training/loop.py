@@ -228,10 +228,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     run_dir = Path(run_dir)
     device = distributed.init(device)
     rank, world = distributed.rank(), distributed.world_size()
-    if device.type == "cuda":
-        tf32 = tcfg["precision"] != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    distributed.set_tf32(device, tcfg["precision"] != "fp32")
 
     # -- data, network, loss: every check before any compute ---------------------------------------
     if "path" in cfg["dataset"] and not cfg["dataset"]["path"]:
