@@ -108,13 +108,14 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
     if todo and not args.cached_only:
         import imm
         from imm.data.encoders import build_encoder
-        from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
+        from imm.evaluation.evaluate import load_reference, network_fid
+        from imm.evaluation.inception import load_inception
 
         train_variant(cfg, run_dir)
         net = imm.load_network(run_dir / "network.safetensors").eval()
         mu, sigma = load_reference("mnist")
         encoder = build_encoder(cfg["encoder"])
-        rows = network_fid(net, encoder, _load_inception(), todo, mu, sigma, num_images, 100, seed=seed,
+        rows = network_fid(net, encoder, load_inception(), todo, mu, sigma, num_images, 100, seed=seed,
                            device=torch.device("cpu"), progress=False, sample_fn=sampler(cfg["loss"]["method"]))
         new = {k: r["fid"] for k, r in zip(todo, rows)}
         cache.update(new)

@@ -35,6 +35,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from imm.core.distributed import set_tf32
 from imm.model.backbones.dit import Attention as DiTAttention
 from imm.model.backbones.dit import DiT
 from imm.model.backbones.unet import UNetBlock
@@ -207,9 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=9, help="--against-release: A B timing pairs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device)
     models = args.models.split(",")
     if args.against_release:
         rows = [bench_against_release(m, args.batch, device, args.rounds, args.repeats) for m in models]

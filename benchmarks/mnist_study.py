@@ -177,7 +177,8 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
     """FID of the EMA at each budget's checkpoint and NFE, cached in RUN/fid-N.json."""
     import imm
     from imm.data.encoders import build_encoder
-    from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
+    from imm.evaluation.evaluate import load_reference, network_fid
+    from imm.evaluation.inception import load_inception
     from imm.methods.registry import generate
 
     cache_path = run_dir / f"fid-{num_images}.json"
@@ -190,7 +191,7 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
         todo = [n for n in nfes if f"{step}/{n}" not in cache]
         if todo:
             if inception is None:
-                inception = _load_inception()
+                inception = load_inception()
                 encoder = build_encoder({"class_name": "StandardRGBEncoder", "channels": 1})
             ckpt = checkpoint_at(run_dir, step)
             net = imm.load_network(ckpt if ckpt.exists() else run_dir / "network.safetensors").eval()

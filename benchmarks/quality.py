@@ -137,11 +137,12 @@ def run_toy2d(args, out: Path) -> list[dict]:
 
 def run_mnist(args, out: Path) -> list[dict]:
     from imm.data.encoders import build_encoder
-    from imm.evaluation.evaluate import _load_inception, load_reference, network_fid
+    from imm.evaluation.evaluate import load_reference, network_fid
+    from imm.evaluation.inception import load_inception
 
     num_images = 8 if args.quick else args.num_images
     mu_ref, sigma_ref = load_reference("mnist")
-    inception = _load_inception()
+    inception = load_inception()
     rows = []
     for seed in args.seeds:
         for method in args.methods:

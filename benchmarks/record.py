@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from imm.core.config import flatten
+
 NOT_RECIPE = ("logging.", "sampling.", "training.total_steps", "training.init_from")
 
 
@@ -30,16 +32,7 @@ def save_json(path: Path, obj) -> None:
 
 def recipe(cfg: dict, **extra) -> dict:
     """A resolved training config as the flat dict a record keeps (JSON types: tuples become lists)."""
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif not f"{prefix}{k}".startswith(NOT_RECIPE):
-                flat[f"{prefix}{k}"] = v
-
-    walk(cfg, "")
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_RECIPE)}
     return json.loads(json.dumps({**flat, **extra}))
 
 

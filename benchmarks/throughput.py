@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import CONFIGS  # noqa: E402  (the released network configurations)
 
 import imm  # noqa: E402
+from imm.core.distributed import set_tf32  # noqa: E402
 from imm.methods.registry import build_loss  # noqa: E402
 from imm.model.backbones import set_activation_checkpointing  # noqa: E402
 from imm.training.loop import make_optimizer  # noqa: E402
@@ -285,9 +286,7 @@ def main(argv=None) -> int:
                                          args.activation_checkpointing, args.repeats or 3)))
         return 0
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device)
     cases = CASES["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
     if args.cases:  # the batch and precision of the device's case of that network, else the first case's
         known = {c[0]: c for c in cases}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from imm.core.config import ConfigError, apply_overrides, load_config, preset_names
+from imm.core.config import ConfigError, apply_overrides, dotted_items, flatten, load_config, preset_names
 
 
 def test_presets_load():
@@ -122,3 +122,9 @@ def test_every_method_meets_the_loss_protocol():
         assert isinstance(loss.group_size, int) and loss.group_size >= 1, name
         loss.set_progress(0, 10)  # every loss takes it (a no-op without a schedule)
         assert method.forward_equivalents in (3, 4) and callable(method.sample)
+
+
+def test_flatten_and_dotted_items():
+    cfg = {"a": {"b": 1, "c": {"d": [2]}}, "e": {}, "f": None}
+    assert flatten(cfg) == {"a.b": 1, "a.c.d": [2], "f": None}
+    assert [k for k, _ in dotted_items(cfg)] == ["a", "a.b", "a.c", "a.c.d", "e", "f"]

@@ -145,9 +145,9 @@ def test_edm_zip_with_dataset_json(edm_zip):
         x, y = ds[i]
         assert torch.equal(x, _chw(images[i])) and y == labels[i]
     assert ds.describe()["label_histogram"] == np.bincount(labels, minlength=5).tolist()
-    assert ds._zipfile is not None  # opened lazily by the reads above
+    assert ds._source._zipfile is not None  # opened lazily by the reads above
     clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker gets: no open handle
-    assert clone._zipfile is None and torch.equal(clone[3][0], ds[3][0])
+    assert clone._source._zipfile is None and torch.equal(clone[3][0], ds[3][0])
 
 
 def test_zip_with_null_labels_is_unlabelled(tmp_path):

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from imm.core.errors import InputError
 from imm.methods import moment_matching as L
 from imm.model import schedules
 from imm.model.network import IMMNetwork
@@ -365,6 +366,15 @@ def test_label_dropout(same):
     rec.calls.clear()  # p = 1 drops every label to the null (all-zero) row
     L.IMMLoss(label_dropout=1.0)(rec, x, ids, generator=gen(7))
     assert torch.all(rec.calls[1]["labels"] == 0)
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_out_of_range_class_label_is_refused_in_one_line(bad):
+    net = tiny_dit("euler_fm", label_dim=10)
+    ids = torch.tensor([0, 1, bad, 3])
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 10\); got ") as e:
+        L.IMMLoss()(net, images(4), ids, generator=gen(0))
+    assert len(str(e.value).splitlines()) == 1 and f"{min(bad, 0)}..{max(bad, 3)}" in str(e.value)
 
 
 # --------------------------------------------------------------------------------- reduction and checks

@@ -266,3 +266,26 @@ def test_eval_samples_refuse_fifos(tmp_path):
     os.mkfifo(tmp_path / "samples.npz")
     with pytest.raises(ValueError, match="samples.npz .*not a regular file"):
         finishes(lambda: load_images(tmp_path / "samples.npz"), tmp_path / "samples.npz")
+
+
+def test_training_and_prepare_refuse_a_fifo_unopened(tmp_path):
+    """A FIFO among a folder's images: `imm prepare images` names and skips it, training reports it as an
+    unreadable sample (which the loader skips); neither opens it."""
+    from imm.data.datasets import ImageFolderDataset, UnreadableSample
+    from imm.data.loader import make_loader
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(src / f"{i}.png")
+    fifo = src / "1b.png"
+    os.mkfifo(fifo)
+    info = finishes(lambda: prepare_images(src, tmp_path / "out.zip", 8, progress=False), fifo)
+    assert info["count"] == 3 and info["skipped"] == {"not a regular file": ["1b.png"]}
+    dataset = finishes(lambda: ImageFolderDataset(src), fifo)
+    assert len(dataset) == 4 and dataset._files[2] == "1b.png"
+    with pytest.raises(UnreadableSample, match="1b.png: not a regular file"):
+        finishes(lambda: dataset[2], fifo)
+    loader = make_loader(dataset, 4, shuffle=False, max_unreadable=1)
+    raw, _ = finishes(lambda: next(loader), fifo)
+    assert list(loader.unreadable) == [2] and torch.equal(raw[2], dataset[3][0])

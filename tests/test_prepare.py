@@ -355,3 +355,54 @@ def test_training_and_prepare_label_a_folder_the_same_way(tmp_path):
         assert (source.labels, source.class_names) == (labels, class_names), layout
         assert (None if not dataset.label_dim else dataset.labels.tolist()) == labels, layout
         assert dataset.class_names == class_names, layout
+
+
+PAIRS = [["a/1.png", 1], ["a/2.png", 0], ["b/3.png", 2]]  # not the class-folder labels (0, 0, 1)
+DATASET_JSON_FORMS = {  # dataset.json -> (labels, class_names, label_dim)
+    "edm-pairs": ({"labels": PAIRS}, [1, 0, 2], None, 3),
+    "edm-null": ({"labels": None}, None, None, 0),
+    "mapping": ({"labels": dict(PAIRS)}, [1, 0, 2], None, 3),
+    "backslashes": ({"labels": [[n.replace("/", "\\"), lab] for n, lab in PAIRS]}, [1, 0, 2], None, 3),
+    "class-names": ({"labels": PAIRS, "class_names": ["ant", "bee", "cat", "dog"]}, [1, 0, 2],
+                    ["ant", "bee", "cat", "dog"], 4),
+}
+
+
+@pytest.mark.parametrize("container", ["folder", "zip"])
+@pytest.mark.parametrize("form", list(DATASET_JSON_FORMS))
+def test_training_and_prepare_read_every_dataset_json_form(tmp_path, form, container):
+    """One reader (imm.data.source) of dataset.json for `imm train` and `imm prepare images`."""
+    meta, labels, class_names, label_dim = DATASET_JSON_FORMS[form]
+    rng = np.random.default_rng(0)
+    root = tmp_path / "src"
+    for name, _ in PAIRS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    if container == "zip":
+        with zipfile.ZipFile(tmp_path / "src.zip", "w") as zf:
+            for p in sorted(root.rglob("*")):
+                if p.is_file():
+                    zf.write(p, p.relative_to(root).as_posix())
+        root = tmp_path / "src.zip"
+    dataset = ImageFolderDataset(root)
+    assert (None if not dataset.label_dim else dataset.labels.tolist()) == labels
+    assert (dataset.class_names, dataset.label_dim) == (class_names, label_dim)
+    source = Source(root)
+    assert (source.labels, source.class_names, source.label_dim) == (labels, class_names, label_dim)
+    info = prepare_images(root, tmp_path / "out.zip", 8, progress=False)
+    assert (info["count"], info["label_dim"], info["class_names"]) == (3, label_dim, class_names)
+    prepared = ImageFolderDataset(tmp_path / "out.zip")
+    assert (None if not prepared.label_dim else prepared.labels.tolist()) == labels
+    assert (prepared.class_names, prepared.label_dim) == (class_names, label_dim)
+
+
+def test_dataset_json_class_names_must_name_every_class(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    Image.new("RGB", (8, 8)).save(root / "b.png")
+    (root / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 2]], "class_names": ["x", "y"]}))
+    for read in (ImageFolderDataset, Source):
+        with pytest.raises(ValueError, match="'class_names' must be a list of names, one per class id 0..2"):
+            read(root)

@@ -81,13 +81,20 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _all_keys(cfg: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys.append(prefix + str(k))
-        if isinstance(v, dict):
-            keys += _all_keys(v, f"{prefix}{k}.")
-    return keys
+def dotted_items(cfg: dict, prefix: str = ""):
+    """``(dotted key, value)`` for every key of a nested dict, sections included, depth first:
+    ``{"a": {"b": 1}}`` gives ``("a", {"b": 1})`` then ``("a.b", 1)``."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        yield name, value
+        if isinstance(value, dict):
+            yield from dotted_items(value, f"{name}.")
+
+
+def flatten(cfg: dict) -> dict:
+    """The values of a nested dict that are not dicts, under dotted keys: ``{"a": {"b": 1}, "c": 2}`` ->
+    ``{"a.b": 1, "c": 2}`` (an empty section has no key)."""
+    return {key: value for key, value in dotted_items(cfg) if not isinstance(value, dict)}
 
 
 def apply_overrides(cfg: dict, overrides: list[str], open_sections=OPEN_SECTIONS) -> dict:
@@ -142,7 +149,7 @@ def did_you_mean(key: str, candidates, prefix: str = "") -> str:
 
 
 def _unknown(key: str, cfg: dict) -> str:
-    return f"unknown config key {key!r}{did_you_mean(key, _all_keys(cfg))} (prefix it with + to add a new key)"
+    return f"unknown config key {key!r}{did_you_mean(key, (k for k, _ in dotted_items(cfg)))} (prefix it with + to add a new key)"
 
 
 REQUIRED = inspect.Parameter.empty  # the default of a declared key that has none

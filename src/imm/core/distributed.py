@@ -1,4 +1,5 @@
-"""torch.distributed helpers: one process per device under torchrun, or a single process without it."""
+"""torch.distributed helpers: one process per device under torchrun, or a single process without it; and
+the device's float32 matmul precision (:func:`set_tf32`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def init(device: str | torch.device | None = None) -> torch.device:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def set_tf32(device: torch.device, enabled: bool = True) -> None:
+    """Let float32 matmuls and cuDNN convolutions on a CUDA ``device`` use TF32 tensor cores (10-bit
+    mantissa inputs, float32 accumulation), or not; other devices are left as they are."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def rank() -> int:

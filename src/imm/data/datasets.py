@@ -31,18 +31,19 @@ Formats
 * :class:`ImageFolderDataset` -- a folder or a ``.zip`` archive of images (PNG, JPEG, BMP, GIF,
   WebP, TIFF, PNM, TGA, QOI via Pillow) or of ``.npy`` arrays (EDM2 latent archives: one CHW
   array per file), in any sub-folder layout; files are taken in sorted order of their path.
-  Labels come from ``dataset.json`` at the root, EDM's format
-  ``{"labels": [["00000/img00000000.png", 6], ...]}`` (``"labels": null`` = unlabelled). Without
-  ``dataset.json``, class folders give the labels by the rule of :mod:`imm.data.scan` (the one
-  ``imm prepare`` uses too): after dropping the folders every file shares, each file's top-level
-  folder is its class when there are at least two and the layout is not EDM's chunks
-  (``00000/img00000000.png``); the sorted folder names are ``class_names``. Otherwise the dataset is
-  unlabelled. Grayscale (and 1-bit) images have 1 channel, colour images
-  (RGB, palette, CMYK, YCbCr) 3, images with alpha keep it (LA: 2, RGBA: 4, as EDM does); 16-bit and
-  float images are refused. All items must share one shape (checked on every file's header at
+  The files and their labels are read by :class:`imm.data.source.Source`, as ``imm prepare`` reads
+  them: labels from ``dataset.json`` at the root (EDM's ``{"labels": [["00000/img00000000.png", 6],
+  ...]}``, ``"labels": null`` = unlabelled, or the other forms that module lists, ``class_names``
+  included), else from class folders by the rule of :mod:`imm.data.scan`: after dropping the folders
+  every file shares, each file's top-level folder is its class when there are at least two and the
+  layout is not EDM's chunks (``00000/img00000000.png``); the sorted folder names are
+  ``class_names``. Otherwise the dataset is unlabelled. Grayscale (and 1-bit) images have 1
+  channel, colour images (RGB, palette, CMYK, YCbCr) 3, images with alpha keep it (LA: 2, RGBA: 4,
+  as EDM does); 16-bit and float images are refused. All items must share one shape (checked on every file's header at
   start-up, and again whenever an item is loaded) and be square. An item that does not load (a file
   truncated after its header, which the start-up check reads alone) raises :class:`UnreadableSample`
-  naming the file; :func:`imm.data.loader.make_loader` can skip such items instead. A zip archive is opened lazily,
+  naming the file, as does a file that is not a regular file (a FIFO or device: never opened);
+  :func:`imm.data.loader.make_loader` can skip such items instead. A zip archive is opened lazily,
   once per process (the handle is reopened after a fork and never pickled), so the dataset is
   safe with ``DataLoader`` workers.
 * :class:`NpzDataset` -- one ``.npz`` file: images under ``arr_0`` (ADM's convention), ``images``
@@ -58,11 +59,9 @@ Formats
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import importlib.util
 import io
-import json
 import math
 import os
 import zipfile
@@ -76,6 +75,7 @@ from PIL import Image
 from imm.core.config import ConfigError, check_keys, declared_keys
 from imm.core.errors import InputError, MissingError, StateError
 from imm.data import scan
+from imm.data.source import Source, class_ids
 
 __all__ = [
     "RawDataset", "ImageFolderDataset", "NpzDataset", "MNISTDataset", "Toy2DDataset", "TOY2D_NAMES",
@@ -215,25 +215,6 @@ def _check_path(path) -> Path:
     return p
 
 
-def _int_labels(values, what: str) -> np.ndarray:
-    """Integer class ids >= 0 from a sequence (ints or integral floats), else a ValueError."""
-    try:
-        arr = np.asarray(values)
-    except Exception as exc:  # ragged lists and the like
-        raise InputError(f"{what}: labels must be integer class ids") from exc
-    if arr.dtype == object or arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer)
-                                                   or np.issubdtype(arr.dtype, np.floating)
-                                                   or arr.dtype == bool):
-        raise InputError(f"{what}: labels must be integer class ids (one per item); vector labels "
-                         "are not supported")
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-        raise InputError(f"{what}: labels must be integer class ids, got non-integral values")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise InputError(f"{what}: labels must be >= 0, got {int(arr.min())}")
-    return arr
-
-
 # --------------------------------------------------------------------------------------------------
 # Folders and zip archives of images or .npy arrays
 
@@ -294,22 +275,12 @@ class ImageFolderDataset(RawDataset):
                  verify: bool | None = None, name: str | None = None):
         p = _check_path(path)
         self.path = str(p)
-        self._zipfile = None
-        self._zip_pid = None
-        if p.is_dir():
-            self.kind = "folder"
-            self._is_zip = False
-            files = scan.list_folder(p)
-        elif zipfile.is_zipfile(p):
-            self.kind = "zip"
-            self._is_zip = True
-            files = scan.list_zip(self._zip())
-        else:
-            raise InputError(f"dataset path {p} is neither a folder nor a zip archive")
-        exts = scan.image_extensions()
-        self._files = sorted(f for f in files if f.lower().endswith(exts + (_NPY,)))
-        if not self._files:
-            raise InputError(f"dataset {p} has no images (looked for {', '.join(exts + (_NPY,))} files)")
+        exts = scan.image_extensions() + (_NPY,)
+        self._source = Source(p, exts, what="dataset path")
+        self.kind = "zip" if self._source.is_zip else "folder"
+        self._files = self._source.names
+        if not self._source.files:
+            raise InputError(f"dataset {p} has no images (looked for {', '.join(exts)} files)")
         n_npy = sum(f.lower().endswith(_NPY) for f in self._files)
         if 0 < n_npy < len(self._files):
             raise InputError(f"dataset {p} mixes .npy arrays and image files; use one kind")
@@ -317,58 +288,19 @@ class ImageFolderDataset(RawDataset):
 
         try:
             shape, dtype = self._scan(verify)
-            labels, label_dim, self.class_names = self._find_labels()
         finally:
-            self.close()  # reopened lazily (per process) when items are loaded
-        self._setup(name or p.stem, len(self._files), shape, dtype, labels, label_dim, max_size=max_size,
-                    xflip=xflip, random_seed=random_seed, use_labels=use_labels, resolution=resolution)
-
-    # -- files ------------------------------------------------------------------------------------
-
-    def _zip(self) -> zipfile.ZipFile:
-        # One handle per process: a handle inherited through fork shares its file offset with the parent.
-        if self._zipfile is None or self._zip_pid != os.getpid():
-            self._zipfile = zipfile.ZipFile(self.path)
-            self._zip_pid = os.getpid()
-        return self._zipfile
-
-    def _open(self, fname: str):
-        return self._zip().open(fname, "r") if self._is_zip else open(os.path.join(self.path, fname), "rb")
-
-    def _read(self, fname: str) -> bytes:
-        if self._is_zip:
-            return self._zip().read(fname)
-        with open(os.path.join(self.path, fname), "rb") as f:
-            return f.read()
-
-    def _exists(self, fname: str) -> bool:
-        if self._is_zip:
-            try:
-                self._zip().getinfo(fname)
-                return True
-            except KeyError:
-                return False
-        return os.path.isfile(os.path.join(self.path, fname))
-
-    def close(self) -> None:
-        if getattr(self, "_zipfile", None) is not None:
-            if self._zip_pid == os.getpid():
-                self._zipfile.close()
-            self._zipfile = None
-            self._zip_pid = None
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _zipfile=None, _zip_pid=None)
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
+            self._source.close()  # reopened lazily (per process) when items are loaded
+        self.class_names = self._source.class_names
+        labels = None if self._source.labels is None else np.array(self._source.labels, dtype=np.int64)
+        self._setup(name or p.stem, len(self._files), shape, dtype, labels, self._source.label_dim,
+                    max_size=max_size, xflip=xflip, random_seed=random_seed, use_labels=use_labels,
+                    resolution=resolution)
 
     # -- headers ----------------------------------------------------------------------------------
 
     def _header(self, fname: str) -> tuple[tuple[int, int, int], object]:
         """(C, H, W) and dtype (numpy dtype for .npy, decode mode for images) without decoding."""
-        with self._open(fname) as f:
+        with self._source.open(fname) as f:
             if self._npy:
                 shape, dtype = _npy_header(f)
                 if not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
@@ -383,9 +315,10 @@ class ImageFolderDataset(RawDataset):
             return (c, h, w), decode_mode
 
     def _scan(self, verify: bool | None) -> tuple[tuple[int, int, int], torch.dtype]:
+        regular = self._source.files  # the others are reported as unreadable when they are loaded
         if verify is None:
-            verify = len(self._files) <= AUTO_VERIFY_LIMIT
-        files = self._files if verify else self._files[:1000]
+            verify = len(regular) <= AUTO_VERIFY_LIMIT
+        files = regular if verify else regular[:1000]
         first_shape, first_kind = self._header(files[0])
         for fname in files[1:]:
             shape, kind = self._header(fname)
@@ -399,34 +332,6 @@ class ImageFolderDataset(RawDataset):
         dtype = torch.float32 if first_kind == "float" else torch.uint8
         return first_shape, dtype
 
-    # -- labels -----------------------------------------------------------------------------------
-
-    def _find_labels(self) -> tuple[np.ndarray | None, int, list[str] | None]:
-        if self._exists("dataset.json"):
-            try:
-                meta = json.loads(self._read("dataset.json"))
-            except ValueError as exc:
-                raise InputError(f"dataset.json in {self.path} is not valid JSON: {exc}") from exc
-            entries = meta.get("labels") if isinstance(meta, dict) else None
-            if entries is None:
-                return None, 0, None
-            try:
-                table = {str(k).replace("\\", "/"): v for k, v in (entries.items() if isinstance(entries, dict)
-                                                                    else entries)}
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"dataset.json in {self.path}: 'labels' must be a list of "
-                                 "[file name, class id] pairs") from exc
-            missing = [f for f in self._files if f not in table]
-            if missing:
-                raise InputError(f"dataset.json in {self.path} has no label for {missing[0]} "
-                                 f"({len(missing)} files without a label)")
-            labels = _int_labels([table[f] for f in self._files], f"dataset.json in {self.path}")
-            return labels, int(labels.max()) + 1, None
-        labels, class_names = scan.folder_labels(self._files)  # the class-folder rule of imm.data.scan
-        if labels is None:
-            return None, 0, None
-        return np.array(labels, dtype=np.int64), len(class_names), class_names
-
     # -- items ------------------------------------------------------------------------------------
 
     def _item_name(self, raw_index: int) -> str:
@@ -434,7 +339,7 @@ class ImageFolderDataset(RawDataset):
 
     def _load_raw(self, raw_index: int) -> np.ndarray:
         fname = self._files[raw_index]
-        data = self._read(fname)
+        data = self._source.read(fname)
         if self._npy:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
             arr = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim >= 2 else arr
@@ -491,7 +396,7 @@ class NpzDataset(RawDataset):
         if labels is not None:
             if len(labels) != len(images):
                 raise InputError(f"dataset {p}: {len(labels)} labels for {len(images)} images")
-            labels = _int_labels(labels.reshape(len(labels), -1)[:, 0] if labels.ndim == 2 and labels.shape[1] == 1
+            labels = class_ids(labels.reshape(len(labels), -1)[:, 0] if labels.ndim == 2 and labels.shape[1] == 1
                                  else labels, f"dataset {p}")
         c, h, w = (images.shape[3], images.shape[1], images.shape[2]) if self._layout == "NHWC" else images.shape[1:]
         dtype = torch.uint8 if images.dtype == np.uint8 else torch.float32
@@ -732,7 +637,7 @@ def _infer_kind(path) -> str:
         return "folder"
     if p.suffix.lower() == ".npz":
         return "npz"
-    if p.suffix.lower() == ".zip" or zipfile.is_zipfile(p):
+    if p.suffix.lower() == ".zip" or (p.is_file() and zipfile.is_zipfile(p)):  # never open a FIFO
         return "zip"
     raise InputError(f"cannot tell the dataset kind of {p}: expected a folder, a .zip or a .npz file "
                      "(or give kind)")

@@ -39,7 +39,6 @@ import torch
 from imm.core import distributed
 from imm.core.errors import InputError, MissingError, StateError
 from imm.data.encoders import SD_VAE_NAME, SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder
-from imm.data.prepare import source_class_names
 from imm.io.checkpoint import atomic_write
 
 SHARD_META = ".shard.json"
@@ -224,9 +223,8 @@ def _finalize(ds, work: Path, num_shards: int, shard_size: int, run_meta: dict, 
     if ds.label_dim:
         labels = [[latent_name(i, shard_size), int(ds.labels[i])] for i in range(n)]
     meta = {"labels": labels}
-    class_names = source_class_names(ds)
-    if labels is not None and class_names:
-        meta["class_names"] = class_names
+    if labels is not None and ds.class_names:
+        meta["class_names"] = list(ds.class_names)
     _write_json(work / "dataset.json", meta)
 
     raw_mean = sum_mean / pixels

@@ -5,10 +5,11 @@
 * items ``00000/img00000000.png``, ``00000/img00000001.png``, ... (1000 per folder), numbered in the
   sorted order of the source paths;
 * ``dataset.json`` = ``{"labels": [["00000/img00000000.png", class_id], ...], "class_names": [...]}``
-  (``"labels": null`` and no ``class_names`` when unlabelled). Labels come from class folders by the
-  rule of :mod:`imm.data.scan`, which training uses too (after dropping the leading folders that all files
-  share, the top-level folder of each file is its class when there are at least two such folders;
-  sorted names -> ids ``0 .. K-1``). A ``dataset.json`` in the source (EDM's format) wins.
+  (``"labels": null`` and no ``class_names`` when unlabelled). The source is read by
+  :class:`imm.data.source.Source`, as training reads it: labels from a ``dataset.json`` in the source
+  (EDM's format or the others that module lists), else from class folders by the rule of
+  :mod:`imm.data.scan` (after dropping the leading folders that all files share, the top-level folder
+  of each file is its class when there are at least two such folders; sorted names -> ids ``0 .. K-1``).
 * every image is RGB (grayscale, palette, CMYK, alpha ... are converted; 16-bit samples are scaled
   to 8 bits with rounding, see :func:`decode_image`) and ``resolution`` square after one of
   :data:`TRANSFORMS` (or, without a transform, must already be that size);
@@ -27,15 +28,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from imm.core.errors import InputError, MissingError
+from imm.core.errors import InputError
 from imm.data import scan
+from imm.data.source import Source
 from imm.io.checkpoint import atomic_write
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
@@ -157,77 +158,6 @@ def apply_transform(img: Image.Image, transform: str | None, resolution: int, na
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading the source
-
-
-def _special_file(path: Path) -> bool:
-    """A FIFO, device or socket (opening a FIFO blocks until a writer comes). A broken link is not
-    special: reading it fails and it is counted as unreadable."""
-    try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-class Source:
-    """Image files of a folder or a zip archive, with class labels (see the module docstring)."""
-
-    def __init__(self, path, use_labels: bool = True):
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.exists():
-            raise MissingError(f"source {p} does not exist")
-        self.path = p
-        self._zip = None
-        if p.is_dir():
-            self.is_zip = False
-            names = scan.list_folder(p)
-        elif p.is_file() and zipfile.is_zipfile(p):  # is_file first: never open a FIFO
-            self.is_zip = True
-            names = scan.list_zip(self._zipfile())
-        else:
-            raise InputError(f"source {p} is neither a folder nor a zip archive")
-        extensions = scan.image_extensions()
-        files = [n for n in names if n.lower().endswith(extensions)]
-        special = set() if self.is_zip else {n for n in files if _special_file(p / n)}
-        self.not_regular = sorted(special)  # skipped unopened
-        self.files = [n for n in files if n not in special]
-        if not self.files:
-            raise InputError(f"source {p} holds no images (looked for {', '.join(extensions)})")
-        self.labels, self.class_names = self._find_labels(names) if use_labels else (None, None)
-
-    def _zipfile(self) -> zipfile.ZipFile:
-        if self._zip is None or self._zip[0] != os.getpid():  # one handle per process (fork-safe)
-            self._zip = (os.getpid(), zipfile.ZipFile(self.path))
-        return self._zip[1]
-
-    def read(self, name: str) -> bytes:
-        if self.is_zip:
-            return self._zipfile().read(name)
-        # O_NONBLOCK: a file swapped for a FIFO after the listing is refused, not waited on
-        fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InputError(f"{self.path / name}: not a regular file")
-            return f.read()
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _zip=None)
-
-    def _find_labels(self, names: list[str]) -> tuple[list[int] | None, list[str] | None]:
-        if "dataset.json" in names:  # an EDM-style source archive or folder
-            meta = json.loads(self.read("dataset.json"))
-            entries = meta.get("labels") if isinstance(meta, dict) else None
-            if entries is None:
-                return None, None
-            table = dict(entries)
-            missing = [f for f in self.files if f not in table]
-            if missing:
-                raise InputError(f"dataset.json in {self.path} has no label for {missing[0]}")
-            return [int(table[f]) for f in self.files], meta.get("class_names")
-        return scan.folder_labels(self.files)  # the class-folder rule of imm.data.scan
-
-
-# --------------------------------------------------------------------------------------------------
 # imm prepare images
 
 SKIP_REASONS = ("not a regular file", "unreadable", "unsupported bit depth", "too small")
@@ -282,6 +212,8 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
     if dest.exists() and not overwrite:
         raise InputError(f"{dest} already exists (delete it, or pass --overwrite)")
     src = Source(source, use_labels=use_labels)
+    if not src.files:
+        raise InputError(f"source {src.path} holds no images (looked for {', '.join(scan.image_extensions())})")
     if src.path.resolve() == dest.resolve():
         raise InputError("--source and --dest are the same file")
 
@@ -290,6 +222,7 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
     skipped = {"not a regular file": list(src.not_regular)} if src.not_regular else {}
     labels_out = []
     names = src.files
+    label_of = None if src.labels is None else dict(zip(src.names, src.labels))
     pool, count = None, 0
 
     def write_zip(tmp) -> None:
@@ -312,8 +245,8 @@ def prepare_images(source, dest, resolution: int = 256, transform: str | None = 
                     continue
                 arcname = item_name(count)
                 zf.writestr(arcname, png)
-                if src.labels is not None:
-                    labels_out.append([arcname, src.labels[i]])
+                if label_of is not None:
+                    labels_out.append([arcname, label_of[names[i]]])
                 count += 1
                 if max_images is not None and count >= int(max_images):
                     break
@@ -351,22 +284,6 @@ def skip_summary(skipped: dict) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # imm prepare stats
-
-
-def source_class_names(ds) -> list | None:
-    """Class names of an ImageFolderDataset: from class folders, or ``class_names`` in its dataset.json."""
-    if getattr(ds, "class_names", None):
-        return list(ds.class_names)
-    try:
-        if ds.kind == "zip":
-            with zipfile.ZipFile(ds.path) as zf:
-                meta = json.loads(zf.read("dataset.json"))
-        else:
-            meta = json.loads(Path(ds.path, "dataset.json").read_text())
-        names = meta.get("class_names") if isinstance(meta, dict) else None
-        return list(names) if names else None
-    except (AttributeError, KeyError, OSError, ValueError):
-        return None
 
 
 def label_summary(histogram: list[int]) -> dict:
@@ -434,10 +351,6 @@ def dataset_stats(source=None, config: str | None = None, grid=None, vae=None, n
     dataset, cfg = _open_dataset(source, config)
     info = dataset.describe()
     info["labels"] = label_summary(info.pop("label_histogram"))
-    if dataset.label_dim and not info.get("class_names") and getattr(dataset, "path", None):
-        names = source_class_names(dataset)
-        if names:
-            info["class_names"] = names
     if grid is not None:
         from imm.io.images import save_grid
 

@@ -3,7 +3,8 @@ and ``imm eval``.
 
 Files: every file of a folder (walked recursively) or of a zip archive, as ``/``-separated relative
 names in sorted order; names with a part that starts with ``.`` and macOS's ``__MACOSX`` folders are
-left out.
+left out. In a folder, the files that are not regular files (FIFOs, devices, sockets) are told apart
+from the directory entries, never opened. :class:`imm.data.source.Source` reads the files.
 
 Class labels from folders (:func:`folder_labels`), when no ``dataset.json`` gives them:
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from pathlib import Path
 
 from PIL import Image
 
@@ -43,15 +43,41 @@ def _hidden(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
 
 
-def list_folder(root) -> list[str]:
-    """Relative names of the files under ``root`` (see the module docstring), sorted."""
-    root = Path(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-        rel = os.path.relpath(dirpath, root)
-        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in filenames if not f.startswith(".")]
-    return sorted(out)
+def _not_regular(entry: os.DirEntry) -> bool:
+    """A FIFO, device or socket (or a link to one), told from the directory entry without opening it
+    (opening a FIFO blocks until a writer comes). A broken link is not counted: reading it fails."""
+    if entry.is_file():
+        return False
+    try:
+        entry.stat()
+    except OSError:
+        return False
+    return True
+
+
+def list_folder(root) -> tuple[list[str], list[str]]:
+    """Relative names of the files under ``root`` (see the module docstring), sorted, and those of them
+    that are not regular files (FIFOs, devices, sockets), sorted. Links to folders are not followed."""
+    names, not_regular = [], []
+    folders = [""]
+    while folders:
+        rel = folders.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, rel)))
+        except OSError:  # an unreadable folder is passed over, as os.walk does
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or (entry.name == "__MACOSX" and entry.is_dir()):
+                continue
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir():
+                if not entry.is_symlink():
+                    folders.append(name)
+                continue
+            names.append(name)
+            if _not_regular(entry):
+                not_regular.append(name)
+    return sorted(names), sorted(not_regular)
 
 
 def list_zip(archive: zipfile.ZipFile) -> list[str]:

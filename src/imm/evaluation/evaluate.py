@@ -41,6 +41,7 @@ from imm.core import distributed, threads
 from imm.core.config import ConfigError
 from imm.core.errors import InputError, MissingError, MissingPackageError
 from imm.evaluation import fid as fidlib
+from imm.evaluation.inception import load_inception
 from imm.model.sampling import SamplingEntry
 
 FEATURE_DIM = 2048
@@ -57,12 +58,6 @@ class BiasedEstimateWarning(UserWarning):
 # Inputs
 
 
-def _load_inception(path=None, device="cpu"):
-    from imm.evaluation.inception import load_inception
-
-    return load_inception(path, device=device)
-
-
 def parse_metrics(value, option: str = "--metrics") -> list[str]:
     """``fid,fd_dinov2`` (a comma-separated string or a list) -> the metrics, in :data:`METRICS` order."""
     items = str(value).split(",") if isinstance(value, str) else list(value or [])
@@ -76,7 +71,7 @@ def feature_network(metric: str, device, inception_path=None, dinov2=None):
     """The feature network of ``metric`` on ``device``: the FID Inception (weights ``inception_path``) or
     DINOv2 (hub id or folder ``dinov2``); both have ``features(images, batch_size=, progress=)``."""
     if metric == "fid":
-        return _load_inception(inception_path, device)
+        return load_inception(inception_path, device=device)
     from imm.evaluation.dinov2 import load_dinov2
 
     return load_dinov2(dinov2, device)
@@ -188,7 +183,7 @@ def dataset_features(data: str, max_images: int | None = None, batch_size: int =
                      progress: bool = False) -> np.ndarray:
     """Inception features ``[N, 2048]`` of the first ``max_images`` images of a dataset."""
     ds, n = open_dataset(data, max_images)
-    inception = inception or _load_inception()
+    inception = inception or load_inception()
     return inception.features(_dataset_batches(ds, n, batch_size), batch_size=batch_size, progress=progress)
 
 

@@ -209,9 +209,7 @@ def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_im
         seed: int | None = None, batch_size: int | None = None) -> list[Path]:
     """Everything ``imm generate`` does after parsing its arguments."""
     device = distributed.init(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    distributed.set_tf32(device)
     if num_images is not None and num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     run = resolve_sampling_run(cfg, checkpoint, device, network_overrides=network_overrides, source=source,

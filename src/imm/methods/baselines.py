@@ -35,21 +35,10 @@ import math
 import torch
 
 from imm.core.errors import InputError
-from imm.methods.moment_matching import _unwrap, finite_mean, group_mmd
+from imm.methods.moment_matching import _unwrap, dropped_labels, finite_mean, group_mmd
 from imm.model import schedules
 
 FLOW_SOLVERS = ("euler", "heun")
-
-
-def _onehot(meta, labels, batch: int, device, label_dropout: float, generator):
-    """One-hot labels with dropout to the all-zero null label (for CFG), or None; and the keep mask."""
-    if labels is None or not meta.label_dim:
-        return None, None
-    onehot = meta.one_hot(labels, batch, device)
-    if label_dropout <= 0:
-        return onehot, None
-    keep = torch.rand(batch, generator=generator, device=device) >= label_dropout
-    return onehot * keep.unsqueeze(1).to(onehot.dtype), keep
 
 
 class FlowMatchingLoss:
@@ -83,7 +72,7 @@ class FlowMatchingLoss:
             u = torch.sigmoid(torch.randn(batch, generator=generator, device=device, dtype=torch.float64))
         t = (meta.eps + (meta.T - meta.eps) * u).to(dtype)
         noise = torch.randn(images.shape, generator=generator, device=device, dtype=dtype) * meta.sigma_data
-        onehot, keep = _onehot(meta, labels, batch, device, self.label_dropout, generator)
+        _, onehot, keep = dropped_labels(meta, labels, batch, device, self.label_dropout, generator)
         x = images.to(dtype)
         x_t = schedules.add_noise(x, t.view(-1, *([1] * (x.ndim - 1))), noise, "fm")
         g = net(x_t, t, t, class_labels=onehot, backbone_only=True)  # through DDP/compile wrappers
@@ -201,7 +190,7 @@ class ConsistencyTrainingLoss:
         t, r, weight = (v.to(device=device, dtype=tdtype) for v in self.sample_times(meta, batch, generator, device))
         s = torch.full_like(t, meta.eps)
         noise = torch.randn(images.shape, generator=generator, device=device, dtype=tdtype) * meta.sigma_data
-        onehot, keep = _onehot(meta, labels, batch, device, self.label_dropout, generator)
+        _, onehot, keep = dropped_labels(meta, labels, batch, device, self.label_dropout, generator)
         x = images.to(tdtype)
         shape = (-1,) + (1,) * (x.ndim - 1)
         x_t = schedules.add_noise(x, t.view(shape), noise, meta.noise_schedule)

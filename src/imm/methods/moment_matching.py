@@ -336,6 +336,19 @@ def _unwrap(net):
     return net
 
 
+def dropped_labels(meta, labels, batch: int, device, label_dropout: float, generator):
+    """``(one-hot labels, the same with each row dropped to the all-zero null label with probability
+    label_dropout, keep mask [B] bool)`` for classifier-free guidance training; the mask is None without
+    dropout, and all three are None without labels (or for an unconditional network)."""
+    if labels is None or not getattr(meta, "label_dim", 0):
+        return None, None, None
+    onehot = meta.one_hot(labels, batch, device)
+    if label_dropout <= 0:
+        return onehot, onehot, None
+    keep = torch.rand(batch, generator=generator, device=device) >= label_dropout
+    return onehot, onehot * keep.unsqueeze(1).to(onehot.dtype), keep
+
+
 class _SharedRNG:
     """Save the CPU (and the device's CUDA) RNG state once; ``restore()`` rewinds to it (shared dropout)."""
 
@@ -460,18 +473,9 @@ class IMMLoss:
                             self.P_mean, self.P_std, generator, device, tdtype)
         r = map_r(s, t, sched, meta.T, meta.eps, self.k, self.mapping, self.min_gap, self.mapping_step)
         noise = torch.randn(images.shape, generator=generator, device=device, dtype=tdtype) * meta.sigma_data
-        onehot = keep = None
-        if labels is not None and getattr(meta, "label_dim", 0):
-            if labels.ndim == 1 and not labels.is_floating_point():
-                onehot = torch.nn.functional.one_hot(labels.to(device), meta.label_dim).to(torch.float32)
-            else:
-                onehot = labels.to(device=device, dtype=torch.float32).reshape(batch, meta.label_dim)
-        target_labels = onehot
-        if onehot is not None and self.label_dropout > 0:
-            keep = torch.rand(batch, generator=generator, device=device) >= self.label_dropout
-            dropped = onehot * keep.unsqueeze(1).to(onehot.dtype)  # all-zero row = null label
-            target_labels = dropped if self.same_dropped_labels else onehot
-            onehot = dropped
+        target_labels, onehot, keep = dropped_labels(meta, labels, batch, device, self.label_dropout, generator)
+        if self.same_dropped_labels:
+            target_labels = onehot
         return {"t": t, "s": s, "r": r, "noise": noise, "labels": onehot, "target_labels": target_labels,
                 "label_keep": keep}
 

@@ -120,7 +120,8 @@ class IMMNetwork(torch.nn.Module):
             return torch.zeros(batch, self.label_dim, device=device)
         if labels.ndim == 1 and not labels.is_floating_point():
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise InputError(f"class labels must lie in [0, {self.label_dim}); got {labels.min()}..{labels.max()}")
+                raise InputError(f"class labels must lie in [0, {self.label_dim}); got "
+                                 f"{int(labels.min())}..{int(labels.max())}")
             return torch.nn.functional.one_hot(labels.to(device), self.label_dim).to(torch.float32)
         return labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from imm.core import distributed, threads
-from imm.core.config import ConfigError
+from imm.core.config import ConfigError, flatten
 from imm.core.distributed import full_state_dict
 from imm.core.errors import StateError
 from imm.data.datasets import build_dataset, random_xflip
@@ -167,17 +167,11 @@ def _diverged(run_dir: Path, step: int, streak: int, lr: float) -> str:
 PROTECTED_SECTIONS = ("network", "loss", "dataset", "encoder")
 
 
-def _flat(cfg, prefix: str = "") -> dict:
-    if not isinstance(cfg, dict):
-        return {prefix[:-1]: cfg}
-    return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def check_resumed_config(state_path: Path, old: dict, new: dict, allow_changes: bool) -> None:
     """Say what a resumed run changes against the configuration its checkpoint was trained with; refuse
     changes to the network, loss, data and encoder (one TrainingError line) unless ``allow_changes``. Keys
     the checkpoint's configuration lacks (settings newer than it) are not changes."""
-    before, after = _flat(old), _flat(new)
+    before, after = flatten(old), flatten(new)
     changed = [k for k in before if after.get(k, "(unset)") != before[k]]
     if not changed:
         return
@@ -234,10 +228,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     run_dir = Path(run_dir)
     device = distributed.init(device)
     rank, world = distributed.rank(), distributed.world_size()
-    if device.type == "cuda":
-        tf32 = tcfg["precision"] != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    distributed.set_tf32(device, tcfg["precision"] != "fp32")
 
     # -- data, network, loss: every check before any compute ---------------------------------------
     if "path" in cfg["dataset"] and not cfg["dataset"]["path"]:
