@@ -1,11 +1,10 @@
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
+from tests.helpers import FIXTURES
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share the cores, one thread each
     torch.set_num_threads(1)

@@ -13,8 +13,7 @@ import imm
 from imm.cli import main
 from imm.data.encoders import StandardRGBEncoder
 from imm.evaluation.generate import seeded_inputs
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES, torchrun_command
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
 DIT = FIXTURES / "dit_imagenet_like.pkl"
@@ -92,8 +91,7 @@ def test_generate_under_torchrun_matches_one_process(tmp_path):
             "--batch-size", "2", "--no-progress"]
     assert main(args + ["--out", str(one)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "imm", *args, "--out", str(two)]
+    cmd = torchrun_command("-m", "imm", *args, "--out", str(two))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert np.array_equal(np.load(one / "2_steps.npz")["arr_0"], np.load(two / "2_steps.npz")["arr_0"])

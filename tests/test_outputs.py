@@ -5,7 +5,6 @@ names what it skips, `imm eval fid --samples` names unreadable files, and output
 import os
 import struct
 import subprocess
-import sys
 import threading
 import zipfile
 import zlib
@@ -19,8 +18,7 @@ import imm
 from imm.cli import main
 from imm.data.prepare import prepare_images
 from imm.evaluation.evaluate import load_images
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES, torchrun_command
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
 GENERATE = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "2_steps", "--num-images", "4",
@@ -144,8 +142,7 @@ def test_generate_under_torchrun_checks_and_resumes(generated, tmp_path):
     out, images = generated
     (out / "2_steps" / "000002.png").write_bytes(b"\x89PNG\r\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "imm",
-           *GENERATE, "--out", str(out)]
+    cmd = torchrun_command("-m", "imm", *GENERATE, "--out", str(out))
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert np.array_equal(np.load(out / "2_steps.npz")["arr_0"], images)

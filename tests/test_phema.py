@@ -4,7 +4,6 @@ profiles, snapshots during training (cadence, resume), least-squares reconstruct
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from imm.training import phema
 from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
 from imm.training.phema_files import phema_snapshots, reconstruct_run
+from tests.helpers import torchrun_command
 
 TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
         "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
@@ -162,9 +162,8 @@ def test_fsdp_snapshots_equal_one_process(tmp_path):
     common = ["training.batch_size=32", "training.batch_per_device=16", "training.total_steps=4",
               "training.phema_snapshot_every=2"]
     train(tiny_cfg(*common), tmp_path / "one", device="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571", "-m", "imm",
-           "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu", *TINY, *common,
-           "training.parallel=fsdp"]
+    cmd = torchrun_command("-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device",
+                           "cpu", *TINY, *common, "training.parallel=fsdp")
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr[-3000:]

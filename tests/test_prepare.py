@@ -3,9 +3,7 @@
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -24,14 +22,9 @@ from imm.data.prepare import (
     dataset_stats,
     prepare_images,
 )
+from tests.helpers import torchrun_command
 
 CLASSES = ("birds", "cats", "dogs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +298,9 @@ def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_
 
     lat = tmp_path / "latents.zip"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "imm", "prepare", "latents", "--source", str(image_zip), "--dest", str(lat), "--vae",
-           str(tiny_vae_dir), "--device", "cpu", "--shard-size", "10", "--batch-size", "8", "--no-progress"]
+    cmd = torchrun_command("-m", "imm", "prepare", "latents", "--source", str(image_zip), "--dest", str(lat), "--vae",
+                           str(tiny_vae_dir), "--device", "cpu", "--shard-size", "10", "--batch-size", "8",
+                           "--no-progress")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "encoder.raw_mean=[" in out.stdout and f"wrote {lat}" in out.stdout

@@ -12,23 +12,13 @@ import pytest
 import torch
 
 import imm
-from imm.core.config import ConfigError, apply_overrides, load_config
+from imm.core.config import ConfigError
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import sliced_wasserstein
 from imm.io.checkpoint import atomic_write, checkpoint_paths, load_latest_state
-from imm.training.config import load_train_config, resolve_config
+from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
-
-TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false", "logging.sample_steps=[]"]  # no end-of-run scatter plot (toy2d_learns checks it)
-
-
-def toy_cfg(*overrides):
-    return load_train_config("toy2d", [*TOY_FAST, *overrides])
-
-
-def online_weights(run_dir):
-    _, state = load_latest_state(run_dir)
-    return state["model"], state["ema"], state["step"]
+from tests.helpers import TOY_FAST, image_cfg, npz_images, online_weights, torchrun_command, toy_cfg
 
 
 def test_toy2d_learns_in_600_steps(tmp_path):
@@ -83,17 +73,17 @@ def test_resume_is_bit_exact(tmp_path):
     assert not all(torch.equal(fresh[k], c[k]) for k in fresh)
 
 
-@pytest.mark.parametrize("parallel,port", [("ddp", 29544), ("fsdp", 29545)])
-def test_two_processes_equal_one_process(tmp_path, parallel, port):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, parallel):
     """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32),
     with DDP and with FSDP2 (which also resumes from its own checkpoint)."""
     common = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
     train(toy_cfg("training.total_steps=4", *common), tmp_path / "one", device="cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for steps in (2, 4) if parallel == "fsdp" else (4,):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu",
-               *TOY_FAST, *common, f"training.total_steps={steps}", f"training.parallel={parallel}"]
+        cmd = torchrun_command("-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"),
+                               "--device", "cpu", *TOY_FAST, *common, f"training.total_steps={steps}",
+                               f"training.parallel={parallel}")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
     a, ema_a, _ = online_weights(tmp_path / "one")
@@ -148,32 +138,12 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
     assert load_latest_state(run)[1]["step"] == state["step"] + 2
 
 
-def _npz_images(path, n=8, res=8, channels=3, labels=False):
-    rng = np.random.default_rng(0)
-    arrays = {"arr_0": rng.integers(0, 256, (n, res, res, channels), dtype=np.uint8)}
-    if labels:
-        arrays["arr_1"] = np.arange(n) % 3
-    np.savez(path, **arrays)
-    return path
-
-
-def _image_cfg(npz, *overrides):
-    cfg = load_config("toy2d")
-    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "model_type")}
-    cfg["network"].update(model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
-                          attn_resolutions=[], dropout=0.1, f_type="simple_edm", img_channels=3, img_resolution=8,
-                          sigma_data=0.5, eps=0.006)
-    cfg["encoder"] = {"class_name": "StandardRGBEncoder", "channels": 3}
-    cfg["dataset"] = {"kind": "npz", "path": str(npz)}
-    return apply_overrides(resolve_config(cfg), [*TOY_FAST, "training.batch_size=8", "training.xflip=true", *overrides])
-
-
 def test_image_training_with_dropout_resumes_bit_exact(tmp_path):
-    npz = _npz_images(tmp_path / "d.npz")
-    train(_image_cfg(npz, "training.total_steps=4", "logging.sample_every=2", "logging.sample_steps=[1,2]",
+    npz = npz_images(tmp_path / "d.npz")
+    train(image_cfg(npz, "training.total_steps=4", "logging.sample_every=2", "logging.sample_steps=[1,2]",
                      "logging.sample_count=4", "logging.tensorboard=true"), tmp_path / "full", device="cpu")
-    train(_image_cfg(npz, "training.total_steps=2"), tmp_path / "part", device="cpu")
-    train(_image_cfg(npz, "training.total_steps=4"), tmp_path / "part", device="cpu")
+    train(image_cfg(npz, "training.total_steps=2"), tmp_path / "part", device="cpu")
+    train(image_cfg(npz, "training.total_steps=4"), tmp_path / "part", device="cpu")
     a, _, _ = online_weights(tmp_path / "full")
     b, _, _ = online_weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -193,9 +163,9 @@ def test_image_training_with_dropout_resumes_bit_exact(tmp_path):
     (["dataset.path=/nonexistent/data.npz"], "does not exist"),
 ])
 def test_bad_input_fails_before_compute(tmp_path, overrides, message):
-    npz = _npz_images(tmp_path / "d.npz")
+    npz = npz_images(tmp_path / "d.npz")
     with pytest.raises((ConfigError, ValueError), match=message):
-        train(_image_cfg(npz, *overrides), tmp_path / "run", device="cpu")
+        train(image_cfg(npz, *overrides), tmp_path / "run", device="cpu")
     assert not checkpoint_paths(tmp_path / "run")
 
 
@@ -211,7 +181,7 @@ def test_presets_resolve_and_need_a_dataset_path():
 
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
-    cfg = _image_cfg(_npz_images(tmp_path / "d.npz"))
+    cfg = image_cfg(npz_images(tmp_path / "d.npz"))
     cfg["dataset"] = {"kind": "folder", "path": str(tmp_path / "empty")}
     with pytest.raises(ValueError, match="no images"):
         train(cfg, tmp_path / "run", device="cpu")

@@ -1,0 +1,65 @@
+"""What several test files share: the official-weights fixtures folder, the toy2d and tiny-image training
+configs, a small image archive, a run's latest weights, and a torchrun command line on a free port."""
+
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from imm.core.config import apply_overrides, load_config
+from imm.io.checkpoint import load_latest_state
+from imm.training.config import load_train_config, resolve_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+# a short toy2d run: no progress bar, event files or end-of-run scatter plot
+TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
+            "logging.sample_steps=[]"]
+
+
+def toy_cfg(*overrides):
+    """The toy2d preset with TOY_FAST and then ``overrides`` applied."""
+    return load_train_config("toy2d", [*TOY_FAST, *overrides])
+
+
+def online_weights(run_dir):
+    """The newest training state of a run: (online weights, {decay: EMA weights}, step)."""
+    _, state = load_latest_state(run_dir)
+    return state["model"], state["ema"], state["step"]
+
+
+def npz_images(path, n=8, res=8, channels=3, labels=False):
+    """``n`` random uint8 images (NHWC, ``arr_0``) and optionally labels 0-2 (``arr_1``) written to ``path``."""
+    rng = np.random.default_rng(0)
+    arrays = {"arr_0": rng.integers(0, 256, (n, res, res, channels), dtype=np.uint8)}
+    if labels:
+        arrays["arr_1"] = np.arange(n) % 3
+    np.savez(path, **arrays)
+    return path
+
+
+def image_cfg(npz, *overrides):
+    """A one-level 8x8 SongUNet trained on the RGB images of ``npz``, batch 8 with x-flips, then ``overrides``."""
+    cfg = load_config("toy2d")
+    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "model_type")}
+    cfg["network"].update(model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
+                          attn_resolutions=[], dropout=0.1, f_type="simple_edm", img_channels=3, img_resolution=8,
+                          sigma_data=0.5, eps=0.006)
+    cfg["encoder"] = {"class_name": "StandardRGBEncoder", "channels": 3}
+    cfg["dataset"] = {"kind": "npz", "path": str(npz)}
+    return apply_overrides(resolve_config(cfg), [*TOY_FAST, "training.batch_size=8", "training.xflip=true", *overrides])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no socket holds now (the system's pick for port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*args, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` processes on this machine, its rendezvous on a free
+    port (tests running at once never share one), then ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *args]
