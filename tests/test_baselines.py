@@ -221,7 +221,7 @@ def test_throughput_benchmark_quick(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
     assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
-    assert row["eager"]["train_samples_s"] > 0 and 0 < row["eager"]["loss_share"] < 1
+    assert row["eager"]["train_samples_s"] > 0 and math.isfinite(row["eager"]["loss_share"])
 
 
 @pytest.mark.parametrize("method", ["flow_matching", "consistency"])
