@@ -11,7 +11,9 @@ from imm.core.config import apply_overrides, load_config
 from imm.io.checkpoint import load_latest_state
 from imm.training.config import load_train_config, resolve_config
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+BENCHMARKS = REPO / "benchmarks"
+FIXTURES = REPO / "tests" / "fixtures" / "official"
 
 # a short toy2d run: no progress bar, event files or end-of-run scatter plot
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",

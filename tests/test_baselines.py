@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from imm.methods import baselines as B
 from imm.methods import registry as methods
 from imm.training.config import load_train_config
 from imm.training.loop import train
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
 TOY_FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]
 
 
@@ -185,7 +184,7 @@ def test_mmd_matches_brute_force_and_separates():
 
 
 def _run(*args, timeout=240):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -11,6 +11,7 @@ from imm.io.checkpoint import CheckpointError, save_network
 from imm.methods import moment_matching as L
 from imm.training.config import load_train_config
 from imm.training.loop import train, warm_start
+from tests.helpers import BENCHMARKS
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.checkpoint_every=1000", "logging.sample_steps=[]"]
@@ -166,9 +167,8 @@ def test_mnist_study_quick_modes(tmp_path):
     warm start from its flow-matching run, gap annealing and an ablation, with results and caches on disk."""
     import json
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study
 
     out = tmp_path / "study"
@@ -210,9 +210,8 @@ def test_mnist_study_crossing_reads_trends_without_overflow():
     """The budget table's crossing lines: a measured crossing, an extrapolated one, one too far out to name
     (nearly parallel lines used to overflow math.exp) and lines that are not closing."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study
 
     def rows(variant, fids):
@@ -231,9 +230,8 @@ def test_mnist_study_ablation_table_pairs_variants_with_the_recipe_by_seed():
     """The ablation table's last column: each variant's 2-NFE FID minus the recipe's at the same seed, only
     for seeds both ran, and none for the recipe itself; rows sorted by the mean 2-NFE FID."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study
 
     fids = {("imm", 0): 100.0, ("imm", 1): 150.0, ("k=2", 0): 90.0, ("k=2", 1): 145.0, ("a=2", 1): 170.0,
@@ -255,9 +253,8 @@ def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
     import argparse
     import json
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study as S
 
     def tasks(study, only, record, budgets=(480,), seeds=(0,)):
@@ -283,9 +280,8 @@ def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):
     """benchmarks/record.py: a recipe is the flattened config without logging, sampling and run length; a
     key added since leaves a record valid, a changed value voids it (and a new FID then replaces the entry)."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import record
 
     cfg = {"loss": {"k": 3, "betas": (0.9, 0.99)}, "logging": {"log_every": 5}, "sampling": {"2_steps": {}},
@@ -310,7 +306,7 @@ def test_demo_recipe_cached_only_prints_the_table_from_its_record(tmp_path, caps
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import demo_recipe
     import record
 
@@ -340,7 +336,7 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
     from imm import IMMNetwork
     from imm.model.sampling import time_grid
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import demo_recipe
 
     net = IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=8, depth=1, noise_schedule="fm",

@@ -1,9 +1,9 @@
 """quickstart.py (the README's Quick start): it installs the right PyTorch build first and only once."""
 import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("quickstart", ROOT / "quickstart.py")
+from tests.helpers import REPO
+
+spec = importlib.util.spec_from_file_location("quickstart", REPO / "quickstart.py")
 quickstart = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quickstart)
 
