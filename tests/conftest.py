@@ -1,10 +1,15 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import FIXTURES
+
+# the tier of each test folder (pyproject.toml's markers); a test anywhere else is a unit test unless it is
+# marked integration or benchmark itself
+FOLDER_TIERS = {"unit": "unit", "integration": "integration", "benchmarks": "benchmark"}
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share the cores, one thread each
     torch.set_num_threads(1)
@@ -12,6 +17,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share
 # `imm` commands run by the tests would otherwise choose their thread count from what the machine is doing
 # (imm.core.threads); a fixed count keeps their results the same from one run of the suite to the next.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items):
+    tests = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        if folder in FOLDER_TIERS:
+            item.add_marker(FOLDER_TIERS[folder])
+        if not any(item.get_closest_marker(tier) for tier in FOLDER_TIERS.values()):
+            item.add_marker("unit")
 
 
 @pytest.fixture(autouse=True)
