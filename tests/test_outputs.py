@@ -18,11 +18,9 @@ import imm
 from imm.cli import main
 from imm.data.prepare import prepare_images
 from imm.evaluation.evaluate import load_images
-from tests.helpers import FIXTURES, torchrun_command
+from tests.helpers import FIXTURES, GENERATE, torchrun_command
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
-GENERATE = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "2_steps", "--num-images", "4",
-            "--batch-size", "2", "--no-progress"]
 
 
 def finishes(fn, fifo, timeout=60):
@@ -68,13 +66,6 @@ def mode(path) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # imm generate --num-images
-
-
-@pytest.fixture
-def generated(tmp_path):
-    out = tmp_path / "out"
-    assert main(GENERATE + ["--out", str(out)]) == 0
-    return out, np.load(out / "2_steps.npz")["arr_0"]
 
 
 def test_generate_refuses_other_settings_in_the_same_out(generated, tmp_path, capsys):

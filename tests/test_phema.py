@@ -16,26 +16,13 @@ from imm.training import phema
 from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
 from imm.training.phema_files import phema_snapshots, reconstruct_run
-from tests.helpers import torchrun_command
-
-TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
-        "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
-
-
-def tiny_cfg(*overrides):
-    return load_train_config("toy2d", [*TINY, *overrides])
+from tests.helpers import TINY, tiny_cfg, torchrun_command, tracked
 
 
 def distance(a: dict, b: dict) -> float:
     """L2 distance over the floating-point tensors of two state_dicts with the same keys."""
     assert a.keys() == b.keys()
     return math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a if a[k].is_floating_point()))
-
-
-def tracked(run_dir, sigma_rel: float) -> dict:
-    """The profile of width ``sigma_rel`` as the newest training state holds it."""
-    _, state = load_latest_state(run_dir)
-    return state["phema"]["emas"][repr(sigma_rel)]
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +213,6 @@ def test_eval_fid_sweeps_reconstructed_emas_and_plots_against_the_width(tmp_path
     import csv
 
     from imm.evaluation.evaluate import expand_checkpoints, reference_statistics
-    from imm.training.config import load_train_config
 
     dino = tiny_dinov2_dir
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=4",

@@ -22,38 +22,7 @@ from imm.data.prepare import (
     dataset_stats,
     prepare_images,
 )
-from tests.helpers import torchrun_command
-
-CLASSES = ("birds", "cats", "dogs")
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    """Real photos: scikit-image's bundled files (no download), each cut into 4 pieces, in 3 class folders."""
-    data = pytest.importorskip("skimage.data")
-    files = sorted(f for f in os.listdir(data.data_dir) if f.endswith((".png", ".jpg")))[:11]
-    assert len(files) >= 8
-    root = tmp_path_factory.mktemp("photos")
-    for j, f in enumerate(files):
-        with Image.open(os.path.join(data.data_dir, f)) as im:
-            im.load()
-            folder = root / CLASSES[j % 3]
-            folder.mkdir(exist_ok=True)
-            w, h = im.size
-            for q, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
-                piece = im.crop((x, y, x + w // 2, y + h // 2))
-                jpeg = q % 2 and piece.mode in ("RGB", "L")
-                piece.save(folder / f"{f.rsplit('.', 1)[0]}_{q}.{'jpg' if jpeg else 'png'}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_zip(photo_dir, tmp_path_factory):
-    dest = tmp_path_factory.mktemp("images") / "photos16.zip"
-    assert main(["prepare", "images", "--source", str(photo_dir), "--dest", str(dest), "--resolution", "16",
-                 "--transform", "center-crop-dhariwal", "--no-progress"]) == 0
-    return dest
-
+from tests.helpers import CLASSES, torchrun_command
 
 # --------------------------------------------------------------------------------------------------
 # Transforms
