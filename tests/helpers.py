@@ -1,5 +1,6 @@
-"""What several test files share: the official-weights fixtures folder, the toy2d and tiny-image training
-configs, a small image archive, a run's latest weights, and a torchrun command line on a free port."""
+"""What test files of several tiers share: the repository's paths, the settings of the toy2d and tiny-image
+training runs and of an `imm generate` run, a small image archive, a run's latest weights and post-hoc EMA
+profiles, and a torchrun command line on a free port. Fixtures built from these are in tests/conftest.py."""
 
 import socket
 import sys
@@ -22,8 +23,6 @@ CLASSES = ("birds", "cats", "dogs")  # the class folders of the `photo_dir` fixt
 # a short toy2d run: no progress bar, event files or end-of-run scatter plot
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_steps=[]"]
-
-
 # toy2d runs that log every 50 steps and write no progress bar, event files or plots (the baselines' runs)
 TOY_QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.log_every=50", "logging.sample_steps=[]"]
 # toy2d runs of a 64-wide MLP with post-hoc EMA (training.phema) and no checkpoints but the last

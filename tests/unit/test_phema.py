@@ -2,8 +2,6 @@
 profiles, snapshots during training (cadence, resume), least-squares reconstruction and `imm ema reconstruct`."""
 
 import math
-import os
-import subprocess
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from imm.training import phema
 from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
 from imm.training.phema_files import phema_snapshots, reconstruct_run
-from tests.helpers import TINY, tiny_cfg, torchrun_command, tracked
+from tests.helpers import tiny_cfg, tracked
 
 
 def distance(a: dict, b: dict) -> float:
@@ -142,24 +140,6 @@ def test_resumed_run_reconstructs_like_an_uninterrupted_one(tmp_path):
     train(tiny_cfg("training.total_steps=10", *common), part, device="cpu")  # resumes at 8, stops at 10
     assert sorted({t for t, _, _ in phema_snapshots(part)}) == [2, 4, 6, 8, 10]
     assert not orphan.exists()
-
-
-def test_fsdp_snapshots_equal_one_process(tmp_path):
-    """2 gloo processes with FSDP2 (sharded profiles, gathered for the files) == 1 process with accumulation."""
-    common = ["training.batch_size=32", "training.batch_per_device=16", "training.total_steps=4",
-              "training.phema_snapshot_every=2"]
-    train(tiny_cfg(*common), tmp_path / "one", device="cpu")
-    cmd = torchrun_command("-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device",
-                           "cpu", *TINY, *common, "training.parallel=fsdp")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    one, two = phema_snapshots(tmp_path / "one"), phema_snapshots(tmp_path / "two")
-    assert [p.name for *_, p in one] == [p.name for *_, p in two] and len(one) == 4
-    for (*_, a), (*_, b) in zip(one, two):
-        ta, tb = read_checkpoint(a)[1], read_checkpoint(b)[1]
-        assert all(torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6) for k in ta), a.name
-    assert tracked(tmp_path / "two", 0.05).keys() == tracked(tmp_path / "one", 0.05).keys()
 
 
 def test_resuming_without_phema_state_or_with_other_widths_is_one_error_line(tmp_path):
