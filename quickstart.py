@@ -2,7 +2,7 @@
 """The README's Quick start: set up an environment on a fresh clone, then run the demo or the tests.
 
     python quickstart.py demo [imm demo options]     # e.g. --fid-images 0
-    python quickstart.py test [pytest options]       # e.g. -x tests/test_loss.py (-n 0: one process)
+    python quickstart.py test [pytest options]       # e.g. -x tests/unit/test_loss.py (-n 0: one process)
 
 Needs only Python (3.10 or newer) and pip. It creates `.venv/` next to this file (another folder with
 `--env PATH`, or the running interpreter's own environment with `--env .`) and fills it once: PyTorch
@@ -113,8 +113,10 @@ def main(argv=None) -> int:
         return 1
     if args.command == "setup":
         return 0
-    # one test process per core (pytest-xdist; a later -n N or -n 0 on the command line wins), skips listed
-    command = [python, "-m", "imm", "demo"] if args.command == "demo" else [python, "-m", "pytest", "-n", "auto", "-rs"]
+    # every tier (pyproject.toml's markers), one test process per core (pytest-xdist), skips listed; a later
+    # -m or -n on the command line wins
+    command = [python, "-m", "imm", "demo"] if args.command == "demo" else [
+        python, "-m", "pytest", "-n", "auto", "-rs", "-m", "unit or integration or benchmark"]
     return subprocess.run([str(c) for c in command + rest], cwd=ROOT).returncode
 
 

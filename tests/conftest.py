@@ -2,10 +2,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
+from tests.helpers import CLASSES, FIXTURES, GENERATE
+
+# the tier of each test folder (pyproject.toml's markers); a test anywhere else is a unit test unless it is
+# marked integration or benchmark itself
+FOLDER_TIERS = {"unit": "unit", "integration": "integration", "benchmarks": "benchmark"}
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share the cores, one thread each
     torch.set_num_threads(1)
@@ -13,6 +19,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share
 # `imm` commands run by the tests would otherwise choose their thread count from what the machine is doing
 # (imm.core.threads); a fixed count keeps their results the same from one run of the suite to the next.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items):
+    """Marks each test with its tier: its folder's, else its own integration or benchmark marker, else unit."""
+    tests = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        if folder in FOLDER_TIERS:
+            item.add_marker(FOLDER_TIERS[folder])
+        if not any(item.get_closest_marker(tier) for tier in FOLDER_TIERS.values()):
+            item.add_marker("unit")
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +70,44 @@ def tiny_dinov2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_dinov2")
     transformers.Dinov2Model(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Real photos: scikit-image's bundled files (no download), each cut into 4 pieces, in 3 class folders."""
+    data = pytest.importorskip("skimage.data")
+    files = sorted(f for f in os.listdir(data.data_dir) if f.endswith((".png", ".jpg")))[:11]
+    assert len(files) >= 8
+    root = tmp_path_factory.mktemp("photos")
+    for j, f in enumerate(files):
+        with Image.open(os.path.join(data.data_dir, f)) as im:
+            im.load()
+            folder = root / CLASSES[j % 3]
+            folder.mkdir(exist_ok=True)
+            w, h = im.size
+            for q, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
+                piece = im.crop((x, y, x + w // 2, y + h // 2))
+                jpeg = q % 2 and piece.mode in ("RGB", "L")
+                piece.save(folder / f"{f.rsplit('.', 1)[0]}_{q}.{'jpg' if jpeg else 'png'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_zip(photo_dir, tmp_path_factory):
+    """``photo_dir`` as a 16x16 image archive (`imm prepare images`, Dhariwal's center crop)."""
+    from imm.cli import main
+
+    dest = tmp_path_factory.mktemp("images") / "photos16.zip"
+    assert main(["prepare", "images", "--source", str(photo_dir), "--dest", str(dest), "--resolution", "16",
+                 "--transform", "center-crop-dhariwal", "--no-progress"]) == 0
+    return dest
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """The GENERATE run's folder and its images."""
+    from imm.cli import main
+
+    out = tmp_path / "out"
+    assert main(GENERATE + ["--out", str(out)]) == 0
+    return out, np.load(out / "2_steps.npz")["arr_0"]

@@ -1,11 +1,9 @@
-"""`imm prepare`: image archives, VAE latent archives (torchrun, resume), stats, and training on latents."""
+"""`imm prepare`: image archives, VAE latent archives (resume), stats, class labels (with 2
+processes and training on the latents: tests/integration/test_prepare.py)."""
 
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -24,43 +22,7 @@ from imm.data.prepare import (
     dataset_stats,
     prepare_images,
 )
-
-CLASSES = ("birds", "cats", "dogs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    """Real photos: scikit-image's bundled files (no download), each cut into 4 pieces, in 3 class folders."""
-    data = pytest.importorskip("skimage.data")
-    files = sorted(f for f in os.listdir(data.data_dir) if f.endswith((".png", ".jpg")))[:11]
-    assert len(files) >= 8
-    root = tmp_path_factory.mktemp("photos")
-    for j, f in enumerate(files):
-        with Image.open(os.path.join(data.data_dir, f)) as im:
-            im.load()
-            folder = root / CLASSES[j % 3]
-            folder.mkdir(exist_ok=True)
-            w, h = im.size
-            for q, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
-                piece = im.crop((x, y, x + w // 2, y + h // 2))
-                jpeg = q % 2 and piece.mode in ("RGB", "L")
-                piece.save(folder / f"{f.rsplit('.', 1)[0]}_{q}.{'jpg' if jpeg else 'png'}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_zip(photo_dir, tmp_path_factory):
-    dest = tmp_path_factory.mktemp("images") / "photos16.zip"
-    assert main(["prepare", "images", "--source", str(photo_dir), "--dest", str(dest), "--resolution", "16",
-                 "--transform", "center-crop-dhariwal", "--no-progress"]) == 0
-    return dest
-
+from tests.helpers import CLASSES
 
 # --------------------------------------------------------------------------------------------------
 # Transforms
@@ -295,40 +257,6 @@ def test_stats_command(tmp_path, image_zip, tiny_vae_dir, capsys):
                               "mean_per_class": info["labels"]["mean_per_class"], "empty_classes": []}
     assert "decoded" in info["grid"]["how"]
     assert Image.open(tmp_path / "d.png").size == (2 * 18 + 2, 2 * 18 + 2)  # decoded back to 16 px
-
-
-def test_end_to_end_images_latents_torchrun_train(tmp_path, image_zip, tiny_vae_dir):
-    """PNG zip -> latents with 2 gloo processes -> a few steps of a tiny DiT (imagenet256-dit-s preset)."""
-    import imm
-    from imm.training.config import load_train_config
-    from imm.training.loop import train
-
-    lat = tmp_path / "latents.zip"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "imm", "prepare", "latents", "--source", str(image_zip), "--dest", str(lat), "--vae",
-           str(tiny_vae_dir), "--device", "cpu", "--shard-size", "10", "--batch-size", "8", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "encoder.raw_mean=[" in out.stdout and f"wrote {lat}" in out.stdout
-    stats = json.loads(stats_path_for(lat).read_text())
-    ds = ImageFolderDataset(lat)
-    assert len(ds) == stats["count"] == len(ImageFolderDataset(image_zip))
-    assert ds.raw_shape == (8, 8, 8) and ds.label_dim == 3
-    fmt = lambda v: "[" + ",".join(f"{x:.6g}" for x in v) + "]"
-
-    cfg = load_train_config("imagenet256-dit-s", [
-        f"dataset.path={lat}", "resolution=8", "label_dim=3", f"encoder.vae_name={tiny_vae_dir}",
-        f"encoder.raw_mean={fmt(stats['raw_mean'])}", f"encoder.raw_std={fmt(stats['raw_std'])}",
-        "network.model_type=DiT", "network.depth=1", "network.hidden_size=32", "network.num_heads=2",
-        "training.batch_size=8", "training.batch_per_device=8",
-        "training.total_steps=2", "training.num_workers=0", "training.precision=fp32",
-        "logging.sample_count=4", "logging.sample_steps=[1]", "logging.progress=false",
-        "logging.tensorboard=false"])
-    path = train(cfg, tmp_path / "run", device="cpu")
-    assert imm.load_network(path).config["model_type"] == "DiT"
-    grid = tmp_path / "run" / "samples" / "step00000002_1step.png"
-    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 decoded 16x16 samples, 2 per row
 
 
 def test_training_and_prepare_label_a_folder_the_same_way(tmp_path):

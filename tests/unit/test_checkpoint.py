@@ -12,8 +12,7 @@ import torch
 import imm
 from imm.io import safe_pickle
 from imm.io.checkpoint import CheckpointError, read_checkpoint
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 DIT = FIXTURES / "dit_imagenet_like.pkl"
 

@@ -1,13 +1,8 @@
 """training.activation_checkpointing: DiT and UNet blocks recomputed in the backward pass, with the
-gradients of the plain run, in one process, under DDP/FSDP2 (2 gloo processes) and torch.compile."""
-
-import os
-import subprocess
-import sys
+gradients of the plain run, in one process (DDP/FSDP2 and torch.compile: tests/integration/)."""
 
 import pytest
 import torch
-import yaml
 
 from imm import IMMNetwork
 from imm.core.config import ConfigError
@@ -16,8 +11,7 @@ from imm.model.backbones import set_activation_checkpointing
 from imm.model.backbones.dit import DiTBlock
 from imm.model.backbones.unet import UNetBlock
 from imm.training.loop import train
-
-from .test_train import _image_cfg, _npz_images, online_weights, toy_cfg
+from tests.helpers import image_cfg, npz_images, online_weights, toy_cfg
 
 NETS = {
     "dit": (dict(img_resolution=8, img_channels=4, label_dim=3, model_type="DiT", patch_size=2, hidden_size=32,
@@ -57,9 +51,9 @@ def test_checkpointed_blocks_recompute_and_give_the_same_gradients(name):
 
 
 def test_trainer_option_trains_like_the_plain_run(tmp_path):
-    npz = _npz_images(tmp_path / "d.npz")
+    npz = npz_images(tmp_path / "d.npz")
     for mode in ("false", "true"):
-        train(_image_cfg(npz, "training.total_steps=2", f"training.activation_checkpointing={mode}"),
+        train(image_cfg(npz, "training.total_steps=2", f"training.activation_checkpointing={mode}"),
               tmp_path / mode, device="cpu")
     a, ema_a, _ = online_weights(tmp_path / "false")
     b, ema_b, _ = online_weights(tmp_path / "true")
@@ -71,41 +65,3 @@ def test_trainer_option_trains_like_the_plain_run(tmp_path):
 def test_a_network_without_blocks_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="activation_checkpointing needs a DiT or SongUNet"):
         train(toy_cfg("training.total_steps=1", "training.activation_checkpointing=true"), tmp_path, device="cpu")
-
-
-@pytest.mark.parametrize("parallel,port", [("ddp", 29561), ("fsdp", 29562)])
-def test_two_processes_with_checkpointing_equal_one_process(tmp_path, parallel, port):
-    npz = _npz_images(tmp_path / "d.npz")
-    common = ["training.batch_size=8", "training.batch_per_device=4", "training.total_steps=2",
-              "training.activation_checkpointing=true", "training.xflip=false", "loss.group_size=2"]
-    cfg = _image_cfg(npz, *common)
-    train(cfg, tmp_path / "one", device="cpu")
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "imm", "train", "--config", str(config), "--run-dir", str(tmp_path / "two"), "--device", "cpu",
-           f"training.parallel={parallel}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, _, _ = online_weights(tmp_path / "one")
-    b, _, step = online_weights(tmp_path / "two")
-    assert step == 2
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
-
-
-def test_compiled_checkpointed_training_matches_eager(tmp_path, monkeypatch):
-    """training.compile=true with checkpointed blocks: Dynamo captures torch.utils.checkpoint and AOTAutograd
-    partitions the recomputation. Inductor's code generation (minutes on 2 CPU cores) is the one part left out:
-    the trainer's torch.compile calls run with the aot_eager backend here. No dropout: compiled random
-    numbers differ from eager ones."""
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
-    npz = _npz_images(tmp_path / "d.npz")
-    for mode in ("false", "true"):
-        train(_image_cfg(npz, "training.total_steps=2", "training.activation_checkpointing=true", "network.dropout=0",
-                         f"training.compile={mode}"), tmp_path / mode, device="cpu")
-    a, _, _ = online_weights(tmp_path / "false")
-    b, _, _ = online_weights(tmp_path / "true")
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k

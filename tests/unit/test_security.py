@@ -30,8 +30,7 @@ from imm.cli import main
 from imm.core.config import ConfigError, load_config
 from imm.io import safe_pickle
 from imm.io.checkpoint import CheckpointError, read_checkpoint, read_training_state
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 DIT = FIXTURES / "dit_imagenet_like.pkl"
 UNET = FIXTURES / "unet_cifar_like.pkl"

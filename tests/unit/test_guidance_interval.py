@@ -7,8 +7,7 @@ import torch
 import imm
 from imm.core.config import ConfigError
 from imm.evaluation.sampling_run import sampling_entries
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 DIT = FIXTURES / "dit_imagenet_like.pkl"  # class-conditional, 4x8x8 latents
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ import torch.nn.functional as F
 
 import imm
 from imm.model.backbones import dit
+from tests.helpers import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-REFERENCE_SHAPES = FIXTURES / "official_param_shapes.json"
+REFERENCE_SHAPES = FIXTURES.parent / "official_param_shapes.json"
 
 
 TINY_KWARGS = {
@@ -293,7 +292,7 @@ def test_unknown_constructor_keys_are_refused_and_extra_forward_kwargs_accepted(
 
 
 def test_release_state_dict_loads_strict():
-    _, state = imm.read_checkpoint(FIXTURES / "official" / "dit_imagenet_like.pkl")
+    _, state = imm.read_checkpoint(FIXTURES / "dit_imagenet_like.pkl")
     state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     net = dit.DiT(**TINY_KWARGS)
     net.load_state_dict(state, strict=True)

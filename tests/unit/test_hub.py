@@ -12,8 +12,7 @@ import torch
 import imm
 from imm.io import hub
 from imm.io.checkpoint import CheckpointError
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 MAIN, V1 = "a" * 40, "b" * 40
 

@@ -6,8 +6,7 @@ import torch
 
 import imm
 from imm.model.sampling import time_grid
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 NETS = ["unet_cifar_like", "dit_imagenet_like"]
 

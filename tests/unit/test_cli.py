@@ -1,4 +1,4 @@
-"""The `imm` command: help, generate (grids, seeded images, torchrun), convert, info, errors."""
+"""The `imm` command: help, generate (grids, seeded images), convert, info, errors."""
 
 import os
 import shutil
@@ -13,8 +13,7 @@ import imm
 from imm.cli import main
 from imm.data.encoders import StandardRGBEncoder
 from imm.evaluation.generate import seeded_inputs
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
 DIT = FIXTURES / "dit_imagenet_like.pkl"
@@ -133,19 +132,6 @@ def test_generate_latent_net_decodes_through_the_vae(tmp_path, tiny_vae_dir):
     assert main(["generate", "--checkpoint", str(DIT), "--config", "imagenet256", "--out", str(out), "--device", "cpu",
                  f"encoder.vae_name={tiny_vae_dir}", "eval.batch_size=4", "network.temb_type=identity"]) == 0
     assert (out / "8_steps_cfg1.5_pushforward_uniform_samples.png").exists()
-
-
-def test_generate_under_torchrun_matches_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "2_steps", "--num-images", "6",
-            "--batch-size", "2", "--no-progress"]
-    assert main(args + ["--out", str(one)]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "imm", *args, "--out", str(two)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert np.array_equal(np.load(one / "2_steps.npz")["arr_0"], np.load(two / "2_steps.npz")["arr_0"])
 
 
 def test_convert_and_info(tmp_path, capsys):

@@ -1,27 +1,11 @@
-"""The README's Quick start: two commands, the second is what CI runs; quickstart.py installs the right
-PyTorch build first and only once."""
+"""quickstart.py (the README's Quick start): it installs the right PyTorch build first and only once."""
 import importlib.util
-import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("quickstart", ROOT / "quickstart.py")
+from tests.helpers import REPO
+
+spec = importlib.util.spec_from_file_location("quickstart", REPO / "quickstart.py")
 quickstart = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quickstart)
-
-
-def quick_start_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.strip() for line in block.splitlines() if line.strip()]
-
-
-def test_readme_quick_start_is_two_commands_and_ci_runs_the_second():
-    commands = quick_start_commands()
-    assert commands == ["python quickstart.py demo", "python quickstart.py test"]
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert commands[1] in ci
 
 
 def test_cpu_torch_build_without_a_gpu(monkeypatch):

@@ -4,8 +4,6 @@ names what it skips, `imm eval fid --samples` names unreadable files, and output
 
 import os
 import struct
-import subprocess
-import sys
 import threading
 import zipfile
 import zlib
@@ -19,12 +17,9 @@ import imm
 from imm.cli import main
 from imm.data.prepare import prepare_images
 from imm.evaluation.evaluate import load_images
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES, GENERATE
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
-GENERATE = ["generate", "--checkpoint", str(UNET), "--device", "cpu", "--entries", "2_steps", "--num-images", "4",
-            "--batch-size", "2", "--no-progress"]
 
 
 def finishes(fn, fifo, timeout=60):
@@ -70,13 +65,6 @@ def mode(path) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # imm generate --num-images
-
-
-@pytest.fixture
-def generated(tmp_path):
-    out = tmp_path / "out"
-    assert main(GENERATE + ["--out", str(out)]) == 0
-    return out, np.load(out / "2_steps.npz")["arr_0"]
 
 
 def test_generate_refuses_other_settings_in_the_same_out(generated, tmp_path, capsys):
@@ -138,20 +126,6 @@ def test_generate_npz_is_replaced_atomically(generated, monkeypatch, capsys):
     monkeypatch.setattr(np, "savez", real_savez)
     assert np.array_equal(np.load(out / "2_steps.npz")["arr_0"], images)
     assert sorted(p.name for p in out.iterdir()) == ["2_steps", "2_steps.npz", "2_steps.settings.json"]
-
-
-def test_generate_under_torchrun_checks_and_resumes(generated, tmp_path):
-    out, images = generated
-    (out / "2_steps" / "000002.png").write_bytes(b"\x89PNG\r\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "imm",
-           *GENERATE, "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert np.array_equal(np.load(out / "2_steps.npz")["arr_0"], images)
-    run = subprocess.run(cmd + ["--seed", "5"], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode != 0 and "seed: 0 there, 5 now" in run.stderr, run.stderr[-3000:]
-    assert np.array_equal(np.load(out / "2_steps.npz")["arr_0"], images)
 
 
 def test_generate_outputs_have_the_users_mode(tmp_path, umask_022):

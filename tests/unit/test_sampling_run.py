@@ -22,7 +22,7 @@ from imm.model.network import check_network_class
 from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
 
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from imm.model.backbones import unet
+from tests.helpers import BENCHMARKS, FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 REFERENCE_SHAPES = FIXTURES.parent / "official_param_shapes.json"
 
 SongUNet = unet.SongUNet
@@ -301,7 +300,7 @@ def test_the_release_style_reference_of_benchmarks_forward_computes_the_same_net
 
     from imm.model.network import IMMNetwork
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forward.py"
+    path = BENCHMARKS / "forward.py"
     spec = importlib.util.spec_from_file_location("forward_benchmark", path)
     forward = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(forward)

@@ -2,9 +2,6 @@
 profiles, snapshots during training (cadence, resume), least-squares reconstruction and `imm ema reconstruct`."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,25 +14,13 @@ from imm.training import phema
 from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
 from imm.training.phema_files import phema_snapshots, reconstruct_run
-
-TINY = ["training.batch_size=64", "network.hidden=64", "logging.log_every=100", "logging.progress=false",
-        "logging.tensorboard=false", "logging.checkpoint_every=1000", "training.phema=true", "logging.sample_steps=[]"]
-
-
-def tiny_cfg(*overrides):
-    return load_train_config("toy2d", [*TINY, *overrides])
+from tests.helpers import tiny_cfg, tracked
 
 
 def distance(a: dict, b: dict) -> float:
     """L2 distance over the floating-point tensors of two state_dicts with the same keys."""
     assert a.keys() == b.keys()
     return math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a if a[k].is_floating_point()))
-
-
-def tracked(run_dir, sigma_rel: float) -> dict:
-    """The profile of width ``sigma_rel`` as the newest training state holds it."""
-    _, state = load_latest_state(run_dir)
-    return state["phema"]["emas"][repr(sigma_rel)]
 
 
 @pytest.fixture(scope="module")
@@ -157,25 +142,6 @@ def test_resumed_run_reconstructs_like_an_uninterrupted_one(tmp_path):
     assert not orphan.exists()
 
 
-def test_fsdp_snapshots_equal_one_process(tmp_path):
-    """2 gloo processes with FSDP2 (sharded profiles, gathered for the files) == 1 process with accumulation."""
-    common = ["training.batch_size=32", "training.batch_per_device=16", "training.total_steps=4",
-              "training.phema_snapshot_every=2"]
-    train(tiny_cfg(*common), tmp_path / "one", device="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571", "-m", "imm",
-           "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu", *TINY, *common,
-           "training.parallel=fsdp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    one, two = phema_snapshots(tmp_path / "one"), phema_snapshots(tmp_path / "two")
-    assert [p.name for *_, p in one] == [p.name for *_, p in two] and len(one) == 4
-    for (*_, a), (*_, b) in zip(one, two):
-        ta, tb = read_checkpoint(a)[1], read_checkpoint(b)[1]
-        assert all(torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6) for k in ta), a.name
-    assert tracked(tmp_path / "two", 0.05).keys() == tracked(tmp_path / "one", 0.05).keys()
-
-
 def test_resuming_without_phema_state_or_with_other_widths_is_one_error_line(tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg("training.total_steps=2", "training.phema=false"), run, device="cpu")
@@ -227,7 +193,6 @@ def test_eval_fid_sweeps_reconstructed_emas_and_plots_against_the_width(tmp_path
     import csv
 
     from imm.evaluation.evaluate import expand_checkpoints, reference_statistics
-    from imm.training.config import load_train_config
 
     dino = tiny_dinov2_dir
     cfg = load_train_config("mnist", ["network.model_channels=8", "training.batch_size=8", "training.total_steps=4",

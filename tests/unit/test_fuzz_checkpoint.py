@@ -17,8 +17,7 @@ import torch
 
 import imm
 from imm.io.checkpoint import CheckpointError, network_from_tensors, read_checkpoint
-
-from .conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 TINY = {"img_resolution": 4, "img_channels": 2, "model_type": "DiT", "patch_size": 2, "hidden_size": 8,
         "depth": 1, "num_heads": 2, "label_dim": 3, "f_type": "simple_edm"}
