@@ -21,7 +21,6 @@ from imm.evaluation.sampling_run import (
 from imm.model.network import check_network_class
 from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
-
 from tests.helpers import FIXTURES
 
 UNET = FIXTURES / "unet_cifar_like.pkl"
