@@ -26,6 +26,9 @@ EXAMPLES_TRAIN = """examples:
   torchrun --nproc_per_node=8 -m imm train --config imagenet256-dit-xl dataset.path=/data/in256-latents.zip
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       -m imm train --config imagenet256-dit-xl training.parallel=fsdp dataset.path=...
+
+exit status: 0 trained to training.total_steps; 2 an error (one line says why); 75 stopped by SIGTERM or
+SIGINT (a checkpoint written: rerun the same command to resume, on any number of processes).
 """
 
 
@@ -76,11 +79,14 @@ def cmd_generate(args) -> int:
 
 def cmd_train(args) -> int:
     from imm.training.config import load_train_config
-    from imm.training.loop import train
+    from imm.training.loop import TrainingStopped, train
 
     cfg = load_train_config(args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
-    path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
+    try:
+        path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
+    except TrainingStopped as e:
+        return _stopped(args, e)
     from imm.core import distributed
 
     if distributed.is_main():
@@ -89,11 +95,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _stopped(args, stop) -> int:
+    """A training run stopped by SIGTERM/SIGINT (``imm.training.loop.TrainingStopped``): say so, exit 75."""
+    from imm.core import distributed
+    from imm.training.loop import EXIT_STOPPED
+
+    distributed.shutdown()
+    print(f"imm {args.command}: {stop}", file=sys.stderr)
+    return EXIT_STOPPED
+
+
 def cmd_demo(args) -> int:
     from imm.core import distributed
     from imm.core.config import ConfigError
     from imm.training.config import load_train_config
-    from imm.training.loop import train
+    from imm.training.loop import TrainingStopped, train
 
     cfg = load_train_config("mnist", args.overrides)
     if args.fid_images < 0 or args.fid_images == 1:
@@ -107,7 +123,10 @@ def cmd_demo(args) -> int:
         except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
             print(f"imm demo: no FID at the end ({str(e).splitlines()[0]})")
             fid_images = 0
-    path = train(cfg, args.run_dir, device=args.device, allow_changes=args.allow_changes)
+    try:
+        path = train(cfg, args.run_dir, device=args.device, allow_changes=args.allow_changes)
+    except TrainingStopped as e:
+        return _stopped(args, e)
     main = distributed.is_main()
     if main:
         step = cfg["training"]["total_steps"]
