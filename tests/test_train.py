@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,25 +85,83 @@ def test_resume_is_bit_exact(tmp_path):
     assert not all(torch.equal(fresh[k], c[k]) for k in fresh)
 
 
-@pytest.mark.parametrize("parallel,port", [("ddp", 29544), ("fsdp", 29545)])
-def test_two_processes_equal_one_process(tmp_path, parallel, port):
-    """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32),
-    with DDP and with FSDP2 (which also resumes from its own checkpoint)."""
-    common = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
-    train(toy_cfg("training.total_steps=4", *common), tmp_path / "one", device="cpu")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for steps in (2, 4) if parallel == "fsdp" else (4,):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device", "cpu",
-               *TOY_FAST, *common, f"training.total_steps={steps}", f"training.parallel={parallel}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-    a, ema_a, _ = online_weights(tmp_path / "one")
-    b, ema_b, step = online_weights(tmp_path / "two")
-    assert step == 4
+def free_port() -> int:
+    """A TCP port nobody listens on now (the system picks it for a socket bound to port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# 2 processes x 1 chunk of 16 or 1 process x 2 accumulated chunks of 16: the same global batch of 32
+MULTI = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
+
+
+def torchrun(run_dir, steps, *overrides, launch=None):
+    """``imm train`` on the toy under torchrun (2 gloo processes on this machine unless ``launch`` says
+    otherwise); returns the Popen."""
+    launch = launch or ["--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "imm", "train", "--config", "toy2d",
+           "--run-dir", str(run_dir), "--device", "cpu", *TOY_FAST, *MULTI, f"training.total_steps={steps}",
+           *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def finished(proc) -> str:
+    """The output of a torchrun launch that succeeded."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def assert_trained_alike(one, other, steps):
+    """The online network and the 0.995 EMA of two runs at ``steps``, equal to float round-off."""
+    a, ema_a, _ = online_weights(one)
+    b, ema_b, step = online_weights(other)
+    assert step == steps
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
         assert torch.allclose(ema_a["0.995"][k], ema_b["0.995"][k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, parallel):
+    """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32),
+    with DDP and with FSDP2 (which also resumes from its own checkpoint)."""
+    train(toy_cfg("training.total_steps=4", *MULTI), tmp_path / "one", device="cpu")
+    for steps in (2, 4) if parallel == "fsdp" else (4,):
+        finished(torchrun(tmp_path / "two", steps, f"training.parallel={parallel}"))
+    assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_on_another_number_of_processes(tmp_path, parallel):
+    """A checkpoint of 2 processes resumes on 1, and one of 1 process on 2, and both train on like a run of
+    the same global batch that never moved (the chunks and their random draws do not depend on the process
+    that runs them; the optimizer state is saved whole)."""
+    setting = f"training.parallel={parallel}"
+    train(toy_cfg("training.total_steps=4", *MULTI, setting), tmp_path / "one", device="cpu")
+    finished(torchrun(tmp_path / "two-then-one", 2, setting))
+    train(toy_cfg("training.total_steps=4", *MULTI, setting), tmp_path / "two-then-one", device="cpu")
+    assert_trained_alike(tmp_path / "one", tmp_path / "two-then-one", 4)
+    train(toy_cfg("training.total_steps=2", *MULTI, setting), tmp_path / "one-then-two", device="cpu")
+    finished(torchrun(tmp_path / "one-then-two", 4, setting))
+    assert_trained_alike(tmp_path / "one", tmp_path / "one-then-two", 4)
+
+
+@pytest.mark.integration
+def test_two_nodes_rendezvous_on_loopback_equal_one_process(tmp_path):
+    """Two torchrun launches of one process each, as on two machines (--nnodes=2, c10d rendezvous on
+    127.0.0.1), sharing the run directory: they train like one process of the same global batch."""
+    train(toy_cfg("training.total_steps=4", *MULTI), tmp_path / "one", device="cpu")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [torchrun(tmp_path / "nodes", 4, launch=["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                                                     "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                                                     "--rdzv_id=imm-test"]) for i in range(2)]
+    outputs = "".join(finished(node) for node in nodes)
+    assert "2 process(es) on cpu" in outputs  # one world of two, not two runs of one
+    assert_trained_alike(tmp_path / "one", tmp_path / "nodes", 4)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -147,6 +206,26 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
     assert state["step"] >= 5
     train(toy_cfg(f"training.total_steps={state['step'] + 2}", "logging.checkpoint_every=100000"), run, device="cpu")
     assert load_latest_state(run)[1]["step"] == state["step"] + 2
+
+
+def test_train_help_documents_the_stop_status(capsys):
+    from imm import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert f"{EXIT_STOPPED} stopped by SIGTERM or" in capsys.readouterr().out
+
+
+def test_fp16_resume_continues_the_grad_scaler(tmp_path):
+    """The GradScaler's state is part of the training state (CPU autocast in float16 here)."""
+    fp16 = ["training.precision=fp16", "logging.checkpoint_every=100"]
+    train(toy_cfg("training.total_steps=6", *fp16), tmp_path / "full", device="cpu")
+    train(toy_cfg("training.total_steps=3", *fp16), tmp_path / "part", device="cpu")
+    train(toy_cfg("training.total_steps=6", *fp16), tmp_path / "part", device="cpu")
+    _, a = load_latest_state(tmp_path / "full")
+    _, b = load_latest_state(tmp_path / "part")
+    assert a["scaler"] == b["scaler"] and b["scaler"]["_growth_tracker"] == 6  # 6 finite steps since the start
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def _npz_images(path, n=8, res=8, channels=3, labels=False):
