@@ -19,7 +19,7 @@ from imm.evaluation.toy_metrics import sliced_wasserstein
 from imm.io.checkpoint import atomic_write
 from imm.training.checkpoints import checkpoint_paths, load_latest_state
 from imm.training.config import load_train_config, resolve_config
-from imm.training.loop import EXIT_STOPPED, TrainingError, train
+from imm.training.loop import EXIT_STOPPED, POLL_EVERY, TrainingError, train
 
 TOY_FAST = ["training.batch_size=64", "logging.log_every=5", "logging.progress=false", "logging.tensorboard=false", "logging.sample_steps=[]"]  # no end-of-run scatter plot (toy2d_learns checks it)
 
@@ -205,6 +205,30 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
     path, state = load_latest_state(run)
     assert state["step"] >= 5
     train(toy_cfg(f"training.total_steps={state['step'] + 2}", "logging.checkpoint_every=100000"), run, device="cpu")
+    assert load_latest_state(run)[1]["step"] == state["step"] + 2
+
+
+@pytest.mark.integration
+def test_sigterm_to_every_process_of_a_torchrun_job_stops_it_with_a_checkpoint(tmp_path):
+    """As a cluster scheduler does it, SIGTERM to torchrun and its workers: the workers agree at their next
+    poll (every POLL_EVERY steps), write one checkpoint and exit 75; a rerun on one process resumes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(run),
+           "--device", "cpu", *TOY_FAST, *MULTI, "training.total_steps=100000", "logging.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").stat().st_size == 0:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert err.count("checkpoint written, rerun to resume") == 2, err[-3000:]  # both workers, same step
+    assert len(checkpoint_paths(run)) == 1
+    _, state = load_latest_state(run)
+    assert state["step"] >= 5 and state["step"] % POLL_EVERY == 0
+    train(toy_cfg(f"training.total_steps={state['step'] + 2}", *MULTI), run, device="cpu")
     assert load_latest_state(run)[1]["step"] == state["step"] + 2
 
 

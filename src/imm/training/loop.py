@@ -162,8 +162,6 @@ def keep_earlier_config(run_dir: Path, text: str, start_step: int) -> None:
     path.write_text(text)
 
 
-
-
 def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, net_cfg: dict, run_dir: Path,
                  device, start_over: bool, allow_changes: bool) -> tuple[TrainingState, torch.nn.Module, Path | None]:
     """The run's :class:`TrainingState`, fresh, warm-started (``training.init_from``) or resumed from the newest
@@ -329,16 +327,9 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
                 threads.tick()
                 raw, labels = next(loader)
                 reported = _report_unreadable(loader.unreadable, reported)
-                if state.step % poll_every == 0:
-                    stopped, too_many = agree([stop.raised, len(loader.unreadable) > max_unreadable], device)
-                    if too_many:
-                        first = next(iter(loader.unreadable.values()), "seen by another process")
-                        raise TrainingError(f"{len(loader.unreadable)} of the {len(dataset)} samples are unreadable, "
-                                            "more than training.max_unreadable_fraction="
-                                            f"{training.max_unreadable_fraction} allows (fix or remove the files, "
-                                            f"or raise it); first: {first}")
-                    if stopped:
-                        raise TrainingStopped(state.step, None if streak else state.save(run_dir, cfg))
+                if state.step % poll_every == 0 and _poll(stop, loader.unreadable, max_unreadable, len(dataset),
+                                                          training.max_unreadable_fraction, device):
+                    raise TrainingStopped(state.step, None if streak else state.save(run_dir, cfg))
                 if train_step(raw, labels):
                     streak = 0
                     rotation.finite_step()
@@ -369,6 +360,18 @@ def _finish(run_dir: Path, state: TrainingState, encoder, cfg: dict, sample_grid
         sample_grids(full.to(device), encoder, run_dir, state.step, logger, device)
     distributed.barrier()
     return path
+
+
+def _poll(stop: StopSignal, unreadable: dict, limit: int, size: int, fraction: float, device) -> bool:
+    """Whether any process was signalled to stop; refuse, on every process, once more than ``limit`` samples
+    of ``size`` are unreadable on any (``unreadable``: this process's, index -> message). One collective."""
+    stopped, too_many = agree([stop.raised, len(unreadable) > limit], device)
+    if too_many:
+        first = next(iter(unreadable.values()), "seen by another process")
+        raise TrainingError(f"{len(unreadable)} of the {size} samples are unreadable, more than "
+                            f"training.max_unreadable_fraction={fraction} allows (fix or remove the files, or "
+                            f"raise it); first: {first}")
+    return stopped
 
 
 def _report_unreadable(unreadable: dict, reported: int) -> int:
