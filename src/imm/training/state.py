@@ -99,7 +99,8 @@ class TrainingState:
         return [*self.emas.values(), *(self.phema.emas.values() if self.phema is not None else ())]
 
     def update_emas(self, warmup: bool) -> None:
-        """Fold the network's weights after an applied optimizer step into the fixed-decay EMAs."""
+        """Fold the network's weights after an applied optimizer step into the fixed-decay EMAs, with the decay
+        of :attr:`step` before it counts that step (the warm-up of :func:`imm.training.phema.ema_decay`)."""
         for d, e in self.emas.items():
             phema.update_ema(e, self.net, phema.ema_decay(d, self.step, warmup))
 
