@@ -10,7 +10,7 @@
 For each case, in eager mode and compiled with torch.compile (run side by side in one process):
 
 * training samples/s of a full IMM step (the no-grad target pass, the gradient pass, backward, the
-  optimizer step), as the trainer does it (``imm.methods.registry.build_loss``, ``imm.training.loop.make_optimizer``);
+  optimizer step), as the trainer does it (``imm.methods.registry.build_loss``, ``imm.training.state.make_optimizer``);
 * images/s of 1-step sampling (``imm.sample``; with CFG 1.5, i.e. a doubled batch, for the
   class-conditional DiT);
 * peak memory (CUDA: max allocated; CPU: the process's peak RSS, for the whole run);
@@ -46,7 +46,8 @@ import imm  # noqa: E402
 from imm.core.distributed import set_tf32  # noqa: E402
 from imm.methods.registry import build_loss  # noqa: E402
 from imm.model.backbones import set_activation_checkpointing  # noqa: E402
-from imm.training.loop import make_optimizer  # noqa: E402
+from imm.training.config import OptimizerSection  # noqa: E402
+from imm.training.state import make_optimizer  # noqa: E402
 
 # Dense (non-sparse) peak FLOP/s from NVIDIA's data sheets, by a substring of the device name.
 PEAK_FLOPS = {
@@ -137,7 +138,7 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision=mixed)).to(device).train()
     set_activation_checkpointing(net, checkpointing)
     loss_fn = build_loss(loss_cfg)
-    opt = make_optimizer(net.parameters(), opt_cfg)
+    opt = make_optimizer(net.parameters(), OptimizerSection(**opt_cfg))
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
     y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
@@ -214,7 +215,7 @@ def training_memory(name: str, batch: int, precision: str, device, checkpointing
     net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision="bf16" if precision == "bf16" else None))
     net = net.to(device).train()
     set_activation_checkpointing(net, checkpointing)
-    loss_fn, opt = build_loss(loss_cfg), make_optimizer(net.parameters(), opt_cfg)
+    loss_fn, opt = build_loss(loss_cfg), make_optimizer(net.parameters(), OptimizerSection(**opt_cfg))
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
     y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None

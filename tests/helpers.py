@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from imm.core.config import apply_overrides, load_config
-from imm.io.checkpoint import load_latest_state
+from imm.training.checkpoints import load_latest_state
 from imm.training.config import load_train_config, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root

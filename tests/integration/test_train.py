@@ -1,5 +1,4 @@
-"""The trainer end to end: toy2d learns in 600 steps, 2 processes (DDP, FSDP2) equal 1, SIGTERM writes a
-checkpoint, and compiled training trains like eager."""
+"""Training end to end: learning runs, torchrun (DDP/FSDP2, process counts, two nodes), SIGTERM, compile."""
 
 import json
 import os
@@ -15,9 +14,9 @@ import torch
 import imm
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import sliced_wasserstein
-from imm.io.checkpoint import checkpoint_paths, load_latest_state
-from imm.training.loop import train
-from tests.helpers import TOY_FAST, online_weights, torchrun_command, toy_cfg
+from imm.training.checkpoints import checkpoint_paths, load_latest_state
+from imm.training.loop import EXIT_STOPPED, POLL_EVERY, train
+from tests.helpers import TOY_FAST, free_port, online_weights, toy_cfg
 
 
 def test_toy2d_learns_in_600_steps(tmp_path):
@@ -55,25 +54,73 @@ def test_toy2d_learns_in_600_steps(tmp_path):
         "1_step_samples.png", "2_steps_samples.png", "4_steps_samples.png"]
 
 
+MULTI = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
+
+
+def torchrun(run_dir, steps, *overrides, launch=None):
+    """``imm train`` on the toy under torchrun (2 gloo processes on this machine unless ``launch`` says
+    otherwise); returns the Popen."""
+    launch = launch or ["--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "imm", "train", "--config", "toy2d",
+           "--run-dir", str(run_dir), "--device", "cpu", *TOY_FAST, *MULTI, f"training.total_steps={steps}",
+           *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def finished(proc) -> str:
+    """The output of a torchrun launch that succeeded."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def assert_trained_alike(one, other, steps):
+    """The online network and the 0.995 EMA of two runs at ``steps``, equal to float round-off."""
+    a, ema_a, _ = online_weights(one)
+    b, ema_b, step = online_weights(other)
+    assert step == steps
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(ema_a["0.995"][k], ema_b["0.995"][k], rtol=1e-5, atol=1e-6), k
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, parallel):
     """2 gloo processes x 1 chunk of 16 == 1 process x 2 accumulated chunks of 16 (global batch 32),
     with DDP and with FSDP2 (which also resumes from its own checkpoint)."""
-    common = ["training.batch_size=32", "training.batch_per_device=16", "logging.checkpoint_every=100"]
-    train(toy_cfg("training.total_steps=4", *common), tmp_path / "one", device="cpu")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train(toy_cfg("training.total_steps=4", *MULTI), tmp_path / "one", device="cpu")
     for steps in (2, 4) if parallel == "fsdp" else (4,):
-        cmd = torchrun_command("-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"),
-                               "--device", "cpu", *TOY_FAST, *common, f"training.total_steps={steps}",
-                               f"training.parallel={parallel}")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-    a, ema_a, _ = online_weights(tmp_path / "one")
-    b, ema_b, step = online_weights(tmp_path / "two")
-    assert step == 4
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
-        assert torch.allclose(ema_a["0.995"][k], ema_b["0.995"][k], rtol=1e-5, atol=1e-6), k
+        finished(torchrun(tmp_path / "two", steps, f"training.parallel={parallel}"))
+    assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_on_another_number_of_processes(tmp_path, parallel):
+    """A checkpoint of 2 processes resumes on 1, and one of 1 process on 2, and both train on like a run of
+    the same global batch that never moved (the chunks and their random draws do not depend on the process
+    that runs them; the optimizer state is saved whole)."""
+    setting = f"training.parallel={parallel}"
+    train(toy_cfg("training.total_steps=4", *MULTI, setting), tmp_path / "one", device="cpu")
+    finished(torchrun(tmp_path / "two-then-one", 2, setting))
+    train(toy_cfg("training.total_steps=4", *MULTI, setting), tmp_path / "two-then-one", device="cpu")
+    assert_trained_alike(tmp_path / "one", tmp_path / "two-then-one", 4)
+    train(toy_cfg("training.total_steps=2", *MULTI, setting), tmp_path / "one-then-two", device="cpu")
+    finished(torchrun(tmp_path / "one-then-two", 4, setting))
+    assert_trained_alike(tmp_path / "one", tmp_path / "one-then-two", 4)
+
+
+def test_two_nodes_rendezvous_on_loopback_equal_one_process(tmp_path):
+    """Two torchrun launches of one process each, as on two machines (--nnodes=2, c10d rendezvous on
+    127.0.0.1), sharing the run directory: they train like one process of the same global batch."""
+    train(toy_cfg("training.total_steps=4", *MULTI), tmp_path / "one", device="cpu")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [torchrun(tmp_path / "nodes", 4, launch=["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                                                     "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                                                     "--rdzv_id=imm-test"]) for i in range(2)]
+    outputs = "".join(finished(node) for node in nodes)
+    assert "2 process(es) on cpu" in outputs  # one world of two, not two runs of one
+    assert_trained_alike(tmp_path / "one", tmp_path / "nodes", 4)
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
@@ -87,11 +134,34 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "checkpoint written" in err
+    assert proc.returncode == EXIT_STOPPED == 75, err[-2000:]
+    assert "checkpoint written" in err and "Traceback" not in err
     path, state = load_latest_state(run)
     assert state["step"] >= 5
     train(toy_cfg(f"training.total_steps={state['step'] + 2}", "logging.checkpoint_every=100000"), run, device="cpu")
+    assert load_latest_state(run)[1]["step"] == state["step"] + 2
+
+
+def test_sigterm_to_every_process_of_a_torchrun_job_stops_it_with_a_checkpoint(tmp_path):
+    """As a cluster scheduler does it, SIGTERM to torchrun and its workers: the workers agree at their next
+    poll (every POLL_EVERY steps), write one checkpoint and exit 75; a rerun on one process resumes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(run),
+           "--device", "cpu", *TOY_FAST, *MULTI, "training.total_steps=100000", "logging.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").stat().st_size == 0:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert err.count("checkpoint written, rerun to resume") == 2, err[-3000:]  # both workers, same step
+    assert len(checkpoint_paths(run)) == 1
+    _, state = load_latest_state(run)
+    assert state["step"] >= 5 and state["step"] % POLL_EVERY == 0
+    train(toy_cfg(f"training.total_steps={state['step'] + 2}", *MULTI), run, device="cpu")
     assert load_latest_state(run)[1]["step"] == state["step"] + 2
 
 

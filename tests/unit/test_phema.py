@@ -9,8 +9,9 @@ import torch
 import imm
 from imm.cli import main
 from imm.core.config import ConfigError
-from imm.io.checkpoint import load_latest_state, read_checkpoint
+from imm.io.checkpoint import read_checkpoint
 from imm.training import phema
+from imm.training.checkpoints import load_latest_state
 from imm.training.config import load_train_config
 from imm.training.loop import TrainingError, train
 from imm.training.phema_files import phema_snapshots, reconstruct_run

@@ -1,5 +1,4 @@
-"""The trainer in one process: bit-exact resume, crash-safe checkpoints, bad input, faults (learning, 2 processes,
-SIGTERM and compile: tests/integration/test_train.py)."""
+"""Training: resume, faults, bad input, the stop status (single process, small steps)."""
 
 
 import numpy as np
@@ -8,9 +7,10 @@ import torch
 
 import imm
 from imm.core.config import ConfigError
-from imm.io.checkpoint import atomic_write, checkpoint_paths, load_latest_state
+from imm.io.checkpoint import atomic_write
+from imm.training.checkpoints import checkpoint_paths, load_latest_state
 from imm.training.config import load_train_config
-from imm.training.loop import TrainingError, train
+from imm.training.loop import EXIT_STOPPED, TrainingError, train
 from tests.helpers import image_cfg, npz_images, online_weights, toy_cfg
 
 
@@ -54,6 +54,26 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     torn.write_bytes(before[: len(before) // 2])
     path, state = load_latest_state(run)
     assert path == previous and state["step"] == 2
+
+
+def test_train_help_documents_the_stop_status(capsys):
+    from imm import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert f"{EXIT_STOPPED} stopped by SIGTERM or" in capsys.readouterr().out
+
+
+def test_fp16_resume_continues_the_grad_scaler(tmp_path):
+    """The GradScaler's state is part of the training state (CPU autocast in float16 here)."""
+    fp16 = ["training.precision=fp16", "logging.checkpoint_every=100"]
+    train(toy_cfg("training.total_steps=6", *fp16), tmp_path / "full", device="cpu")
+    train(toy_cfg("training.total_steps=3", *fp16), tmp_path / "part", device="cpu")
+    train(toy_cfg("training.total_steps=6", *fp16), tmp_path / "part", device="cpu")
+    _, a = load_latest_state(tmp_path / "full")
+    _, b = load_latest_state(tmp_path / "part")
+    assert a["scaler"] == b["scaler"] and b["scaler"]["_growth_tracker"] == 6  # 6 finite steps since the start
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_image_training_with_dropout_resumes_bit_exact(tmp_path):
@@ -112,7 +132,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     cfg["dataset"] = {"kind": "npz", "path": str(tmp_path / "nan.npz")}
     with pytest.raises(TrainingError, match="3 steps in a row had non-finite gradients"):
         train(cfg, tmp_path / "run", device="cpu")
-    # the stop writes no checkpoint of the diverged state (test_faults.py checks the good ones are kept)
+    # the stop writes no checkpoint of the diverged state (issue 13; test_faults.py checks the good ones are kept)
     assert load_latest_state(tmp_path / "run") == (None, None)
     assert not checkpoint_paths(tmp_path / "run")
 

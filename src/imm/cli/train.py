@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from imm.cli.options import add_command, add_device, add_overrides, add_threads
 
 EXAMPLES_TRAIN = """examples:
@@ -12,6 +14,9 @@ EXAMPLES_TRAIN = """examples:
   torchrun --nproc_per_node=8 -m imm train --config imagenet256-dit-xl dataset.path=/data/in256-latents.zip
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       -m imm train --config imagenet256-dit-xl training.parallel=fsdp dataset.path=...
+
+exit status: 0 trained to training.total_steps; 2 an error (one line says why); 75 stopped by SIGTERM or
+SIGINT (a checkpoint written: rerun the same command to resume, on any number of processes).
 """
 
 EXAMPLES_DEMO = """examples:
@@ -26,11 +31,14 @@ ALLOW_CHANGES_HELP = "resume even when network/loss/dataset/encoder settings dif
 def cmd_train(args) -> int:
     from imm.core import distributed
     from imm.training.config import load_train_config
-    from imm.training.loop import train
+    from imm.training.loop import TrainingStopped, train
 
     cfg = load_train_config(args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
-    path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
+    try:
+        path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
+    except TrainingStopped as stop:
+        return stopped(args, stop)
     if distributed.is_main():
         print(f"wrote {path}")
     distributed.shutdown()
@@ -40,15 +48,29 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from imm.core import distributed
     from imm.training.demo import plan_demo, run_demo
+    from imm.training.loop import TrainingStopped
 
     plan = plan_demo(args.overrides, args.fid_images)
     if plan.no_fid_reason:
         print(f"imm demo: no FID at the end ({plan.no_fid_reason})")
-    result = run_demo(plan, args.run_dir, device=args.device, allow_changes=args.allow_changes)
+    try:
+        result = run_demo(plan, args.run_dir, device=args.device, allow_changes=args.allow_changes)
+    except TrainingStopped as stop:
+        return stopped(args, stop)
     if distributed.is_main():
         print_demo(result)
     distributed.shutdown()
     return 0
+
+
+def stopped(args, stop) -> int:
+    """A run stopped by SIGTERM/SIGINT (``imm.training.loop.TrainingStopped``): say so, exit with 75."""
+    from imm.core import distributed
+    from imm.training.loop import EXIT_STOPPED
+
+    distributed.shutdown()
+    print(f"imm {args.command}: {stop}", file=sys.stderr)
+    return EXIT_STOPPED
 
 
 def print_demo(result) -> None:

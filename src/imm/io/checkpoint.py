@@ -9,9 +9,10 @@ Readable inputs:
 * our own format: one ``.safetensors`` file with the network's configuration as JSON in its
   metadata (``imm convert`` and the trainer write it).
 
-The trainer's checkpoints are ``torch.save`` dicts of plain data (step, config, network configuration,
-online and EMA state_dicts, optimizer state), read through the restricted unpickler too;
-``load_network`` reads their first EMA.
+The trainer's checkpoints (``training-state-STEP.pt``, written by ``imm.training.state.TrainingState.save``,
+kept and found by :mod:`imm.training.checkpoints`) are ``torch.save`` dicts of plain data (step, config,
+network configuration, online and EMA state_dicts, optimizer state), read through the restricted
+unpickler too (:func:`read_training_state`); ``load_network`` reads their first EMA.
 
 The network's configuration comes from the file itself (the pickled constructor arguments) and
 keyword overrides apply on top; files that carry none (plain state_dicts) need the whole
@@ -25,15 +26,12 @@ import itertools
 import json
 import os
 import pickle
-import re
 import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
-from imm.core import distributed
-from imm.core.distributed import full_state_dict
 from imm.core.errors import InputError
 from imm.io import hub, safe_pickle
 from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, NETWORK_CLASSES, IMMNetwork
@@ -430,81 +428,3 @@ def convert(src, dst, **overrides) -> IMMNetwork:
     net = load_network(src, **overrides)
     save_network(net, dst)
     return net
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer's checkpoints: RUN/checkpoints/training-state-STEP.pt, written atomically, with the online
-# network, every EMA, the optimizer, the step and the config (read back by read_training_state above)
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, ``training-state-STEP.pt``, oldest first."""
-    paths = (run_dir / "checkpoints").glob("training-state-*.pt")
-    return sorted((p for p in paths if re.fullmatch(r"training-state-[0-9]+\.pt", p.name)), key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix("training-state-").removesuffix(".pt"))
-
-
-def save_training_state(run_dir: Path, step: int, cfg: dict, net, emas: dict, optimizer,
-                        phema_tracker=None) -> Path:
-    """Write ``training-state-STEP.pt`` atomically; with ``phema_tracker`` its profiles go under ``phema``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    model_sd = full_state_dict(net)
-    ema_sd = {str(d): full_state_dict(e) for d, e in emas.items()}
-    phema_sd = phema_tracker.state_dict() if phema_tracker is not None else None
-    opt_sd = get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    path = run_dir / "checkpoints" / f"training-state-{step:08d}.pt"
-    if distributed.is_main():
-        state = {"format": TRAINING_STATE_FORMAT, "version": 1, "step": step, "config": cfg,
-                 "network_config": net.config, "model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
-        if phema_sd is not None:
-            state["phema"] = phema_sd
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    distributed.barrier()
-    return path
-
-
-def rotate_checkpoints(run_dir: Path, good: list[Path], keep_last: int) -> None:
-    """Delete the checkpoints older than the ``keep_last``-th newest *good* one.
-
-    ``good`` (oldest first) holds the checkpoints this run resumed from or wrote whose next step had
-    finite gradients. Anything else (a checkpoint that led into non-finite steps, older files from
-    before this start, never read and perhaps unreadable) counts for nothing, so rotation never
-    deletes a good checkpoint in favour of them; older files go once ``keep_last`` good ones are newer.
-    """
-    if not keep_last or len(good) < keep_last or not distributed.is_main():
-        return
-    oldest_kept = checkpoint_step(good[-keep_last])
-    for path in checkpoint_paths(run_dir):
-        if checkpoint_step(path) < oldest_kept:
-            path.unlink(missing_ok=True)
-
-
-def set_aside(paths: list[Path], suffix: str) -> None:
-    """Rename checkpoints to NAME.pt + suffix (kept for inspection; never resumed or rotated)."""
-    if distributed.is_main():
-        for path in paths:
-            path.replace(path.with_name(path.name + suffix))
-    distributed.barrier()
-
-
-def remove_orphans(run_dir: Path) -> None:
-    """Delete the temporary files (``.NAME.*.tmp``) that a kill during :func:`atomic_write` left behind."""
-    if distributed.is_main():
-        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples", run_dir / "phema"):
-            for path in folder.glob(".*.tmp"):
-                if path.is_file():
-                    path.unlink(missing_ok=True)
-
-
-def load_latest_state(run_dir: Path):
-    """The newest readable training state (an unreadable newest one falls back to the one before)."""
-    for path in reversed(checkpoint_paths(run_dir)):
-        try:
-            return path, read_training_state(path)  # refuses anything but a training state
-        except Exception as e:  # noqa: BLE001 - a torn or corrupt file: try the previous one
-            if distributed.is_main():
-                print(f"imm train: skipping unreadable checkpoint {path.name} ({type(e).__name__})")
-    return None, None

@@ -12,7 +12,8 @@ Every section is declared once, and :func:`imm.core.config.fill_section` fills i
 
 :func:`load_train_config` applies the command line's overrides to the preset and resolves the result
 once (:func:`resolve_config`); ``imm.training.loop.train`` resolves what it is given, which leaves a resolved
-config as it is.
+config as it is, and works with the section instances of :func:`sections`. The resolved dict is what
+``RUN/config.yaml`` and the checkpoints record.
 """
 
 from __future__ import annotations
@@ -186,6 +187,13 @@ def load_train_config(name_or_path: str, overrides=()) -> dict:
             if key.startswith("loss.") and key[len("loss."):] in _imm_only_loss_keys(method):
                 raise ConfigError(f"override {item!r}: {key} applies to loss.method=imm, not {method}")
     return resolve_config(cfg)
+
+
+def sections(cfg: dict) -> tuple[OptimizerSection, TrainingSection, LoggingSection]:
+    """The optimizer, training and logging sections of a resolved config (:func:`resolve_config`) as instances:
+    built once, the loop reads checked, typed fields."""
+    return (OptimizerSection(**cfg["optimizer"]), TrainingSection(**cfg["training"]),
+            LoggingSection(**cfg["logging"]))
 
 
 def network_config(cfg: dict, dataset, encoder) -> dict:

@@ -1,7 +1,8 @@
 """What ``imm train`` writes besides checkpoints: ``metrics.jsonl``, TensorBoard and W&B logs
 (:class:`Logger`), the running sums behind each log line (:class:`StepWindow`, with the loss per t-bin of
 :data:`T_BINS`), sample grids and toy scatter plots of the EMA (:class:`SampleGrids`) and the periodic
-small-N FID (:class:`PeriodicFID`). The loop itself is ``imm.training.loop.train``.
+small-N FID (:class:`PeriodicFID`). The loop itself is ``imm.training.loop.train``, which runs them at their
+ticks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from imm.core import distributed
 from imm.io.checkpoint import atomic_write
 from imm.io.images import save_grid
 from imm.methods.registry import generate
+from imm.training.config import LoggingSection
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss_by_t/ bins of the log
 
@@ -43,7 +45,7 @@ def logged_step(line: str) -> float:
 class Logger:
     """metrics.jsonl, TensorBoard (and W&B when asked and installed) on the main process."""
 
-    def __init__(self, run_dir: Path, log: dict, start_step: int, run_config: dict | None = None):
+    def __init__(self, run_dir: Path, log: LoggingSection, start_step: int, run_config: dict | None = None):
         """``log``: the config's logging section; ``run_config``: the whole config, which W&B records."""
         self.enabled = distributed.is_main()
         self.tb = self.wandb = None
@@ -51,14 +53,14 @@ class Logger:
             return
         drop_metrics_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        if log["tensorboard"]:
+        if log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 print("imm train: tensorboard is not installed; logging to metrics.jsonl only")
-        if log["wandb"]:
+        if log.wandb:
             try:
                 import wandb
 
@@ -182,7 +184,8 @@ class PeriodicFID:
 
 
 class StepWindow:
-    """Running sums over a logging interval, kept on the device (one host sync per log line)."""
+    """Running sums over a logging interval, kept on the device; :meth:`flush` reads them in one host sync
+    per log line."""
 
     def __init__(self, device):
         self.device = device
@@ -210,14 +213,17 @@ class StepWindow:
         self.steps += 1
 
     def flush(self, global_batch: int, lr: float) -> dict:
+        """The interval's means, read from the device in one transfer, and a fresh window."""
         elapsed = time.perf_counter() - self.start
-        out = {"train/loss": (self.loss / self.count.clamp(min=1)).item(),
-               "train/grad_norm": (self.gnorm / max(self.steps, 1)).item(),
-               "train/lr": lr, "train/nonfinite_groups": self.nonfinite.item(),
+        bins = len(self.bin_loss)
+        values = torch.cat([torch.stack([self.loss / self.count.clamp(min=1), self.gnorm / max(self.steps, 1),
+                                         self.nonfinite]),
+                            self.bin_loss / self.bin_count.clamp(min=1), self.bin_count]).tolist()  # the host sync
+        loss, gnorm, nonfinite, means, counts = *values[:3], values[3:3 + bins], values[3 + bins:]
+        out = {"train/loss": loss, "train/grad_norm": gnorm, "train/lr": lr, "train/nonfinite_groups": nonfinite,
                "train/images_per_s": global_batch * self.steps / max(elapsed, 1e-9),
                "train/steps_per_s": self.steps / max(elapsed, 1e-9)}
-        means = (self.bin_loss / self.bin_count.clamp(min=1)).tolist()
-        for (lo, hi), v, n in zip(zip(T_BINS[:-1], T_BINS[1:]), means, self.bin_count.tolist()):
+        for (lo, hi), v, n in zip(zip(T_BINS[:-1], T_BINS[1:]), means, counts):
             if n:
                 out[f"loss_by_t/{lo:.2f}-{hi:.2f}"] = v
         self.reset()

@@ -1,21 +1,28 @@
 """``imm train``: the IMM training loop, from one CPU to many GPUs (torchrun, DDP or FSDP2).
 
-One straight loop (nanoGPT/EDM2 style). Per optimizer step the global batch is split into chunks of
-``batch_per_device`` samples: each process takes its contiguous share of the step's global batch
-(:func:`imm.data.loader.make_loader`) and runs ``accumulation`` chunks; chunk ``c`` of the whole step is
-``rank * accumulation + micro``. Everything random in a chunk (times, noise, label dropout, flips,
-VAE latent draws, dropout masks) comes from a generator seeded by ``(seed, step, c)``, so:
+One straight loop in the shape of EDM2's and nanoGPT's: set-up returns one :class:`TrainingState`
+(:mod:`imm.training.state`: network, EMAs, post-hoc EMA, optimizer, GradScaler, step), each step is one call of
+:class:`imm.training.step.TrainStep` (accumulation, mixed precision, clipping, the non-finite skip, EMA
+updates), and everything periodic is a :class:`Tick` run after the steps it is due at, in this order: the log
+line, the post-hoc EMA snapshot (before the checkpoint of the same step, which keeps it on resume), the
+checkpoint, the sample grids, the periodic FID.
 
-* W processes with A accumulation steps train exactly like one process with W*A accumulation steps
-  (same chunks, same draws; DDP averages what accumulation would have averaged);
-* resuming from a checkpoint gives the same weights, bit for bit, as an uninterrupted run (CPU).
+W processes with A accumulation steps train exactly like one process with W*A accumulation steps, and a
+resumed run, on any number of processes, gives the weights of an uninterrupted one (bit for bit on one CPU
+process; :mod:`imm.training.step` says why). Checkpoints (``RUN/checkpoints/training-state-STEP.pt``) and
+which of them a restart resumes from, rotation keeps or a non-finite stop sets aside:
+:mod:`imm.training.checkpoints`. ``imm.load_network`` reads them (the first EMA), and the final EMA is also
+written as ``RUN/network.safetensors``.
 
-Checkpoints (``RUN/checkpoints/training-state-STEP.pt``, their format in :mod:`imm.io.checkpoint`) hold
-the online network, every EMA, the optimizer, the step and the config; they are written atomically and
-the last ``keep_last`` good ones are kept (:func:`imm.io.checkpoint.rotate_checkpoints`). Restarting the
-same command resumes from the latest readable one (:func:`resume_state`); a run stopped by non-finite
-steps writes none (:func:`_diverged`). ``imm.load_network`` reads them (the first EMA), and the final
-EMA is also written as ``RUN/network.safetensors``.
+Host syncs and collectives: one host read per step (whether the gradient norm is finite:
+:class:`~imm.training.step.TrainStep`), one per log line (:class:`imm.training.logs.StepWindow`), and besides
+the gradient reductions of DDP/FSDP2 one all-reduce every :data:`POLL_EVERY` steps with more than one process
+(every step with one, where it is free), agreeing on a stop signal and on too many unreadable samples.
+Checkpoints, snapshots, sample grids and FID gather and synchronise at their own ticks.
+
+SIGTERM or SIGINT stops the run at the next poll: it writes a checkpoint (none inside a streak of non-finite
+steps, whose start is no state to resume from), closes the logs and the loader, and :func:`train` raises
+:class:`TrainingStopped`; ``imm train`` then exits with :data:`EXIT_STOPPED`.
 
 The configuration's sections are declared and resolved in :mod:`imm.training.config`; the logs, sample
 grids and periodic FID are written by :mod:`imm.training.logs`.
@@ -24,46 +31,48 @@ grids and periodic FID are written by :mod:`imm.training.logs`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
-import math
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from imm.core import distributed, threads
 from imm.core.config import ConfigError, flatten
 from imm.core.distributed import full_state_dict
-from imm.core.errors import StateError
-from imm.data.datasets import build_dataset, random_xflip
+from imm.data.datasets import build_dataset
 from imm.data.encoders import build_encoder
 from imm.data.loader import make_loader
-from imm.io.checkpoint import (
-    CheckpointError,
-    checkpoint_paths,
-    checkpoint_step,
-    load_latest_state,
-    remove_orphans,
-    rotate_checkpoints,
-    sampling_settings,
-    save_network,
-    save_training_state,
-    set_aside,
-)
+from imm.io.checkpoint import CheckpointError, sampling_settings, save_network
 from imm.methods.registry import build_loss
 from imm.model.backbones import set_activation_checkpointing
 from imm.model.network import IMMNetwork
-from imm.training import phema
-from imm.training.config import network_config, resolve_config
+from imm.training.checkpoints import Rotation, TrainingError, remove_orphans, resume_state, set_aside_diverged
+from imm.training.config import OptimizerSection, TrainingSection, network_config, resolve_config, sections
 from imm.training.logs import Logger, PeriodicFID, SampleGrids, StepWindow
 from imm.training.phema_files import drop_snapshots_after, save_phema_snapshots
+from imm.training.state import TrainingState, parallelize
+from imm.training.step import TrainStep
+
+# ``imm train``'s exit status after a stop by SIGTERM/SIGINT (sysexits.h's EX_TEMPFAIL: rerun to resume),
+# distinct from success (0) and from errors (2).
+EXIT_STOPPED = 75
+# Steps between two agreements of more than one process on a stop signal (and unreadable samples).
+POLL_EVERY = 10
 
 
-class TrainingError(StateError):
-    """The run cannot start or cannot go on; the message says why."""
+class TrainingStopped(Exception):
+    """A signal stopped the run at ``step``; ``checkpoint``: the state written then, None inside a streak of
+    non-finite steps (a rerun resumes from the last checkpoint before it)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"stopped by signal at step {step}; " + (
+            "checkpoint written, rerun to resume" if checkpoint is not None else
+            "no checkpoint written (inside a run of non-finite steps), rerun to resume from the last one"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,38 +111,7 @@ def check_data(dataset, encoder, net_cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces of the loop
-
-
-def chunk_seed(seed: int, step: int, chunk: int) -> int:
-    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
-    kwargs = dict(lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"])
-    return (torch.optim.RAdam if opt["name"] == "radam" else torch.optim.AdamW)(params, **kwargs)
-
-
-def learning_rate(step: int, opt: dict) -> float:
-    warmup = opt["warmup_steps"] or 0
-    return opt["lr"] * min(1.0, (step + 1) / warmup) if warmup else opt["lr"]
-
-
-def resume_state(run_dir: Path, start_over: bool = False):
-    """:func:`load_latest_state`, with the unreadable checkpoints newer than the one it found renamed
-    ``*.corrupt`` (rotation by step number would otherwise keep them and delete readable ones). When
-    there are checkpoints but none is readable, refuse, unless ``start_over`` (set them all aside and
-    train from step 0)."""
-    paths = checkpoint_paths(run_dir)
-    path, state = load_latest_state(run_dir)
-    unreadable = paths[paths.index(path) + 1:] if path is not None else paths
-    if path is None and unreadable and not start_over:
-        raise TrainingError(f"no readable checkpoint in {run_dir / 'checkpoints'} "
-                            f"({', '.join(p.name for p in unreadable)} cannot be read); rerun with --start-over "
-                            "(train(..., start_over=True)) to set them aside as *.corrupt and train from step 0")
-    distributed.barrier()  # every rank has read before any file moves
-    set_aside(unreadable, ".corrupt")
-    return path, state
+# Set-up
 
 
 def warm_start(path, net: IMMNetwork, emas) -> None:
@@ -147,20 +125,6 @@ def warm_start(path, net: IMMNetwork, emas) -> None:
     check_state_dict(net, tensors, source=f"training.init_from={path}")
     for module in (net, *emas):
         module.load_state_dict(tensors, strict=True)
-
-
-def _diverged(run_dir: Path, step: int, streak: int, lr: float) -> str:
-    """Set aside the checkpoints that lead into a streak of non-finite steps (their next step is the
-    streak's first whatever the learning rate) and say where a rerun resumes."""
-    first = step - streak
-    doomed = [p for p in checkpoint_paths(run_dir) if checkpoint_step(p) >= first]
-    set_aside(doomed, ".diverged")
-    left = checkpoint_paths(run_dir)
-    aside = f"; {', '.join(p.name for p in doomed)}, which they start from, is renamed *.diverged" if doomed else ""
-    resume = f"{left[-1].name} (step {checkpoint_step(left[-1])})" if left else "step 0 (no earlier checkpoint)"
-    return (f"{streak} steps in a row had non-finite gradients (steps {first + 1}-{step}); stopped without "
-            f"writing a checkpoint{aside}. A rerun resumes from {resume}: lower the learning rate "
-            f"(e.g. optimizer.lr={lr / 10:g}), use fp32/bf16, or check the data.")
 
 
 # Sections whose change makes a resumed run another experiment: refused unless allowed (--allow-changes).
@@ -192,8 +156,34 @@ def keep_earlier_config(run_dir: Path, text: str, start_step: int) -> None:
     path.write_text(text)
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the end of the step."""
+def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, net_cfg: dict, run_dir: Path,
+                 device, start_over: bool, allow_changes: bool) -> tuple[TrainingState, torch.nn.Module, Path | None]:
+    """The run's :class:`TrainingState`, fresh, warm-started (``training.init_from``) or resumed from the newest
+    readable checkpoint, wrapped for the processes at hand; also the module the gradient pass runs and the
+    checkpoint resumed from."""
+    try:
+        torch.manual_seed(training.seed)
+        net = IMMNetwork(**net_cfg).to(device).train()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad network configuration: {e}") from None
+    state = TrainingState.create(net, training)
+    if training.activation_checkpointing and not set_activation_checkpointing(net, True):
+        raise ConfigError(f"training.activation_checkpointing needs a DiT or SongUNet network, not {net_cfg.get('model_type')}")
+    remove_orphans(run_dir)
+    source, saved = resume_state(run_dir, start_over)
+    if saved is not None:
+        check_resumed_config(source, saved.get("config") or {}, cfg, allow_changes)
+        state.load_modules(saved, source)
+    elif training.init_from:
+        warm_start(training.init_from, net, state.emas.values())
+    drop_snapshots_after(run_dir, state.step)
+    model = parallelize(state, training.parallel, device)
+    state.attach_optimizer(opt, training.precision, device, saved)
+    return state, model, source
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set :attr:`raised`; the loop stops at its next poll."""
 
     def __init__(self):
         self.raised = False
@@ -215,20 +205,45 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@dataclass
+class Tick:
+    """``action(step)`` after every ``every``-th step. At the run's last step: also when ``at_end`` is True,
+    never when it is False (the end of the run does it), as the multiple says when it is None."""
+
+    every: int
+    action: Callable[[int], None]
+    at_end: bool | None = None
+
+    def due(self, step: int, total: int) -> bool:
+        if step == total and self.at_end is not None:
+            return self.at_end
+        return step % self.every == 0
+
+
+def agree(flags: list[bool], device) -> list[bool]:
+    """Each flag True on every process when any process saw it (one all-reduce for all of them)."""
+    if distributed.world_size() == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_over: bool = False,
           allow_changes: bool = False) -> Path:
-    """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network.
+    """Train (or resume) the run in ``run_dir``; returns the path of the final EMA network. Raises
+    :class:`TrainingStopped` when SIGTERM/SIGINT stopped it (after writing a checkpoint).
 
     ``start_over``: when the run has checkpoints but none is readable, set them aside (``*.corrupt``)
     and train from step 0 instead of refusing (``imm train --start-over``). ``allow_changes``: resume even
     when the network, loss, data or encoder settings differ from the checkpoint's (``--allow-changes``).
     """
     cfg = resolve_config(cfg)
-    tcfg, ocfg, log = cfg["training"], cfg["optimizer"], cfg["logging"]
+    opt, training, log = sections(cfg)
     run_dir = Path(run_dir)
     device = distributed.init(device)
-    rank, world = distributed.rank(), distributed.world_size()
-    distributed.set_tf32(device, tcfg["precision"] != "fp32")
+    world = distributed.world_size()
+    distributed.set_tf32(device, training.precision != "fp32")
 
     # -- data, network, loss: every check before any compute ---------------------------------------
     if "path" in cfg["dataset"] and not cfg["dataset"]["path"]:
@@ -238,230 +253,127 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     net_cfg = network_config(cfg, dataset, encoder)
     check_data(dataset, encoder, net_cfg)
     loss_fn = build_loss(cfg["loss"])
-    chunk, accumulation = batch_layout(int(tcfg["batch_size"]), tcfg["batch_per_device"], world, loss_fn.group_size)
-    try:
-        torch.manual_seed(int(tcfg["seed"]))
-        net = IMMNetwork(**net_cfg).to(device).train()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad network configuration: {e}") from None
+    chunk, accumulation = batch_layout(training.batch_size, training.batch_per_device, world, loss_fn.group_size)
     encoder.init(device)
-    if log["fid_every"] and world > 1 and tcfg["parallel"] == "fsdp":
+    if log.fid_every and world > 1 and training.parallel == "fsdp":
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp yet")
-    periodic_fid = PeriodicFID(log, int(tcfg["seed"]), device) if log["fid_every"] else None
+    periodic_fid = PeriodicFID(cfg["logging"], training.seed, device) if log.fid_every else None
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
-    sample_grids = SampleGrids(log, int(tcfg["seed"]), cfg["loss"]["method"], toy2d=toy)
-    emas = {float(d): copy.deepcopy(net).eval().requires_grad_(False) for d in tcfg["ema_decays"]}
-    if not emas:
-        raise ConfigError("training.ema_decays must list at least one decay")
-    try:
-        phema_tracker = phema.PowerEMA(net, tcfg["phema_sigma_rels"]) if tcfg["phema"] else None
-    except ValueError as e:
-        raise ConfigError(f"training.phema_sigma_rels: {e}") from None
-    if tcfg["activation_checkpointing"] and not set_activation_checkpointing(net, True):
-        raise ConfigError(f"training.activation_checkpointing needs a DiT or SongUNet network, not {net_cfg.get('model_type')}")
+    sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["method"], toy2d=toy)
 
-    # -- resume ---------------------------------------------------------------------------------------
-    start_step = 0
-    remove_orphans(run_dir)
-    state_path, state = resume_state(run_dir, start_over)
-    if state is not None:
-        check_resumed_config(state_path, state.get("config") or {}, cfg, allow_changes)
-        net.load_state_dict(state["model"])
-        for d, e in emas.items():
-            if str(d) not in state["ema"]:
-                raise TrainingError(f"{state_path}: has no EMA with decay {d} (it has {', '.join(state['ema'])})")
-            e.load_state_dict(state["ema"][str(d)])
-        if phema_tracker is not None:
-            if "phema" not in state:
-                raise TrainingError(f"{state_path}: has no post-hoc EMA state (written with training.phema=false); "
-                                    "resume with training.phema=false or train in a new run directory")
-            try:
-                phema_tracker.load_state_dict(state["phema"])
-            except ValueError as e:
-                raise TrainingError(f"{state_path}: {e}") from None
-        start_step = int(state["step"])
-    elif tcfg["init_from"]:
-        warm_start(tcfg["init_from"], net, emas.values())
-    drop_snapshots_after(run_dir, start_step)
-
-    # -- parallelism --------------------------------------------------------------------------------
-    model = net
-    if world > 1 and tcfg["parallel"] == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        blocks = getattr(net.model, "blocks", None)
-        for block in blocks if blocks is not None else []:
-            fully_shard(block)
-        fully_shard(net)
-        for e in [*emas.values(), *(phema_tracker.emas.values() if phema_tracker else ())]:
-            for block in getattr(e.model, "blocks", None) or []:
-                fully_shard(block)
-            fully_shard(e)
-    elif world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(net.parameters(), ocfg)
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        del state
-    forward = torch.compile(model) if tcfg["compile"] else model
-    target = torch.compile(net) if tcfg["compile"] else net  # the no-grad pass, outside DDP's wrapper
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if tcfg["precision"] == "fp16" else None
-
-    total = int(tcfg["total_steps"])
+    state, model, resumed_from = set_up_state(cfg, training, opt, net_cfg, run_dir, device, start_over,
+                                              allow_changes)
+    total, start_step = training.total_steps, state.step
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         keep_earlier_config(run_dir, _to_yaml(cfg), start_step)
-        n_params = sum(p.numel() for p in net.parameters())
+        n_params = sum(p.numel() for p in state.net.parameters())
         what = f"resuming at step {start_step}" if start_step else "starting"
         on = f"cpu ({threads.describe()})" if device.type == "cpu" else device.type
         print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {on}, "
-              f"global batch {tcfg['batch_size']} = {world} x {accumulation} x {chunk}, run dir {run_dir}")
-    if start_step >= total:
-        return _finish(run_dir, emas, encoder, cfg, sample_grids, total, Logger(run_dir, log, start_step, cfg), device)
-    max_unreadable = int(tcfg["max_unreadable_fraction"] * len(dataset))
-    loader = make_loader(dataset, chunk * accumulation, int(tcfg["batch_size"]), rank, world,
-                         seed=int(tcfg["seed"]), start_step=start_step, num_workers=int(tcfg["num_workers"]),
-                         max_unreadable=max_unreadable)
-    logger = Logger(run_dir, log, start_step, cfg)
-    show = log["progress"] if progress is None else progress
-    bar = None
-    if show and distributed.is_main():
-        from tqdm import tqdm
+              f"global batch {training.batch_size} = {world} x {accumulation} x {chunk}, run dir {run_dir}")
+    with contextlib.ExitStack() as cleanup:
+        logger = Logger(run_dir, log, start_step, cfg)
+        cleanup.callback(logger.close)
+        if start_step >= total:
+            return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device)
+        max_unreadable = int(training.max_unreadable_fraction * len(dataset))
+        loader = make_loader(dataset, chunk * accumulation, training.batch_size, distributed.rank(), world,
+                             seed=training.seed, start_step=start_step, num_workers=training.num_workers,
+                             max_unreadable=max_unreadable)
+        cleanup.callback(loader.close)
+        bar = None
+        if (log.progress if progress is None else progress) and distributed.is_main():
+            from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+            bar = cleanup.enter_context(tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True))
+        window = StepWindow(device)
+        train_step = TrainStep(state, model, loss_fn, encoder, training, opt, chunk, accumulation, device, window)
+        rotation = Rotation(run_dir, log.keep_last, resumed_from)
+        streak = 0  # non-finite steps in a row
+        reported = 0  # unreadable samples printed so far
 
-    params = [p for p in net.parameters() if p.requires_grad]
-    nonfinite_in_a_row = 0
-    good, pending = [], state_path  # checkpoints whose next step was finite; the newest, until its next step
-    n_unreadable = 0  # samples the loader skipped so far
-    window = StepWindow(device)
-    step = start_step
-    with _StopFlag() as stop:
-        while step < total:
-            threads.tick()
-            raw, labels = next(loader)
-            n_unreadable = _check_unreadable(loader.unreadable, n_unreadable, max_unreadable, len(dataset),
-                                             tcfg["max_unreadable_fraction"], device)
-            loss_fn.set_progress(step, total)  # iCT's N(k) curriculum, IMM's gap annealing
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, ocfg)
-            for micro in range(accumulation):
-                c = rank * accumulation + micro
-                seed = chunk_seed(int(tcfg["seed"]), step, c)
-                torch.manual_seed(seed)  # dropout masks of this chunk
-                gen = torch.Generator(device).manual_seed(seed)
-                x = raw[micro * chunk:(micro + 1) * chunk].to(device, non_blocking=True)
-                y = labels[micro * chunk:(micro + 1) * chunk].to(device)
-                x = encoder.encode_latents(x, generator=gen)
-                if tcfg["xflip"]:
-                    x = random_xflip(x, gen)
-                y = y if net.label_dim else None
-                sync = micro == accumulation - 1
-                ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-                ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
-                with ctx:
-                    loss, stats = loss_fn(forward, x, y, target_net=target, generator=gen)
-                    scaled = loss / accumulation
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                window.add(loss.detach(), stats)
-            if scaler:
-                scaler.unscale_(optimizer)
-            max_norm = float(ocfg["grad_clip"]) if ocfg["grad_clip"] else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if isinstance(grad_norm, torch.Tensor) and hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                (scaler.step(optimizer) if scaler else optimizer.step())
-                for d, e in emas.items():
-                    phema.update_ema(e, net, phema.ema_decay(d, step, tcfg["ema_warmup"]))
-                nonfinite_in_a_row = 0
-                if pending is not None:
-                    good.append(pending)
-                    pending = None
-                    rotate_checkpoints(run_dir, good, int(log["keep_last"]))
-            else:
-                nonfinite_in_a_row += 1
-                logger.scalars(step + 1, {"train/nonfinite_step": 1.0})
-            if phema_tracker is not None:  # skipped steps too: the profile is over steps, the weights stayed put
-                phema_tracker.update(net, step + 1)
-            if scaler:
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            window.grad_norm(grad_norm)
-            step += 1
+        def log_line(step: int) -> None:
+            values = window.flush(training.batch_size, state.optimizer.param_groups[0]["lr"])
+            if loader.unreadable:
+                values["data/unreadable_samples"] = len(loader.unreadable)
+            logger.scalars(step, values)
             if bar is not None:
-                bar.update(1)
-            if nonfinite_in_a_row >= int(tcfg["max_nonfinite_steps"]):  # diverged: no checkpoint of it
-                raise TrainingError(_diverged(run_dir, step, nonfinite_in_a_row, float(ocfg["lr"])))
-            if step % int(log["log_every"]) == 0 or step == total:
-                values = window.flush(tcfg["batch_size"], optimizer.param_groups[0]["lr"])
-                if loader.unreadable:
-                    values["data/unreadable_samples"] = len(loader.unreadable)
-                logger.scalars(step, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4g}", img_s=f"{values['train/images_per_s']:.0f}")
+
+        def checkpoint(step: int) -> None:
+            if not streak:  # the state a streak of non-finite steps started from is no checkpoint
+                rotation.written(state.save(run_dir, cfg))
+
+        first_ema = next(iter(state.emas.values()))
+        ticks = [Tick(log.log_every, log_line, at_end=True)]
+        if state.phema is not None:
+            ticks.append(Tick(training.phema_snapshot_every, lambda s: save_phema_snapshots(run_dir, s, state.phema)))
+        ticks += [Tick(log.checkpoint_every, checkpoint, at_end=False),
+                  Tick(log.sample_every, lambda s: sample_grids(first_ema, encoder, run_dir, s, logger, device),
+                       at_end=False)]
+        if periodic_fid is not None:
+            ticks.append(Tick(log.fid_every, lambda s: periodic_fid(first_ema, encoder, s, logger)))
+
+        poll_every = 1 if world == 1 else POLL_EVERY
+        with StopSignal() as stop:
+            while state.step < total:
+                threads.tick()
+                raw, labels = next(loader)
+                reported = _report_unreadable(loader.unreadable, reported)
+                if state.step % poll_every == 0 and _poll(stop, loader.unreadable, max_unreadable, len(dataset),
+                                                          training.max_unreadable_fraction, device):
+                    raise TrainingStopped(state.step, None if streak else state.save(run_dir, cfg))
+                if train_step(raw, labels):
+                    streak = 0
+                    rotation.finite_step()
+                else:
+                    streak += 1
+                    logger.scalars(state.step, {"train/nonfinite_step": 1.0})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{values['train/loss']:.4g}", img_s=f"{values['train/images_per_s']:.0f}")
-            if phema_tracker is not None and step % int(tcfg["phema_snapshot_every"]) == 0:  # before the checkpoint
-                save_phema_snapshots(run_dir, step, phema_tracker)  # of this step, which keeps them on resume
-            if step % int(log["checkpoint_every"]) == 0 and step < total and not nonfinite_in_a_row:
-                pending = save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker)
-            if step % int(log["sample_every"]) == 0 and step < total:
-                sample_grids(next(iter(emas.values())), encoder, run_dir, step, logger, device)
-            if periodic_fid is not None and step % int(log["fid_every"]) == 0:
-                periodic_fid(next(iter(emas.values())), encoder, step, logger)
-            if _agree(stop.raised, device):
-                if not nonfinite_in_a_row:  # the state the non-finite steps started from is no checkpoint
-                    save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker)
-                if bar is not None:
-                    bar.close()
-                logger.close()
-                loader.close()
-                raise KeyboardInterrupt(f"stopped by signal at step {step}; " + (
-                    "checkpoint written, rerun to resume" if not nonfinite_in_a_row else
-                    "no checkpoint written (inside a run of non-finite steps), rerun to resume from the last one"))
-    if bar is not None:
-        bar.close()
-    loader.close()
-    good.append(save_training_state(run_dir, step, cfg, net, emas, optimizer, phema_tracker))
-    rotate_checkpoints(run_dir, good, int(log["keep_last"]))
-    return _finish(run_dir, emas, encoder, cfg, sample_grids, step, logger, device)
+                    bar.update(1)
+                if streak >= training.max_nonfinite_steps:  # diverged: no checkpoint of it
+                    raise TrainingError(set_aside_diverged(run_dir, state.step, streak, opt.lr))
+                for tick in ticks:
+                    if tick.due(state.step, total):
+                        tick.action(state.step)
+        loader.close()
+        rotation.final(state.save(run_dir, cfg))
+        return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device)
 
 
-def _finish(run_dir: Path, emas: dict, encoder, cfg: dict, sample_grids: SampleGrids, step: int, logger, device) -> Path:
-    ema = next(iter(emas.values()))
+def _finish(run_dir: Path, state: TrainingState, encoder, cfg: dict, sample_grids: SampleGrids, logger, device) -> Path:
+    """The first EMA as ``RUN/network.safetensors`` (with the settings ``imm generate`` reads) and its
+    sample grids at the last step."""
+    ema = next(iter(state.emas.values()))
     full = IMMNetwork(**ema.config)
     full.load_state_dict(full_state_dict(ema))
     path = run_dir / "network.safetensors"
     if distributed.is_main():
         save_network(full, path, sampling_settings(cfg))  # imm generate's defaults
-        sample_grids(full.to(device), encoder, run_dir, step, logger, device)
-    logger.close()
+        sample_grids(full.to(device), encoder, run_dir, state.step, logger, device)
     distributed.barrier()
     return path
 
 
-def _check_unreadable(unreadable: dict, reported: int, limit: int, size: int, fraction: float, device) -> int:
-    """Print the first few unreadable samples the loader skipped (``unreadable``: index -> message);
-    refuse, on every rank, once more than ``limit`` are. Returns how many there are now."""
-    for message in itertools.islice(unreadable.values(), reported, 5):
-        print(f"imm train: skipping an unreadable sample, the next readable one is used instead ({message})")
-    if _agree(len(unreadable) > limit, device):
+def _poll(stop: StopSignal, unreadable: dict, limit: int, size: int, fraction: float, device) -> bool:
+    """Whether any process was signalled to stop; refuse, on every process, once more than ``limit`` samples
+    of ``size`` are unreadable on any (``unreadable``: this process's, index -> message). One collective."""
+    stopped, too_many = agree([stop.raised, len(unreadable) > limit], device)
+    if too_many:
         first = next(iter(unreadable.values()), "seen by another process")
         raise TrainingError(f"{len(unreadable)} of the {size} samples are unreadable, more than "
                             f"training.max_unreadable_fraction={fraction} allows (fix or remove the files, or "
                             f"raise it); first: {first}")
+    return stopped
+
+
+def _report_unreadable(unreadable: dict, reported: int) -> int:
+    """Print the first few unreadable samples the loader skipped (``unreadable``: index -> message) that are not
+    ``reported`` yet; returns how many there are now."""
+    for message in itertools.islice(unreadable.values(), reported, 5):
+        print(f"imm train: skipping an unreadable sample, the next readable one is used instead ({message})")
     return len(unreadable)
-
-
-def _agree(flag: bool, device) -> bool:
-    """True on every rank when any rank saw the flag."""
-    if distributed.world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _to_yaml(cfg: dict) -> str:
@@ -470,4 +382,4 @@ def _to_yaml(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-__all__ = ["train", "TrainingError", "CheckpointError"]
+__all__ = ["train", "TrainingError", "TrainingStopped", "EXIT_STOPPED", "CheckpointError"]

@@ -27,7 +27,7 @@ _PHEMA_SNAPSHOT = re.compile(r"phema-([0-9]+)-([0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?
 
 def phema_snapshot_path(run_dir: Path, step: int, sigma_rel: float) -> Path:
     """``RUN/phema/phema-STEP-SIGMA_REL.safetensors``; the width is written as Python's round-trip repr."""
-    return run_dir / "phema" / f"phema-{step:08d}-{float(sigma_rel)!r}.safetensors"
+    return run_dir / "phema" / f"phema-{step:08d}-{sigma_rel!r}.safetensors"
 
 
 def phema_snapshots(run_dir: Path) -> list[tuple[int, float, Path]]:

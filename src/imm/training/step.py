@@ -1,0 +1,105 @@
+"""One optimizer step of ``imm train`` (:class:`TrainStep`): gradient accumulation over the step's chunks,
+mixed precision, gradient clipping, the skip of a step with non-finite gradients, and the EMA updates.
+
+Chunks and randomness: the step's global batch is split into chunks of ``batch_per_device`` samples, each
+process runs ``accumulation`` of them, and chunk ``c = rank * accumulation + micro`` of step ``step`` draws
+everything random (times, noise, label dropout, flips, VAE latents, dropout masks) from a generator seeded by
+``(seed, step, c)`` (:func:`chunk_seed`). The draws of a chunk therefore do not depend on which process runs
+it: W processes with A accumulation steps train like one process with W*A, and a run resumed on another
+number of processes trains on as if it had never moved.
+
+Mixed precision: ``training.precision`` bf16/fp16 is the network's autocast (``IMMNetwork(mixed_precision=)``,
+set from the config by :func:`imm.training.config.network_config`); tf32 (the default) allows TF32 matmuls
+and convolutions on CUDA (``imm.core.distributed.set_tf32``); fp16 adds the state's GradScaler, used here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from imm.core import distributed
+from imm.data.datasets import random_xflip
+from imm.training.config import OptimizerSection, TrainingSection
+from imm.training.logs import StepWindow
+from imm.training.state import TrainingState
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def learning_rate(step: int, opt: OptimizerSection) -> float:
+    """``optimizer.lr``, ramped up linearly over the first ``optimizer.warmup_steps`` steps."""
+    return opt.lr * min(1.0, (step + 1) / opt.warmup_steps) if opt.warmup_steps else opt.lr
+
+
+class TrainStep:
+    """``step(raw, labels)`` takes one optimizer step of ``state`` on this process's share of a global batch
+    and returns whether it was applied (finite gradients). A skipped step leaves the network, the optimizer
+    and the fixed-decay EMAs as they were; the post-hoc EMA profiles (over steps) and the step count advance.
+
+    Host syncs: one per step, reading whether the gradient norm is finite (the skip is a branch on the host;
+    an exact skip on the device would need the optimizer's own ``found_inf`` support, which RAdam lacks);
+    with fp16, GradScaler.step reads the same flag. The loss sums and gradient norms stay on the device
+    (:class:`imm.training.logs.StepWindow`)."""
+
+    def __init__(self, state: TrainingState, model: torch.nn.Module, loss_fn, encoder, training: TrainingSection,
+                 opt: OptimizerSection, chunk: int, accumulation: int, device, window: StepWindow):
+        self.state, self.loss_fn, self.encoder, self.window = state, loss_fn, encoder, window
+        self.training, self.opt, self.device = training, opt, device
+        self.chunk, self.accumulation = chunk, accumulation
+        self.first_chunk = distributed.rank() * accumulation
+        self.ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        self.forward = torch.compile(model) if training.compile else model
+        self.target = torch.compile(state.net) if training.compile else state.net  # no-grad pass, outside DDP
+        self.params = [p for p in state.net.parameters() if p.requires_grad]
+        self.max_norm = opt.grad_clip or math.inf
+
+    def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> bool:
+        state, scaler, step = self.state, self.state.scaler, self.state.step
+        self.loss_fn.set_progress(step, self.training.total_steps)  # iCT's N(k) curriculum, IMM's gap annealing
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.opt)
+        for micro in range(self.accumulation):
+            with self._no_sync(micro):
+                loss, stats = self._chunk_loss(raw, labels, micro, step)
+                scaled = loss / self.accumulation
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            self.window.add(loss.detach(), stats)
+        if scaler:
+            scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(grad_norm))  # the step's host sync
+        if finite:
+            scaler.step(state.optimizer) if scaler else state.optimizer.step()
+            state.update_emas(self.training.ema_warmup)
+        state.step += 1
+        if state.phema is not None:  # skipped steps too: the profile is over steps, the weights stayed put
+            state.phema.update(state.net, state.step)
+        if scaler:
+            scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        self.window.grad_norm(grad_norm)
+        return finite
+
+    def _chunk_loss(self, raw, labels, micro: int, step: int):
+        seed = chunk_seed(self.training.seed, step, self.first_chunk + micro)
+        torch.manual_seed(seed)  # dropout masks of this chunk
+        gen = torch.Generator(self.device).manual_seed(seed)
+        part = slice(micro * self.chunk, (micro + 1) * self.chunk)
+        x = self.encoder.encode_latents(raw[part].to(self.device, non_blocking=True), generator=gen)
+        if self.training.xflip:
+            x = random_xflip(x, gen)
+        y = labels[part].to(self.device) if self.state.net.label_dim else None
+        return self.loss_fn(self.forward, x, y, target_net=self.target, generator=gen)
+
+    def _no_sync(self, micro: int):
+        """DDP averages gradients in the backward pass of the last chunk only (forward and backward inside)."""
+        last = micro == self.accumulation - 1
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
