@@ -96,7 +96,8 @@ class TrainStep:
         x = self.encoder.encode_latents(raw[part].to(self.device, non_blocking=True), generator=gen)
         if self.training.xflip:
             x = random_xflip(x, gen)
-        y = labels[part].to(self.device) if self.state.net.label_dim else None
+        # class ids stay on the host: the loss's one-hot checks their range there (no device sync) and moves it
+        y = labels[part] if self.state.net.label_dim else None
         return self.loss_fn(self.forward, x, y, target_net=self.target, generator=gen)
 
     def _no_sync(self, micro: int):
