@@ -10,7 +10,9 @@ killed run resumes from its last checkpoint). FID of ``--num-images`` EMA sample
 i from seed i: the protocol of docs/demo.md's 99.8 at 2 steps) at 1, 2 and 4 steps on uniform time
 grids against the bundled 5,000-digit reference, cached in ``--out``/<variant>/fid-N-seedS.json and
 in ``--record`` (default benchmarks/results/demo_recipe.json, kept in git; see benchmarks/record.py): a
-variant whose FIDs are all on record is not trained again.
+variant whose FIDs are all on record is not trained again. Every entry is a ``SamplingEntry`` sampled
+by the variant's ``loss.method`` (``imm.methods.registry.entry_sampler``, the path of ``imm eval fid``):
+flow matching takes Euler steps along the entry's time grid.
 
 ``--mid-t``: the 2-step sampler T -> t_mid -> eps for each t_mid given (in t, OT-FM time: x_t = (1 - t) x
 + t z), scored on ``--select-images`` images from other seeds (10^6 + i), so that the choice is not
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from imm.model.sampling import SamplingEntry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record  # noqa: E402  (the FIDs kept in git)
@@ -74,26 +78,9 @@ def train_variant(cfg: dict, run_dir: Path) -> None:
         print(f"{run_dir.name}: trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def sampler(method: str):
-    """``imm.sample``'s call for a network trained by ``method``: IMM samples each entry as it is (None:
-    network_fid's default); flow matching takes one Euler step (``imm.methods.baselines.flow_sample``) per
-    interval of the entry's time grid."""
-    if method == "imm":
-        return None
-    if method != "flow_matching":
-        sys.exit(f"demo_recipe.py: no sampler for {method!r} runs")
-    from imm.methods.baselines import flow_sample
-    from imm.model.sampling import time_grid
-
-    def euler_on_grid(net, x_T, labels=None, *, generator=None, sampler=None, num_steps=None, discretization=None,
-                      mid_nt=None):
-        return flow_sample(net, x_T, labels, grid=time_grid(net, num_steps, discretization, mid_nt))
-
-    return euler_on_grid
-
-
 def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
-    """FID of the variant's EMA network for each sampling entry (``{key: imm.sample kwargs}``), from the
+    """FID of the variant's EMA network for each sampling entry (``{key: SamplingEntry}``, sampled by the
+    variant's ``loss.method``: ``imm.methods.registry.entry_sampler``), from the
     record and the run's cache where there, else measured (training the run first if need be) and kept in
     both. With ``--cached-only`` only the known ones (all known ones if ``entries`` is None)."""
     cfg, run_dir, key = variant_config(name), run_dir_of(args.out, name), f"fid-{num_images}-seed{seed}"
@@ -110,13 +97,14 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
         from imm.data.encoders import build_encoder
         from imm.evaluation.evaluate import load_reference, network_fid
         from imm.evaluation.inception import load_inception
+        from imm.methods.registry import entry_sampler
 
         train_variant(cfg, run_dir)
         net = imm.load_network(run_dir / "network.safetensors").eval()
         mu, sigma = load_reference("mnist")
         encoder = build_encoder(cfg["encoder"])
         rows = network_fid(net, encoder, load_inception(), todo, mu, sigma, num_images, 100, seed=seed,
-                           device=torch.device("cpu"), progress=False, sample_fn=sampler(cfg["loss"]["method"]))
+                           device=torch.device("cpu"), progress=False, sample_fn=entry_sampler(cfg["loss"]["method"]))
         new = {k: r["fid"] for k, r in zip(todo, rows)}
         cache.update(new)
         record.save_json(run_dir / f"{key}.json", {**record.load(run_dir / f"{key}.json"), **new})
@@ -124,14 +112,14 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
     return {k: cache[k] for k in entries if k in cache}
 
 
-def mid_t_entry(t_mid: float) -> dict:
-    """The 2-step sampler through t_mid; the entry gives the middle time as eta = t / (1 - t) (the OT-FM
+def mid_t_entry(t_mid: float) -> SamplingEntry:
+    """The 2-step entry through t_mid; it gives the middle time as eta = t / (1 - t) (the OT-FM
     noise-to-signal ratio, ``mid_nt`` of the release's sampling entries)."""
-    return {"sampler": "pushforward", "mid_nt": [t_mid / (1 - t_mid)]}
+    return SamplingEntry(mid_nt=(t_mid / (1 - t_mid),))
 
 
-def uniform_entries(steps: list[int]) -> dict:
-    return {f"{s} steps": {"sampler": "pushforward", "num_steps": s, "discretization": "uniform"} for s in steps}
+def uniform_entries(steps: list[int]) -> dict[str, SamplingEntry]:
+    return {f"{s} steps": SamplingEntry.uniform(s) for s in steps}
 
 
 def main(argv=None) -> int:

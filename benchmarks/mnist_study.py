@@ -179,7 +179,8 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
     from imm.data.encoders import build_encoder
     from imm.evaluation.evaluate import load_reference, network_fid
     from imm.evaluation.inception import load_inception
-    from imm.methods.registry import generate
+    from imm.methods.registry import entry_sampler
+    from imm.model.sampling import SamplingEntry
 
     cache_path = run_dir / f"fid-{num_images}.json"
     cache = load_rows(cache_path)
@@ -195,10 +196,10 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
                 encoder = build_encoder({"class_name": "StandardRGBEncoder", "channels": 1})
             ckpt = checkpoint_at(run_dir, step)
             net = imm.load_network(ckpt if ckpt.exists() else run_dir / "network.safetensors").eval()
-            entries = {f"nfe{n}": {"nfe": n} for n in todo}
+            entries = {f"nfe{n}": SamplingEntry.uniform(n) for n in todo}
             got = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 128, seed=FID_SEED,
                               device=torch.device("cpu"), progress=False,
-                              sample_fn=lambda *a, **kw: generate(*a, method=method, **kw))
+                              sample_fn=entry_sampler(method))
             for n, r in zip(todo, got):
                 cache[f"{step}/{n}"] = r["fid"]
             cache = {**load_rows(cache_path), **cache}  # another process may have added entries meanwhile

@@ -9,8 +9,9 @@ EMA, through the same trainer (``loss.method``). Compute is equal in forward-pas
 sample (``imm.methods.registry.METHODS``: IMM and consistency training 4, flow matching 3): a
 budget of S IMM steps gives consistency training S steps and flow matching round(4 S / 3) steps.
 
-Samplers (uniform time grids): IMM pushforward, consistency training restart (multistep CM
-sampling), flow matching Euler (and Heun at even NFE). Metrics: toy2d, sliced W2 (10,000 samples)
+Samplers (uniform time grids, each a ``SamplingEntry`` sampled by ``imm.methods.registry.entry_sampler``,
+the path of ``imm eval fid``): IMM pushforward, consistency training restart (multistep CM sampling),
+flow matching Euler (and Heun at even NFE). Metrics: toy2d, sliced W2 (10,000 samples)
 and MMD^2 (2,000 samples, Gaussian kernels h = 0.1, 0.3, 1) to 10,000 target samples, with the
 target-vs-target floor; mnist, FID of 1,000 samples against the bundled reference statistics.
 
@@ -27,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +35,9 @@ import torch
 import imm
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import mmd, mmd_self_term, sliced_wasserstein
-from imm.methods.registry import METHODS, generate
+from imm.methods.baselines import FLOW_SOLVERS
+from imm.methods.registry import METHODS, entry_sampler
+from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
 from imm.training.loop import train
 
@@ -58,9 +60,16 @@ def method_steps(imm_steps: int, method: str) -> int:
 def sampler_settings(method: str, solvers: list[str], quick: bool) -> list[tuple[str, int]]:
     """(solver, nfe) pairs evaluated for a method ('-' for the methods with a single sampler)."""
     nfes = NFES[method][:2] if quick else NFES[method]
-    if METHODS[method].solvers == ("-",):  # one sampler
+    if not METHODS[method].solvers:  # one sampler
         return [("-", n) for n in nfes]
-    return [(s, n) for s in solvers for n in nfes if s == "euler" or n % 2 == 0]
+    return [(s, n) for s in solvers for n in nfes if n % FLOW_SOLVERS[s] == 0]
+
+
+def sampling_entry(solver: str, nfe: int) -> SamplingEntry:
+    """The uniform-grid entry of ``nfe`` network evaluations with ``solver`` ('-': the method's one sampler)."""
+    if solver == "-":
+        return SamplingEntry.uniform(nfe)
+    return SamplingEntry(num_steps=nfe // FLOW_SOLVERS[solver], discretization="uniform", solver=solver)
 
 
 def train_run(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, float]:
@@ -105,8 +114,9 @@ def toy2d_task(args, out: Path, target: str, seed: int) -> list[dict]:
         overrides = common_overrides(method, seed, args.steps, args.batch) + [f"dataset.name={target}"]
         path, seconds = train_run("toy2d", overrides, run_dir)
         net = imm.load_network(path).eval()
+        sample = entry_sampler(method)
         for solver, nfe in sampler_settings(method, args.solvers, args.quick):
-            x = generate(net, x_T * net.sigma_data, method=method, nfe=nfe, solver="euler" if solver == "-" else solver)
+            x = sample(net, x_T * net.sigma_data, **sampling_entry(solver, nfe).kwargs())
             rows.append({"dataset": "toy2d", "target": target, "method": method, "solver": solver, "seed": seed,
                          "nfe": nfe, "train_steps": method_steps(args.steps, method), "train_seconds": round(seconds, 1),
                          **_toy2d_metrics(x, ref, ref_term)})
@@ -154,15 +164,14 @@ def run_mnist(args, out: Path) -> list[dict]:
             net = imm.load_network(path).eval()
             cfg = load_train_config("mnist", overrides)
             encoder = build_encoder(cfg["encoder"])
-            entries = {f"{method if solver == '-' else solver}_nfe{nfe}":
-                       {"nfe": nfe, **({"solver": solver} if solver != "-" else {})}
+            entries = {f"{method if solver == '-' else solver}_nfe{nfe}": sampling_entry(solver, nfe)
                        for solver, nfe in sampler_settings(method, args.solvers, args.quick)}
             cache = run_dir / f"fid-{num_images}.json"  # a rerun with more seeds does not redo finished FIDs
             fid_rows = json.loads(cache.read_text()) if cache.exists() else []
             if [r["entry"] for r in fid_rows] != list(entries):
                 fid_rows = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 100,
                                        seed=1_000_000 * (seed + 1), device=torch.device("cpu"), progress=False,
-                                       sample_fn=partial(generate, method=method))
+                                       sample_fn=entry_sampler(method))
                 cache.write_text(json.dumps(fid_rows))
             for (solver, nfe), r in zip(sampler_settings(method, args.solvers, args.quick), fid_rows):
                 rows.append({"dataset": "mnist", "target": "mnist", "method": method, "solver": solver, "seed": seed,
@@ -264,6 +273,9 @@ def main(argv=None) -> int:
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         parser.error(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    bad = [s for s in args.solvers if s not in FLOW_SOLVERS]
+    if bad:
+        parser.error(f"unknown solver {bad[0]!r}; choose from {', '.join(FLOW_SOLVERS)}")
     out = args.out or Path("runs") / f"quality-{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import imm
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import mmd
 from imm.methods import registry as methods
+from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
 from imm.training.loop import train
 from tests.helpers import TOY_QUIET
@@ -24,7 +25,8 @@ def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ra
     init = imm.IMMNetwork(**net.config).eval()
     target = toy2d_sample("gaussians8", 4000, torch.Generator().manual_seed(1))
     x_T = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(2))
-    d = {name: mmd(methods.generate(n, x_T, method=method, nfe=nfe, generator=torch.Generator().manual_seed(4)), target)
+    sample, entry = methods.entry_sampler(method), SamplingEntry.uniform(nfe)
+    d = {name: mmd(sample(n, x_T, generator=torch.Generator().manual_seed(4), **entry.kwargs()), target)
          for name, n in (("init", init), ("trained", net))}
     assert d["trained"] < ratio * d["init"], d
     assert (tmp_path / method / "config.yaml").read_text().count(f"method: {method}") == 1

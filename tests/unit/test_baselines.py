@@ -172,8 +172,9 @@ def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(met
     assert read_sampling_settings(path)["loss"] == {"method": method}
     calls = []
     real = methods.METHODS[method]
-    recording = methods.Method(real.loss, lambda *a, nfe, **kw: calls.append(nfe) or real.sample(*a, nfe=nfe, **kw),
-                               real.forward_equivalents, real.solvers)
+    recording = methods.Method(real.loss, lambda *a, num_steps, **kw: calls.append(num_steps)
+                               or real.sample(*a, num_steps=num_steps, **kw),
+                               real.forward_equivalents, real.samplers, real.solvers)
     monkeypatch.setitem(methods.METHODS, method, recording)
     assert cli.main(["generate", "--checkpoint", str(path), "--out", str(tmp_path / "gen")]) == 0
     assert calls == [1, 2, 4]  # the toy2d preset's 1_step, 2_steps and 4_steps entries
@@ -181,6 +182,6 @@ def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(met
     net = imm.load_network(path)
     sampler = methods.entry_sampler(method)
     calls.clear()
-    x = sampler(net, torch.randn(8, 2, 1, 1), None, generator=torch.Generator().manual_seed(0), num_steps=2)
+    x = sampler(net, torch.randn(8, 2, 1, 1), None, generator=torch.Generator().manual_seed(0), num_steps=2,
+                discretization="uniform")
     assert calls == [2] and x.shape == (8, 2, 1, 1)
-    assert methods.entry_sampler("imm") is imm.sample

@@ -223,7 +223,13 @@ def test_eval_help(capsys):
         assert option in out
 
 
-def test_training_logs_fid_every_n_steps(tmp_path):
+@pytest.mark.filterwarnings("ignore:only 4 images")  # small-N bias: expected here
+@pytest.mark.parametrize("method", ["imm", "flow_matching"])
+def test_training_logs_fid_every_n_steps(tmp_path, method):
+    """The periodic FID samples with the run's loss.method (its entry sampler): for flow matching, the FIDs
+    that `imm eval fid --steps 1,2` measures on the run's network of the same step."""
+    from imm.evaluation.evaluate import fid_vs_steps
+    from imm.evaluation.sampling_run import sampling_config
     from imm.training.config import load_train_config
     from imm.training.loop import train
 
@@ -233,12 +239,17 @@ def test_training_logs_fid_every_n_steps(tmp_path):
         "network.model_channels=8", "training.batch_size=8", "training.total_steps=2", "logging.progress=false",
         "logging.tensorboard=false", "logging.sample_every=1000", "logging.checkpoint_every=1000",
         "logging.sample_count=4", "logging.fid_every=2", f"logging.fid_ref={ref}", "logging.fid_num_images=4",
-        "logging.fid_steps=[1,2]", "logging.log_every=1"])
-    train(cfg, tmp_path / "run", device="cpu")
+        "logging.fid_steps=[1,2]", "logging.log_every=1", f"loss.method={method}"])
+    path = train(cfg, tmp_path / "run", device="cpu")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fid_rows = [r for r in rows if "fid/1step" in r]
     assert len(fid_rows) == 1 and fid_rows[0]["step"] == 2
     assert fid_rows[0]["fid/1step"] > 0 and fid_rows[0]["fid/2step"] > 0
+    if method == "flow_matching":
+        eval_cfg, source = sampling_config(None, path, ["eval.batch_size=64"])
+        measured = fid_vs_steps(eval_cfg, path, ref, tmp_path / "eval", steps=[1, 2], num_images=4, seed=0,
+                                device="cpu", progress=False, source=source)
+        assert [fid_rows[0][f"fid/{n}step"] for n in (1, 2)] == pytest.approx([r["fid"] for r in measured], rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:only 24 samples")  # small-N bias: expected here

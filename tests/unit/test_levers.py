@@ -293,16 +293,17 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
                      eps=0.006, T=0.994)
     for t_mid in (0.3, 0.7, 0.85):
         entry = demo_recipe.mid_t_entry(t_mid)
-        grid = time_grid(net, mid_nt=entry["mid_nt"])
+        grid = time_grid(net, mid_nt=entry.mid_nt)
         assert torch.allclose(grid, torch.tensor([0.994, t_mid, 0.006], dtype=torch.float64), atol=1e-6)
     assert len({demo_recipe.run_dir_of(Path("o"), v) for v in demo_recipe.VARIANTS}) == len(demo_recipe.VARIANTS)
     # flow matching's Euler along an entry's grid: on a uniform grid exactly the baseline's own sampler
     from imm.methods.baselines import flow_sample
+    from imm.methods.registry import entry_sampler
 
     torch.manual_seed(0)
     x_T = torch.randn(5, 2, 1, 1)
-    euler = demo_recipe.sampler("flow_matching")
+    euler = entry_sampler("flow_matching")
     for n in (1, 2, 4):
-        got = euler(net, x_T, **demo_recipe.uniform_entries([n])[f"{n} steps"])
+        got = euler(net, x_T, **demo_recipe.uniform_entries([n])[f"{n} steps"].kwargs())
         assert torch.equal(got, flow_sample(net, x_T, nfe=n))
-    assert not torch.equal(euler(net, x_T, **demo_recipe.mid_t_entry(0.7)), flow_sample(net, x_T, nfe=2))
+    assert not torch.equal(euler(net, x_T, **demo_recipe.mid_t_entry(0.7).kwargs()), flow_sample(net, x_T, nfe=2))

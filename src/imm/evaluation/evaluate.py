@@ -324,22 +324,23 @@ def parse_steps(text) -> list[int]:
 
 
 def _sampler_kwargs(entry) -> dict:
-    """The keyword arguments a sampler takes for ``entry``: a :class:`SamplingEntry`, or a plain mapping of a
-    baseline sampler's own arguments (``{"nfe": 2}``)."""
+    """The keyword arguments a sampler takes for ``entry``: a :class:`SamplingEntry`, or a plain mapping of
+    them."""
     return entry.kwargs() if isinstance(entry, SamplingEntry) else dict(entry)
 
 
 def steps_and_nfe(net, entry) -> tuple[int, int]:
-    """(steps, network evaluations per image) of a sampling entry: a guided step costs 2 (the doubled
-    batch), and with ``cfg_interval`` only the steps inside the interval are guided."""
+    """(steps, network evaluations per image) of a sampling entry: a step of the entry's ``solver`` costs
+    its evaluations (Heun 2), a guided one twice that (the doubled batch), and with ``cfg_interval`` only the
+    steps inside the interval are guided."""
+    from imm.methods.baselines import FLOW_SOLVERS
     from imm.model.sampling import step_cfg_scales, time_grid
 
     kwargs = _sampler_kwargs(entry)
-    if "nfe" in kwargs:  # the baselines' entries
-        return int(kwargs["nfe"]), int(kwargs["nfe"]) * (2 if kwargs.get("cfg_scale") is not None else 1)
+    per_step = FLOW_SOLVERS.get(kwargs.get("solver"), 1)  # a solver the sampler cannot honour: refused there
     grid = time_grid(net, kwargs.get("num_steps"), kwargs.get("discretization"), kwargs.get("mid_nt"))
     scales = step_cfg_scales(grid[:-1], kwargs.get("cfg_scale"), kwargs.get("cfg_interval"))
-    return len(scales), sum(1 if w is None else 2 for w in scales)
+    return len(scales), per_step * sum(1 if w is None else 2 for w in scales)
 
 
 def _gather_features(indices: list[int], feats: np.ndarray) -> np.ndarray | None:

@@ -170,6 +170,7 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
             entries = {n: entries[n] for n in names}
     entries = {n: e.with_guidance(cfg_scale, cfg_interval) for n, e in entries.items()}
     method = training_method(cfg)
+    methods.check_entries(method, entries)
     net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
     if cfg_scale is not None and not net.label_dim:
         raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")

@@ -37,8 +37,9 @@ import torch
 from imm.core.errors import InputError
 from imm.methods.moment_matching import _unwrap, dropped_labels, finite_mean, group_mmd
 from imm.model import schedules
+from imm.model.sampling import step_cfg_scales
 
-FLOW_SOLVERS = ("euler", "heun")
+FLOW_SOLVERS = {"euler": 1, "heun": 2}  # the network evaluations of one step
 
 
 class FlowMatchingLoss:
@@ -94,37 +95,39 @@ def flow_velocity(net, x, t, labels=None, cfg_scale: float | None = None):
 
 @torch.no_grad()
 def flow_sample(net, x_T, labels=None, *, nfe: int | None = None, solver: str = "euler",
-                cfg_scale: float | None = None, grid: torch.Tensor | None = None):
+                cfg_scale: float | None = None, grid: torch.Tensor | None = None, cfg_interval=None):
     """Integrate the flow from t = T to t = eps with ``nfe`` network evaluations.
 
     ``euler``: one step per interval of the time grid; ``heun``: Heun's second-order method on each
     interval (the corrector on every step, so nfe = 2 x steps exactly). The grid is uniform with nfe
     (Euler) or nfe / 2 (Heun) steps, or ``grid`` as given (times T = t_0 > ... > t_N = eps, e.g.
-    ``imm.model.sampling.time_grid`` of a sampling entry; nfe then follows from it). Float64 state, float32
-    network.
+    ``imm.model.sampling.time_grid`` of a sampling entry; nfe then follows from it). ``cfg_scale`` guides
+    the velocity; with ``cfg_interval`` only the steps whose start time lies in it, both evaluations of a
+    Heun step alike (``imm.model.sampling.step_cfg_scales``, the rule of ``imm.sample``). Float64 state,
+    float32 network.
     """
     if solver not in FLOW_SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(FLOW_SOLVERS)}")
+    per_step = FLOW_SOLVERS[solver]
     if grid is None:
-        if nfe is None or nfe < 1 or (solver == "heun" and nfe % 2):
+        if nfe is None or nfe < 1 or nfe % per_step:
             raise InputError(f"nfe={nfe}: Euler needs nfe >= 1, Heun an even nfe >= 2")
-        steps = nfe if solver == "euler" else nfe // 2
-        grid = torch.linspace(net.T, net.eps, steps + 1, dtype=torch.float64)
+        grid = torch.linspace(net.T, net.eps, nfe // per_step + 1, dtype=torch.float64)
     else:
         grid = torch.as_tensor(grid, dtype=torch.float64)
         if grid.ndim != 1 or len(grid) < 2 or not bool((grid[1:] < grid[:-1]).all()):
             raise InputError("grid must hold two or more decreasing times")
-        if nfe is not None and nfe != (len(grid) - 1) * (1 if solver == "euler" else 2):
+        if nfe is not None and nfe != (len(grid) - 1) * per_step:
             raise InputError(f"nfe={nfe} disagrees with a {len(grid) - 1}-step {solver} grid")
     x = x_T.to(torch.float64)
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    for t_cur, t_next, scale in zip(grid[:-1], grid[1:], step_cfg_scales(grid[:-1], cfg_scale, cfg_interval)):
         h = float(t_next - t_cur)
-        v = flow_velocity(net, x.float(), t_cur, labels, cfg_scale).to(torch.float64)
+        v = flow_velocity(net, x.float(), t_cur, labels, scale).to(torch.float64)
         if solver == "euler":
             x = x + h * v
         else:
             x_pred = x + h * v
-            v_next = flow_velocity(net, x_pred.float(), t_next, labels, cfg_scale).to(torch.float64)
+            v_next = flow_velocity(net, x_pred.float(), t_next, labels, scale).to(torch.float64)
             x = x + h * 0.5 * (v + v_next)
     return x.to(torch.float32)
 

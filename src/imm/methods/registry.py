@@ -1,22 +1,26 @@
 """The training methods the trainer knows (``loss.method``): IMM and the baselines it is compared with.
 
-Each :class:`Method` names its loss class (built from the other ``loss.*`` keys), its own sampler and
-its training compute per sample in forward-pass equivalents (a backward pass ~ 2 forward passes: IMM and
+Each :class:`Method` names its loss class (built from the other ``loss.*`` keys), its own sampler (which
+samples a sampling entry on the entry's time grid), the entry keys' values that sampler honours, and its
+training compute per sample in forward-pass equivalents (a backward pass ~ 2 forward passes: IMM and
 consistency training 4, the no-grad target pass + the gradient pass and its backward; flow matching 3).
 A new baseline is one loss class meeting :class:`TrainingLoss` and one entry in :data:`METHODS`; the
-trainer, ``imm generate``, ``imm eval fid`` and ``benchmarks/quality.py`` read everything else from here.
+trainer, ``imm generate``, ``imm eval fid`` and the benchmarks read everything else from here, and sample
+through :func:`entry_sampler`, which refuses an entry key the method cannot honour.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
+from imm.core.config import ConfigError
 from imm.core.errors import InputError
-from imm.methods.baselines import ConsistencyTrainingLoss, FlowMatchingLoss, flow_sample
+from imm.methods.baselines import FLOW_SOLVERS, ConsistencyTrainingLoss, FlowMatchingLoss, flow_sample
 from imm.methods.moment_matching import IMMLoss
-from imm.model.sampling import sample
+from imm.model.sampling import SAMPLERS, SamplingEntry, sample, time_grid
 
 
 class TrainingLoss(Protocol):
@@ -37,34 +41,37 @@ class TrainingLoss(Protocol):
     def set_progress(self, step: int, total_steps: int) -> None: ...
 
 
-def _pushforward(net, x_T, labels=None, *, nfe, solver="euler", cfg_scale=None, generator=None):
-    return sample(net, x_T, labels, sampler="pushforward", num_steps=nfe, discretization="uniform",
-                  cfg_scale=cfg_scale, generator=generator)
+def _consistency_sample(net, x_T, labels=None, *, sampler=None, **grid_and_guidance):
+    """The multistep consistency sampler (Song et al., "Consistency Models", ICML 2023, Alg. 1) on the
+    entry's time grid: ``imm.sample`` with ``sampler='restart'``. A consistency function jumps only to eps,
+    so its one way from t_i to t_{i+1} is to denoise to eps and re-noise to t_{i+1}: an entry's
+    ``pushforward`` and ``restart`` are this same walk."""
+    return sample(net, x_T, labels, sampler="restart", **grid_and_guidance)
 
 
-def _restart(net, x_T, labels=None, *, nfe, solver="euler", cfg_scale=None, generator=None):
-    return sample(net, x_T, labels, sampler="restart", num_steps=nfe, discretization="uniform",
-                  cfg_scale=cfg_scale, generator=generator)
-
-
-def _flow(net, x_T, labels=None, *, nfe, solver="euler", cfg_scale=None, generator=None):
-    return flow_sample(net, x_T, labels, nfe=nfe, solver=solver, cfg_scale=cfg_scale)
+def _flow_matching_sample(net, x_T, labels=None, *, sampler=None, generator=None, num_steps=None,
+                          discretization=None, mid_nt=None, **solver_and_guidance):
+    """The flow integrated along the entry's time grid (``flow_sample``: Euler, or the entry's ``solver``),
+    the flow's pushforward from each grid time to the next; deterministic, so ``generator`` is unused."""
+    grid = time_grid(net, num_steps, discretization, mid_nt, device=x_T.device)
+    return flow_sample(net, x_T, labels, grid=grid, **solver_and_guidance)
 
 
 @dataclass(frozen=True)
 class Method:
     loss: type  # a TrainingLoss, built from the loss section's other keys
-    sample: Callable  # (net, x_T, labels, *, nfe, solver, cfg_scale, generator) -> samples, uniform time grid
+    sample: Callable  # imm.sample's call (net, x_T, labels, *, generator, **sampling entry): the entry's time grid
     forward_equivalents: int  # training compute per sample
-    solvers: tuple[str, ...] = ("-",)  # the sampler's variants ('-': one)
+    samplers: tuple[str, ...]  # the values of an entry's `sampler` it honours
+    solvers: tuple[str, ...] = ()  # the values of an entry's `solver` it honours (none: the key is refused)
     description: str = ""
 
 
 METHODS: dict[str, Method] = {
-    "imm": Method(IMMLoss, _pushforward, 4, description="Inductive Moment Matching, pushforward sampling"),
-    "flow_matching": Method(FlowMatchingLoss, _flow, 3, ("euler", "heun"),
+    "imm": Method(IMMLoss, sample, 4, SAMPLERS, description="Inductive Moment Matching, pushforward sampling"),
+    "flow_matching": Method(FlowMatchingLoss, _flow_matching_sample, 3, ("pushforward",), tuple(FLOW_SOLVERS),
                             description="OT-path flow matching, Euler or Heun sampling"),
-    "consistency": Method(ConsistencyTrainingLoss, _restart, 4,
+    "consistency": Method(ConsistencyTrainingLoss, _consistency_sample, 4, SAMPLERS,
                           description="consistency training (iCT schedule), restart (multistep) sampling"),
 }
 
@@ -81,25 +88,38 @@ def build_loss(cfg: dict):
     return get(cfg.pop("method", "imm")).loss(**cfg)
 
 
-@torch.no_grad()
-def generate(net, x_T, labels=None, *, method: str, nfe: int, solver: str = "euler",
-             cfg_scale: float | None = None, generator=None):
-    """Samples with ``nfe`` network evaluations by the method's own sampler on a uniform time grid."""
-    return get(method).sample(net, x_T, labels, nfe=nfe, solver=solver, cfg_scale=cfg_scale, generator=generator)
+def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> None:
+    """A one-line ConfigError when the sampler of ``method`` cannot honour a key of ``entry`` (``name``: the
+    entry's name in the config, for the message). Every method samples the entry's time grid and its
+    guidance (``cfg_scale``, ``cfg_interval``); ``sampler`` and ``solver`` take the values of
+    :class:`Method`."""
+    spec, where = get(method), f"sampling entry {name!r}" if name else "a sampling entry"
+    if entry.sampler not in spec.samplers:
+        raise ConfigError(f"{where}: loss.method={method} cannot honour sampler={entry.sampler} (its networks "
+                          f"sample with {' or '.join(spec.samplers)})")
+    if entry.solver is not None and entry.solver not in spec.solvers:
+        can = f"solver is one of {', '.join(spec.solvers)}" if spec.solvers else "no solver key"
+        raise ConfigError(f"{where}: loss.method={method} cannot honour solver={entry.solver} ({can})")
+
+
+def check_entries(method: str, entries: Mapping[str, SamplingEntry]) -> None:
+    """:func:`check_entry` of every named entry, before anything is sampled."""
+    for name, entry in entries.items():
+        check_entry(method, entry, name)
 
 
 def entry_sampler(method: str) -> Callable:
-    """A sampler with :func:`imm.sample`'s call (``net, x_T, labels, generator=..., **sampling entry``) for
-    ``imm generate`` and ``imm eval fid``: IMM samples each entry as it is; another method takes the
-    entry's step count (``num_steps``, or one more than its ``mid_nt`` points) on its own sampler's
-    uniform grid."""
-    get(method)  # a known method
-    if method == "imm":
-        return sample
+    """The sampler of a network trained by ``method``, with :func:`imm.sample`'s call (``net, x_T, labels,
+    generator=..., **sampling entry``): it samples the entry's time grid (:func:`imm.model.sampling.time_grid`
+    of ``num_steps``, ``discretization``, ``mid_nt``) and guidance with the method's own sampler (IMM: the
+    entry's pushforward or restart, exactly as :func:`imm.sample`; flow matching: Euler or the entry's
+    ``solver`` along the grid; consistency training: the multistep consistency sampler restarting at the
+    grid's times) after :func:`check_entry`. ``imm generate``, ``imm eval fid``, the trainer's sample grids
+    and periodic FID and the benchmarks all sample through it."""
+    spec = get(method)
 
-    def sample_entry(net, x_T, labels=None, *, generator=None, num_steps=None, mid_nt=None, cfg_scale=None,
-                     **unused_entry_keys):
-        nfe = int(num_steps) if num_steps else len(mid_nt or []) + 1
-        return generate(net, x_T, labels, method=method, nfe=nfe, cfg_scale=cfg_scale, generator=generator)
+    def sample_entry(net, x_T, labels=None, *, generator=None, **entry):
+        check_entry(method, SamplingEntry(**entry))
+        return spec.sample(net, x_T, labels, generator=generator, **entry)
 
     return sample_entry

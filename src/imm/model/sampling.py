@@ -30,7 +30,10 @@ DISCRETIZATIONS = ("uniform", "edm")
 @dataclass(frozen=True)
 class SamplingEntry:
     """One named way to sample (an entry of a config's ``sampling:`` section): the keyword arguments of
-    :func:`sample` other than the inputs. Unset (None) fields take :func:`sample`'s defaults."""
+    :func:`sample` other than the inputs, and ``solver``, the ODE solver of a flow-matching network's entry
+    (``euler`` or ``heun``; :func:`imm.methods.registry.entry_sampler` samples an entry with the sampler of
+    the network's training method and refuses a key that method cannot honour). Unset (None) fields take
+    the sampler's defaults."""
 
     sampler: str = "pushforward"
     num_steps: int | None = None
@@ -38,6 +41,7 @@ class SamplingEntry:
     mid_nt: tuple[float, ...] | None = None
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
+    solver: str | None = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -48,7 +52,7 @@ class SamplingEntry:
                 object.__setattr__(self, name, tuple(float(v) for v in value))
 
     def kwargs(self) -> dict:
-        """The fields that are set, as keyword arguments of :func:`sample` (lists for the sequences)."""
+        """The fields that are set, as keyword arguments of the entry's sampler (lists for the sequences)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -63,7 +67,7 @@ class SamplingEntry:
 
     @classmethod
     def uniform(cls, num_steps: int) -> SamplingEntry:
-        """``num_steps`` pushforward steps on the uniform time grid."""
+        """``num_steps`` steps on the uniform time grid (pushforward for IMM)."""
         return cls(num_steps=int(num_steps), discretization="uniform")
 
 

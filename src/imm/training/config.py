@@ -166,8 +166,6 @@ def resolve_config(cfg: dict) -> dict:
     check_network_class(cfg.get("network") or {})
     if not cfg.get("dataset"):
         raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
-    if cfg["logging"]["fid_every"] and method != "imm":
-        raise ConfigError("logging.fid_every supports loss.method=imm only (benchmarks/quality.py evaluates baselines)")
     if cfg["logging"]["fid_every"] and not cfg["logging"]["fid_ref"]:
         raise ConfigError("logging.fid_every needs logging.fid_ref=REF.npz (imm eval ref makes one)")
     return cfg

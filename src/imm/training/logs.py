@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from imm.core import distributed
+from imm.evaluation.sampling_run import step_entries
 from imm.io.checkpoint import atomic_write
 from imm.io.images import save_grid
-from imm.methods.registry import generate
+from imm.methods.registry import entry_sampler
 from imm.training.config import LoggingSection
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss_by_t/ bins of the log
@@ -96,13 +97,14 @@ class Logger:
 
 
 class SampleGrids:
-    """EMA samples at each of ``logging.sample_steps`` (uniform grid, the ``loss.method``'s own sampler) as
-    PNG grids, from the same ``logging.sample_count`` noises (seeded by ``training.seed``) every time; for a
-    toy 2-D target (``toy2d``: its name) one scatter plot of them instead (:func:`toy_scatter`)."""
+    """EMA samples at each of ``logging.sample_steps`` (a uniform-grid entry each, sampled by the
+    ``loss.method``'s entry sampler) as PNG grids, from the same ``logging.sample_count`` noises (seeded by
+    ``training.seed``) every time; for a toy 2-D target (``toy2d``: its name) one scatter plot of them
+    instead (:func:`toy_scatter`)."""
 
     def __init__(self, log: dict, seed: int, method: str, toy2d: str | None = None):
-        self.steps, self.count = [int(n) for n in log["sample_steps"]], int(log["sample_count"])
-        self.seed, self.method, self.toy2d = int(seed), method, toy2d
+        self.entries, self.count = step_entries(int(n) for n in log["sample_steps"]), int(log["sample_count"])
+        self.seed, self.sample, self.toy2d = int(seed), entry_sampler(method), toy2d
 
     @torch.no_grad()
     def __call__(self, ema, encoder, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
@@ -113,9 +115,9 @@ class SampleGrids:
         paths, points = [], {}
         was_training = ema.training
         ema.eval()
-        for steps in self.steps:
-            x = generate(ema, x_T.to(device), None if labels is None else labels.to(device), method=self.method,
-                         nfe=steps)
+        for entry in self.entries.values():
+            steps = entry.num_steps
+            x = self.sample(ema, x_T.to(device), None if labels is None else labels.to(device), **entry.kwargs())
             images = encoder.decode(x).cpu()
             if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: the scatter plot below
                 points[steps] = images.reshape(n, -1).float()
@@ -150,17 +152,17 @@ class PeriodicFID:
     """FID of the EMA every ``logging.fid_every`` steps on ``fid_num_images`` samples per step count,
     against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K),
     logged as ``fid/{n}step``; with ``logging.fid_metrics=[fid,fd_dinov2]`` also FD_DINOv2 (DINOv2 model
-    ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``."""
+    ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``. Each step count
+    is a uniform-grid entry sampled by the ``loss.method``'s entry sampler."""
 
-    def __init__(self, log: dict, seed: int, device):
+    def __init__(self, log: dict, seed: int, method: str, device):
         """``log``: the config's logging section; ``seed``: the first sample's seed (``training.seed``)."""
         from imm.evaluation.evaluate import load_reference, metric_networks, parse_metrics
-        from imm.evaluation.sampling_run import step_entries
 
         metrics = parse_metrics(log["fid_metrics"], "logging.fid_metrics")
         refs = {m: load_reference(log["fid_ref"], m) for m in metrics}  # fails at start when missing or malformed
         self.sets = metric_networks(log["fid_ref"], refs, device, dinov2=log["fid_dinov2"])
-        self.entries = step_entries(log["fid_steps"])
+        self.entries, self.sample = step_entries(log["fid_steps"]), entry_sampler(method)
         self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(seed), device
 
     def __call__(self, ema, encoder, step: int, logger) -> None:
@@ -173,7 +175,7 @@ class PeriodicFID:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-N bias warning: documented above
             rows = network_distances(ema, encoder, self.sets, self.entries, self.num_images, 64, self.seed,
-                                     self.device, progress=False)
+                                     self.device, progress=False, sample_fn=self.sample)
         ema.train(was_training)
         if rows:
             logger.scalars(step, {f"{m}/{row['steps']}step": row[m] for row in rows for m in self.sets})

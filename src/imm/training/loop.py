@@ -257,7 +257,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     encoder.init(device)
     if log.fid_every and world > 1 and training.parallel == "fsdp":
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp yet")
-    periodic_fid = PeriodicFID(cfg["logging"], training.seed, device) if log.fid_every else None
+    periodic_fid = PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["method"], device) if log.fid_every else None
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
     sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["method"], toy2d=toy)
 
