@@ -1,4 +1,4 @@
-"""The training methods the trainer knows (``loss.method``): IMM and the baselines it is compared with.
+"""The training methods the trainer knows (``loss.kind``): IMM and the baselines it is compared with.
 
 Each :class:`Method` names its loss class (built from the other ``loss.*`` keys), its own sampler and
 its training compute per sample in forward-pass equivalents (a backward pass ~ 2 forward passes: IMM and
@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from imm.core.errors import InputError
+from imm.core.config import check_kind
 from imm.methods.baselines import ConsistencyTrainingLoss, FlowMatchingLoss, flow_sample
 from imm.methods.moment_matching import IMMLoss
 from imm.model.sampling import sample
@@ -70,15 +70,14 @@ METHODS: dict[str, Method] = {
 
 
 def get(method: str) -> Method:
-    if method not in METHODS:
-        raise InputError(f"unknown loss.method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+    """The method a ``loss.kind`` names; an unknown one is a ConfigError naming the nearest."""
+    return METHODS[check_kind("loss", method, METHODS)]
 
 
 def build_loss(cfg: dict):
-    """The loss of ``cfg['method']`` (default ``imm``) with the other keys as its arguments."""
+    """The loss of a canonical ``loss`` section's ``kind`` (default ``imm``) with the other keys as its arguments."""
     cfg = dict(cfg)
-    return get(cfg.pop("method", "imm")).loss(**cfg)
+    return get(cfg.pop("kind", "imm")).loss(**cfg)
 
 
 @torch.no_grad()
