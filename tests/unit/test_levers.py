@@ -306,3 +306,31 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
         got = euler(net, x_T, **demo_recipe.uniform_entries([n])[f"{n} steps"])
         assert torch.equal(got, flow_sample(net, x_T, nfe=n))
     assert not torch.equal(euler(net, x_T, **demo_recipe.mid_t_entry(0.7)), flow_sample(net, x_T, nfe=2))
+
+
+def test_committed_demo_recipe_records_match_todays_recipes():
+    """benchmarks/results/demo_recipe.json, written with the release's keys (loss.method, encoder.class_name,
+    network.model_type), still answers for each variant's recipe under today's keys (loss.kind ...)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import demo_recipe
+    import record
+
+    committed = json.loads(demo_recipe.RECORD.read_text())
+    assert any("loss.method" in entry["recipe"] for entry in committed.values())
+    matched = 0
+    for name in demo_recipe.VARIANTS:
+        entry = committed.get(demo_recipe.run_dir_of(Path("."), name).name)
+        if entry:
+            cfg = demo_recipe.variant_config(name)
+            now = record.recipe(cfg, steps=cfg["training"]["total_steps"])
+            assert "loss.kind" in now and "loss.method" not in now
+            assert record.same_recipe(entry["recipe"], now), name
+            matched += 1
+    assert matched >= 5
+    old = {"loss.method": "imm", "encoder.class_name": "StandardRGBEncoder", "network.model_type": "SongUNet"}
+    assert record.same_recipe(old, {"loss.kind": "imm", "encoder.kind": "rgb", "network.kind": "SongUNet"})
+    assert not record.same_recipe(old, {"loss.kind": "flow_matching", "encoder.kind": "rgb", "network.kind": "SongUNet"})

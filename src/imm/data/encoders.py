@@ -9,7 +9,7 @@ The interface is EDM2's (``training/encoders.py`` of NVlabs/edm2, which the IMM 
 * ``decode`` goes straight from final latents back to ``uint8`` pixels;
 * ``encode(x) == encode_latents(encode_pixels(x))``; ``init(device)`` forces lazy set-up now.
 
-Two encoders exist, as in the release (``encoder.kind``: ``rgb``, ``sd_vae``; and ``identity`` for 2-D toy data):
+Two encoders exist, as in the release (``encoder.kind``: ``rgb``, ``sd_vae``; ``identity`` passes 2-D toy data through):
 
 * :class:`StandardRGBEncoder` (CIFAR-10): raw latents are the pixels themselves, final latents are
   ``x / 127.5 - 1`` in [-1, 1]; decoding is ``(x * 127.5 + 128)`` clipped to [0, 255] and truncated
