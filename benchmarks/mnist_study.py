@@ -128,7 +128,7 @@ def train_config(method: str, overrides: list[str], setup: list[str], *extra: st
     """A run's training config: the mnist preset, the study's set-up, the study's IMM recipe, the variant."""
     from imm.training.config import load_train_config
 
-    return load_train_config("mnist", [*setup, f"loss.method={method}", *(IMM_RECIPE if method == "imm" else []),
+    return load_train_config("mnist", [*setup, f"loss.kind={method}", *(IMM_RECIPE if method == "imm" else []),
                                        *overrides, *extra])
 
 
@@ -193,7 +193,7 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
         if todo:
             if inception is None:
                 inception = load_inception()
-                encoder = build_encoder({"class_name": "StandardRGBEncoder", "channels": 1})
+                encoder = build_encoder({"kind": "rgb", "channels": 1})
             ckpt = checkpoint_at(run_dir, step)
             net = imm.load_network(ckpt if ckpt.exists() else run_dir / "network.safetensors").eval()
             entries = {f"nfe{n}": SamplingEntry.uniform(n) for n in todo}

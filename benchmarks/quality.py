@@ -5,7 +5,7 @@
     python benchmarks/quality.py toy2d --quick         # smoke runs (the test suite calls both)
 
 Every method trains the same network (the dataset's preset), with the same optimizer, batch, data and
-EMA, through the same trainer (``loss.method``). Compute is equal in forward-pass equivalents per
+EMA, through the same trainer (``loss.kind``). Compute is equal in forward-pass equivalents per
 sample (``imm.methods.registry.METHODS``: IMM and consistency training 4, flow matching 3): a
 budget of S IMM steps gives consistency training S steps and flow matching round(4 S / 3) steps.
 
@@ -87,7 +87,7 @@ def train_run(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, f
 
 def common_overrides(method: str, seed: int, imm_steps: int, batch: int) -> list[str]:
     steps = method_steps(imm_steps, method)
-    return [f"loss.method={method}", f"training.total_steps={steps}", f"training.batch_size={batch}",
+    return [f"loss.kind={method}", f"training.total_steps={steps}", f"training.batch_size={batch}",
             f"training.seed={seed}", "logging.progress=false", f"logging.log_every={max(1, steps // 10)}",
             f"logging.checkpoint_every={steps}", f"logging.sample_every={steps + 1}", "logging.keep_last=1"]
 

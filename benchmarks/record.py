@@ -5,7 +5,9 @@ run's resolved training config, flattened to dotted keys, without what does not 
 weights (logging, sampling entries, the run's length, the warm start's file path). A recorded run answers
 for a planned run only if every key of its recipe has the same value in the planned run's: keys only the
 planned run has are ignored, so a setting whose default trains the same weights leaves a record valid,
-while a changed value (a changed default included) voids it.
+while a changed value (a changed default included) voids it. Both recipes are compared in the canonical form
+(:func:`imm.core.release.canonical`), so a record written with the release's keys (``loss.method``,
+``encoder.class_name``, ``network.model_type``) answers for today's ``loss.kind`` ...
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 from imm.core.config import flatten
+from imm.core.release import canonical
 
 NOT_RECIPE = ("logging.", "sampling.", "training.total_steps", "training.init_from")
 
@@ -36,7 +39,20 @@ def recipe(cfg: dict, **extra) -> dict:
     return json.loads(json.dumps({**flat, **extra}))
 
 
+def canonical_recipe(flat: dict) -> dict:
+    """A flat recipe with its keys in the canonical form."""
+    nested = {}
+    for key, value in flat.items():
+        *sections, last = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    return flatten(canonical(nested))
+
+
 def same_recipe(recorded: dict, now: dict) -> bool:
+    recorded, now = canonical_recipe(recorded), canonical_recipe(now)
     return all(k in now and now[k] == v for k, v in recorded.items())
 
 

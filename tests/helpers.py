@@ -72,11 +72,11 @@ def npz_images(path, n=8, res=8, channels=3, labels=False):
 def image_cfg(npz, *overrides):
     """A one-level 8x8 SongUNet trained on the RGB images of ``npz``, batch 8 with x-flips, then ``overrides``."""
     cfg = load_config("toy2d")
-    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "model_type")}
-    cfg["network"].update(model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
+    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "kind")}
+    cfg["network"].update(kind="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
                           attn_resolutions=[], dropout=0.1, f_type="simple_edm", img_channels=3, img_resolution=8,
                           sigma_data=0.5, eps=0.006)
-    cfg["encoder"] = {"class_name": "StandardRGBEncoder", "channels": 3}
+    cfg["encoder"] = {"kind": "rgb", "channels": 3}
     cfg["dataset"] = {"kind": "npz", "path": str(npz)}
     return apply_overrides(resolve_config(cfg), [*TOY_FAST, "training.batch_size=8", "training.xflip=true", *overrides])
 

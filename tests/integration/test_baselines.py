@@ -15,9 +15,9 @@ from tests.helpers import TOY_QUIET
 
 @pytest.mark.parametrize("method,nfe,steps,ratio", [("flow_matching", 8, 300, 0.5), ("consistency", 2, 600, 0.75)])
 def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ratio):
-    """Trained through imm.training.loop (loss.method), each baseline's samples get much closer to the 8 modes
+    """Trained through imm.training.loop (loss.kind), each baseline's samples get much closer to the 8 modes
     (MMD: about 0.15 at initialisation -> 0.04 flow matching, 0.07-0.11 consistency training)."""
-    cfg = load_train_config("toy2d", [f"loss.method={method}", f"training.total_steps={steps}",
+    cfg = load_train_config("toy2d", [f"loss.kind={method}", f"training.total_steps={steps}",
                                       "training.batch_size=256", *TOY_QUIET])
     path = train(cfg, tmp_path / method, device="cpu")
     net = imm.load_network(path)
@@ -29,4 +29,4 @@ def test_baselines_learn_toy2d_with_the_trainer(tmp_path, method, nfe, steps, ra
     d = {name: mmd(sample(n, x_T, generator=torch.Generator().manual_seed(4), **entry.kwargs()), target)
          for name, n in (("init", init), ("trained", net))}
     assert d["trained"] < ratio * d["init"], d
-    assert (tmp_path / method / "config.yaml").read_text().count(f"method: {method}") == 1
+    assert (tmp_path / method / "config.yaml").read_text().count(f"kind: {method}") == 1

@@ -127,13 +127,15 @@ def schedules_eta(t):
 
 
 def test_build_loss_and_bad_methods():
-    assert isinstance(methods.build_loss({"method": "flow_matching"}), B.FlowMatchingLoss)
+    assert isinstance(methods.build_loss({"kind": "flow_matching"}), B.FlowMatchingLoss)
     assert isinstance(methods.build_loss({"group_size": 2}), imm.methods.moment_matching.IMMLoss)
-    with pytest.raises(ValueError, match="loss.method"):
-        methods.build_loss({"method": "gan"})
+    with pytest.raises(ValueError, match="unknown loss.kind 'gan'"):
+        methods.build_loss({"kind": "gan"})
+    with pytest.raises(ValueError, match="did you mean 'consistency'"):
+        methods.build_loss({"kind": "consistancy"})
     with pytest.raises(ValueError, match="kernel"):
         B.ConsistencyTrainingLoss(kernel="laplace")
-    with pytest.raises(ConfigError, match="loss.method"):
+    with pytest.raises(ConfigError, match="unknown loss.kind 'gan'"):  # the release's key lands on loss.kind
         load_train_config("toy2d", ["loss.method=gan"])
     with pytest.raises(ConfigError, match="loss.eta_min"):  # a consistency-only key with flow matching
         load_train_config("toy2d", ["loss.method=flow_matching", "+loss.eta_min=0.1"])
@@ -162,14 +164,14 @@ def test_mmd_matches_brute_force_and_separates():
 
 @pytest.mark.parametrize("method", ["flow_matching", "consistency"])
 def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(method, tmp_path, monkeypatch):
-    """A checkpoint records its loss.method, and `imm generate` / the FID path sample it with that method's
+    """A checkpoint records its loss.kind, and `imm generate` / the FID path sample it with that method's
     sampler."""
     from imm import cli
     from imm.io.checkpoint import read_sampling_settings
 
     path = train(load_train_config("toy2d", [*TOY_QUIET, f"loss.method={method}", "training.total_steps=2",
                                               "training.batch_size=64"]), tmp_path / "run", device="cpu")
-    assert read_sampling_settings(path)["loss"] == {"method": method}
+    assert read_sampling_settings(path)["loss"] == {"kind": method}
     calls = []
     real = methods.METHODS[method]
     recording = methods.Method(real.loss, lambda *a, num_steps, **kw: calls.append(num_steps)

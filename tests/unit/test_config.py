@@ -107,10 +107,11 @@ def test_train_config_is_resolved_once_from_its_declarations():
 def test_a_baseline_drops_the_presets_imm_keys_but_refuses_them_on_the_command_line():
     from imm.training.config import load_train_config
 
-    fm = load_train_config("mnist", ["loss.method=flow_matching"])
-    assert fm["loss"] == {"method": "flow_matching", "time_sampling": "uniform", "label_dropout": 0.0}
-    with pytest.raises(ConfigError, match="loss.k applies to loss.method=imm, not flow_matching"):
-        load_train_config("mnist", ["loss.method=flow_matching", "loss.k=5"])
+    for choice in ("loss.kind=flow_matching", "loss.method=flow_matching"):  # the release's key works too
+        fm = load_train_config("mnist", [choice])
+        assert fm["loss"] == {"kind": "flow_matching", "time_sampling": "uniform", "label_dropout": 0.0}
+        with pytest.raises(ConfigError, match="loss.k applies to loss.kind=imm, not flow_matching"):
+            load_train_config("mnist", [choice, "loss.k=5"])
     assert load_train_config("mnist", ["loss.k=5"])["loss"]["k"] == 5
 
 
@@ -118,7 +119,7 @@ def test_every_method_meets_the_loss_protocol():
     from imm.methods import registry as methods
 
     for name, method in methods.METHODS.items():
-        loss = methods.build_loss({"method": name})
+        loss = methods.build_loss({"kind": name})
         assert isinstance(loss.group_size, int) and loss.group_size >= 1, name
         loss.set_progress(0, 10)  # every loss takes it (a no-op without a schedule)
         assert method.forward_equivalents in (3, 4) and callable(method.sample)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from imm.core.config import ConfigError
+from imm.core.release import canonical
 from imm.data.datasets import (
     TOY2D_NAMES,
     ImageFolderDataset,
@@ -261,14 +262,22 @@ def test_dataset_json_errors(tmp_path):
 def test_build_dataset_kinds_and_config_errors(tmp_path, class_folder, edm_zip):
     assert build_dataset({"path": str(class_folder[0])}).kind == "folder"
     assert build_dataset({"kind": "zip", "path": str(edm_zip[0]), "max_size": 3}).__len__() == 3
-    ds = build_dataset({"class_name": "training.dataset.ImageFolderDataset", "path": str(edm_zip[0]),
-                        "use_labels": False, "xflip": False, "resolution": None})
+    edm = {"class_name": "training.dataset.ImageFolderDataset", "path": str(edm_zip[0]),  # EDM's config
+           "use_labels": False, "xflip": False, "resolution": None}
+    ds = build_dataset(canonical({"dataset": edm})["dataset"])
     assert ds.kind == "zip" and ds.label_dim == 0
     assert build_dataset(ds) is ds
-    with pytest.raises(ConfigError, match="unknown dataset kind 'cifar'"):
+    assert canonical({"dataset": {**edm, "kind": "zip"}})["dataset"]["kind"] == "zip"
+    with pytest.raises(ConfigError, match="dataset.class_name 'training.dataset.ImageFolderDataset' and dataset.kind "
+                                          "'npz' disagree"):
+        canonical({"dataset": {**edm, "kind": "npz"}})
+    assert canonical({"dataset": {"class_name": "MNISTDataset", "kind": "MNIST"}}) == {"dataset": {"kind": "mnist"}}
+    with pytest.raises(ConfigError, match="unknown dataset.kind 'cifar'"):
         build_dataset({"kind": "cifar", "path": str(class_folder[0])})
-    with pytest.raises(ValueError, match="unknown dataset kind"):
+    with pytest.raises(ValueError, match="unknown dataset.kind 'imagenet'"):
         build_dataset({"kind": "imagenet"})
+    with pytest.raises(ValueError, match="unknown dataset.kind 'mnsit'; did you mean 'mnist'"):
+        build_dataset({"kind": "mnsit"})
     with pytest.raises(ConfigError, match="unknown config key 'dataset.batch' for kind 'folder'"):
         build_dataset({"path": str(class_folder[0]), "batch": 4})
     with pytest.raises(ValueError, match="is not a zip archive"):

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from imm.core.config import ConfigError, load_config
+from imm.core.release import canonical
 from imm.data.encoders import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder, StandardRGBEncoder, build_encoder
+
+
+def _release(section):
+    """An encoder section written with the release's keys, in the canonical form."""
+    return canonical({"encoder": section})["encoder"]
+
 
 RELEASE_VAE_CFG = {
     "class_name": "training.encoders.StabilityVAEEncoder",
@@ -71,8 +78,10 @@ def test_rgb_rejects_wrong_shapes():
 
 
 def test_build_encoder_default_and_rgb_names():
-    for cfg in (None, {}, {"class_name": "training.encoders.StandardRGBEncoder"},
-                {"class_name": "StandardRGBEncoder"}, {"class_name": "imm.data.encoders.StandardRGBEncoder"}):
+    for name in ("training.encoders.StandardRGBEncoder", "StandardRGBEncoder", "imm.data.encoders.StandardRGBEncoder",
+                 "other.module.StandardRGBEncoder"):  # the release's class name, with any module prefix
+        assert _release({"class_name": name}) == {"kind": "rgb"}
+    for cfg in (None, {}, {"kind": "rgb"}):
         assert isinstance(build_encoder(cfg), StandardRGBEncoder)
     enc = StandardRGBEncoder()
     assert build_encoder(enc) is enc
@@ -81,7 +90,7 @@ def test_build_encoder_default_and_rgb_names():
 @pytest.mark.parametrize("name", ["training.encoders.StabilityVAEEncoder", "StabilityVAEEncoder",
                                   "imm.data.encoders.StabilityVAEEncoder"])
 def test_build_encoder_release_vae_config(name):
-    enc = build_encoder(dict(RELEASE_VAE_CFG, class_name=name))  # loads nothing yet
+    enc = build_encoder(_release(dict(RELEASE_VAE_CFG, class_name=name)))  # loads nothing yet
     assert isinstance(enc, StabilityVAEEncoder)
     assert enc._vae is None
     assert enc.vae_name == "stabilityai/sd-vae-ft-ema"
@@ -104,23 +113,27 @@ def test_build_encoder_from_presets():
 
 def test_build_encoder_accepts_omegaconf():
     omegaconf = pytest.importorskip("omegaconf", reason="omegaconf is not installed")
-    enc = build_encoder(omegaconf.OmegaConf.create({"encoder": RELEASE_VAE_CFG}).encoder)
+    enc = build_encoder(_release(omegaconf.OmegaConf.create({"encoder": RELEASE_VAE_CFG}).encoder))
     assert isinstance(enc, StabilityVAEEncoder) and enc.raw_std == pytest.approx(RELEASE_VAE_CFG["raw_std"])
 
 
 def test_build_encoder_errors_are_clear():
-    with pytest.raises(ConfigError, match="unknown encoder class_name 'training.encoders.FooEncoder'"):
-        build_encoder({"class_name": "training.encoders.FooEncoder"})
-    with pytest.raises(ValueError, match="StandardRGBEncoder, StabilityVAEEncoder"):
-        build_encoder({"class_name": "other.module.StandardRGBEncoder"})
-    with pytest.raises(ConfigError, match=r"unknown config key 'encoder.vae_nme' for StabilityVAEEncoder; did you mean 'encoder.vae_name'"):
-        build_encoder({"class_name": "StabilityVAEEncoder", "vae_nme": "x"})
-    with pytest.raises(ConfigError, match="unknown config key 'encoder.final_std' for StandardRGBEncoder"):
-        build_encoder({"class_name": "StandardRGBEncoder", "final_std": 0.5})
-    with pytest.raises(ConfigError, match="needs a class_name"):
+    with pytest.raises(ConfigError, match="unknown encoder.class_name 'training.encoders.FooEncoder'"):
+        _release({"class_name": "training.encoders.FooEncoder"})
+    with pytest.raises(ValueError, match="did you mean 'StandardRGBEncoder'.*StandardRGBEncoder, StabilityVAEEncoder"):
+        _release({"class_name": "training.encoders.StandardRGBEncodr"})
+    with pytest.raises(ConfigError, match="unknown encoder.kind 'sdvae'; did you mean 'sd_vae'"):
+        build_encoder({"kind": "sdvae"})
+    with pytest.raises(ConfigError, match=r"unknown config key 'encoder.vae_nme' for kind 'sd_vae'; did you mean 'encoder.vae_name'"):
+        build_encoder({"kind": "sd_vae", "vae_nme": "x"})
+    with pytest.raises(ConfigError, match="unknown config key 'encoder.final_std' for kind 'rgb'"):
+        build_encoder({"kind": "rgb", "final_std": 0.5})
+    with pytest.raises(ConfigError, match="needs a kind"):
         build_encoder({"vae_name": "x"})
+    with pytest.raises(ConfigError, match="encoder.class_name 'StandardRGBEncoder' and encoder.kind 'sd_vae' disagree"):
+        _release({"class_name": "StandardRGBEncoder", "kind": "sd_vae"})
     with pytest.raises(ConfigError, match="raw_std needs 1 or 4 values"):
-        build_encoder(dict(RELEASE_VAE_CFG, raw_std=[1.0, 2.0]))
+        build_encoder(_release(dict(RELEASE_VAE_CFG, raw_std=[1.0, 2.0])))
 
 
 def test_missing_diffusers_gives_install_hint(monkeypatch, tmp_path):
@@ -217,7 +230,7 @@ def test_vae_decode_clips_out_of_range_output(tiny_vae_folder):
 
 
 def test_vae_fp16_is_cpu_float32_and_encoder_pickles_without_vae(tiny_vae_folder):
-    enc = build_encoder(dict(RELEASE_VAE_CFG, vae_name=str(tiny_vae_folder)))  # use_fp16: True
+    enc = build_encoder(_release(dict(RELEASE_VAE_CFG, vae_name=str(tiny_vae_folder))))  # use_fp16: True
     enc.init("cpu")
     assert next(enc._vae.parameters()).dtype == torch.float32
     assert enc.vae_dtype("cpu") == torch.float32 and enc.vae_dtype("cuda") == torch.float16

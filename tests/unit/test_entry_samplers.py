@@ -108,10 +108,10 @@ def test_flow_matching_guidance_follows_the_interval():
 ])
 def test_a_key_the_method_cannot_honour_is_refused_in_one_line(method, entry, key):
     net, (x, labels) = tiny_net("euler_fm"), inputs()
-    with pytest.raises(ConfigError, match=f"loss.method={method} cannot honour {key}") as e:
+    with pytest.raises(ConfigError, match=f"loss.kind={method} cannot honour {key}") as e:
         sample_entry(method, net, x, labels, entry)
     assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=f"sampling entry 'two': loss.method={method} cannot honour {key}"):
+    with pytest.raises(ConfigError, match=f"sampling entry 'two': loss.kind={method} cannot honour {key}"):
         methods.check_entries(method, {"one": MID, "two": entry})
 
 
@@ -153,5 +153,5 @@ def test_imm_generate_refuses_a_key_the_checkpoints_method_cannot_honour(checkpo
     out = tmp_path / "gen"
     assert cli.main(["generate", "--checkpoint", str(checkpoints[method]), "--out", str(out), override]) != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"sampling entry '2_steps': loss.method={method} cannot honour {key}" in err
+    assert len(err.splitlines()) == 1 and f"sampling entry '2_steps': loss.kind={method} cannot honour {key}" in err
     assert not out.exists()

@@ -198,8 +198,8 @@ def _dataset_with_a_truncated_file(tmp_path, layout):
 
 def _image_cfg(path, *overrides):
     cfg = load_config("toy2d")
-    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "model_type")}
-    cfg["network"].update(model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
+    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("hidden", "depth", "kind")}
+    cfg["network"].update(model_type="SongUNet",  # the release's keys: resolve_config reads them as kind model_channels=8, channel_mult=[1], num_blocks=1,
                           attn_resolutions=[], f_type="simple_edm", img_channels=3, img_resolution=8,
                           sigma_data=0.5, eps=0.006)
     cfg["encoder"] = {"class_name": "StandardRGBEncoder", "channels": 3}

@@ -307,3 +307,16 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
         got = euler(net, x_T, **demo_recipe.uniform_entries([n])[f"{n} steps"].kwargs())
         assert torch.equal(got, flow_sample(net, x_T, nfe=n))
     assert not torch.equal(euler(net, x_T, **demo_recipe.mid_t_entry(0.7).kwargs()), flow_sample(net, x_T, nfe=2))
+
+
+def test_record_recipes_written_with_the_release_keys_match_todays_keys():
+    """A benchmark record's recipe written with the release's keys (loss.method, encoder.class_name,
+    network.model_type) answers for today's recipe with the kind keys, and only for the same choices."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import record
+
+    old = {"loss.method": "imm", "encoder.class_name": "StandardRGBEncoder", "network.model_type": "SongUNet"}
+    assert record.same_recipe(old, {"loss.kind": "imm", "encoder.kind": "rgb", "network.kind": "SongUNet"})
+    assert not record.same_recipe(old, {"loss.kind": "flow_matching", "encoder.kind": "rgb", "network.kind": "SongUNet"})

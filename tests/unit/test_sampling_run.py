@@ -9,6 +9,7 @@ import torch
 
 from imm.cli import main
 from imm.core.config import ConfigError
+from imm.core.release import canonical
 from imm.evaluation.evaluate import network_distances
 from imm.evaluation.generate import draw, run
 from imm.evaluation.sampling_run import (
@@ -18,7 +19,6 @@ from imm.evaluation.sampling_run import (
     sampling_entries,
     step_entries,
 )
-from imm.model.network import check_network_class
 from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
 from tests.helpers import FIXTURES
@@ -27,13 +27,18 @@ UNET = FIXTURES / "unet_cifar_like.pkl"
 
 
 def test_release_entries_become_typed_entries():
-    entries = sampling_entries({"sampling": {"a": {"name": "restart_generator_fn", "num_steps": 2,
-                                                   "discretization": "edm"},
-                                             "b": {"name": "pushforward_generator_fn", "mid_nt": [1.4]}}})
+    release = {"sampling": {"a": {"name": "restart_generator_fn", "num_steps": 2, "discretization": "edm"},
+                            "b": {"name": "pushforward_generator_fn", "mid_nt": [1.4]}}}
+    ours = {"sampling": {"a": {"kind": "restart", "num_steps": 2, "discretization": "edm"},
+                         "b": {"kind": "pushforward", "mid_nt": [1.4]}}}
+    assert canonical(release) == ours
+    entries = sampling_entries(ours)
     assert entries["a"] == SamplingEntry(sampler="restart", num_steps=2, discretization="edm")
     assert entries["b"].kwargs() == {"sampler": "pushforward", "mid_nt": [1.4]}
-    with pytest.raises(ConfigError, match="unknown sampler 'euler'"):
-        sampling_entries({"sampling": {"a": {"name": "euler"}}})
+    with pytest.raises(ConfigError, match="unknown sampling.a.kind 'euler'"):
+        sampling_entries(canonical({"sampling": {"a": {"name": "euler"}}}))
+    with pytest.raises(ConfigError, match="did you mean 'restart'"):
+        sampling_entries({"sampling": {"a": {"kind": "restrat"}}})
     with pytest.raises(ConfigError, match="did you mean 'sampling.a.num_steps'"):
         sampling_entries({"sampling": {"a": {"num_step": 2}}})
     with pytest.raises(ConfigError, match="no sampling entries"):
@@ -65,10 +70,10 @@ def test_eval_section_is_declared_once():
 
 
 def test_network_class_name_is_checked_not_dropped():
-    assert check_network_class({"class_name": "training.preconds.IMMPrecond", "T": 0.9}) == {"T": 0.9}
-    assert check_network_class({"class_name": "IMMNetwork"}) == {}
+    assert canonical({"network": {"class_name": "training.preconds.IMMPrecond", "T": 0.9}}) == {"network": {"T": 0.9}}
+    assert canonical({"network": {"class_name": "IMMNetwork"}}) == {"network": {}}
     with pytest.raises(ConfigError, match="network.class_name 'training.networks.SongUNet' is not an IMM network"):
-        check_network_class({"class_name": "training.networks.SongUNet"})
+        canonical({"network": {"class_name": "training.networks.SongUNet"}})
     with pytest.raises(ConfigError, match="is not an IMM network"):
         load_train_config("toy2d", ["+network.class_name=Other"])
 

@@ -69,18 +69,23 @@ def add_feature_networks(p) -> None:
 
 
 def split_network_overrides(items: list[str]) -> tuple[list[str], dict]:
-    """``(other overrides, {KEY: value})``: the ``network.KEY=VALUE`` items apply on top of the configuration a
-    checkpoint carries, the others to the sampling configuration."""
+    """``(other overrides, {KEY: value})``: the ``network.KEY=VALUE`` items (canonical keys:
+    :func:`imm.core.release.canonical_override`, so ``network.model_type=`` sets ``kind``) apply on top of the
+    configuration a checkpoint carries, the others to the sampling configuration."""
     from imm.core.config import ConfigError, parse_value
+    from imm.core.release import canonical_override
 
     rest, network = [], {}
     for item in items:
-        key = item.split("=", 1)[0].lstrip("+")
+        translated = canonical_override(item.split("=", 1)[0].lstrip("+"), parse_value(item.split("=", 1)[-1]))
+        if translated is None:  # a checked network.class_name: nothing to set
+            continue
+        key, value = translated
         if key.startswith("network.") and "=" in item:
             sub = key[len("network."):]
             if not sub or "." in sub:
                 raise ConfigError(f"override {item!r}: network overrides are network.KEY=VALUE")
-            network[sub] = parse_value(item.split("=", 1)[1])
+            network[sub] = value
         else:
             rest.append(item)
     return rest, network

@@ -9,7 +9,7 @@ from imm.cli.options import add_command, add_device, add_overrides, add_threads
 EXAMPLES_TRAIN = """examples:
   imm train --config toy2d                                   # seconds on a CPU
   imm train --config mnist --run-dir runs/mnist              # the bundled MNIST digits
-  imm train --config toy2d loss.method=flow_matching         # a baseline: flow_matching | consistency
+  imm train --config toy2d loss.kind=flow_matching           # a baseline: flow_matching | consistency
   imm train --config cifar10 dataset.path=/data/cifar10-32x32.zip
   torchrun --nproc_per_node=8 -m imm train --config imagenet256-dit-xl dataset.path=/data/in256-latents.zip
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\

@@ -10,6 +10,11 @@ the nearest valid key. Keys of the sections a builder checks (``network.*`` for 
 the trainer's sections for ``imm train``: ``open_sections``) are accepted here and checked against their
 declaration when the config is resolved or the piece is built.
 
+A section that chooses among implementations names its choice ``kind`` (``dataset.kind``, ``encoder.kind``,
+``network.kind``, ``loss.kind``, ``sampling.NAME.kind``; :func:`check_kind`); the release's spellings of these
+choices (``encoder.class_name``, ``network.model_type``, ``sampling.NAME.name`` ...) are translated where a
+config enters (:mod:`imm.core.release`).
+
 One rule declares and checks every section: a section's keys and defaults are the fields of a
 dataclass or the keyword parameters of the constructor that takes them (:func:`declared_keys`), and
 :func:`fill_section` fills the defaults in and refuses any other key, naming the nearest declared one
@@ -20,20 +25,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import inspect
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from imm.core.errors import InputError
+from imm.core.errors import ConfigError, did_you_mean
+from imm.core.release import canonical, canonical_override
 
 OPEN_SECTIONS = ("network",)
-
-
-class ConfigError(InputError):
-    """A config file, preset name or override that cannot be used."""
 
 
 def preset_names() -> list[str]:
@@ -42,7 +43,8 @@ def preset_names() -> list[str]:
 
 
 def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
-    """A preset by name (``cifar10``) or a YAML file by path (``_extending``: the configs whose ``base:`` led here)."""
+    """A preset by name (``cifar10``) or a YAML file by path (``_extending``: the configs whose ``base:`` led
+    here), in the canonical form (:func:`imm.core.release.canonical`: the release's keys are read too)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -60,6 +62,7 @@ def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {name_or_path}: top level must be a mapping")
     base = cfg.pop("base", None)  # a preset may extend another one: `base: imagenet256`
+    cfg = canonical(cfg)  # each file in the canonical form before a base and its extension are merged
     if not base:
         return cfg
     if not isinstance(base, str):
@@ -98,7 +101,8 @@ def flatten(cfg: dict) -> dict:
 
 
 def apply_overrides(cfg: dict, overrides: list[str], open_sections=OPEN_SECTIONS) -> dict:
-    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring); keys under
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (see module docstring), each on its
+    canonical key (:func:`imm.core.release.canonical_override`: ``loss.method=x`` sets ``loss.kind``); keys under
     ``open_sections`` need not exist yet (their builder checks them)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
@@ -109,7 +113,10 @@ def apply_overrides(cfg: dict, overrides: list[str], open_sections=OPEN_SECTIONS
         key = key.lstrip("+").strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = parse_value(text)
+        translated = canonical_override(key, parse_value(text))
+        if translated is None:
+            continue
+        key, value = translated
         parts = key.split(".")
         node = cfg
         open_section = parts[0] in open_sections
@@ -142,12 +149,6 @@ def parse_value(text: str):
     return value
 
 
-def did_you_mean(key: str, candidates, prefix: str = "") -> str:
-    """``"; did you mean 'PREFIX.NEAREST'?"`` for the nearest candidate, or ``""`` when none is close."""
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
-
-
 def _unknown(key: str, cfg: dict) -> str:
     return f"unknown config key {key!r}{did_you_mean(key, (k for k, _ in dotted_items(cfg)))} (prefix it with + to add a new key)"
 
@@ -175,6 +176,15 @@ def check_keys(section: str, given, allowed, context: str = "") -> None:
     for key in given:
         if key not in allowed:
             raise ConfigError(f"unknown config key {prefix + str(key)!r}{context}{did_you_mean(str(key), allowed, prefix)}")
+
+
+def check_kind(section: str, kind, kinds) -> str:
+    """``kind`` when it is one of ``kinds`` (the implementations ``section.kind`` chooses among), else a
+    ConfigError naming the nearest."""
+    if kind not in kinds:
+        raise ConfigError(f"unknown {section}.kind {kind!r}{did_you_mean(str(kind), kinds)} "
+                          f"(one of {', '.join(kinds)})")
+    return kind
 
 
 def fill_section(section: str, given, source, context: str = "") -> dict:

@@ -6,6 +6,8 @@ Each also derives from the built-in exception it replaces, so ``except ValueErro
 """
 from __future__ import annotations
 
+import difflib
+
 
 class ImmError(Exception):
     """Base class: an error the user can act on (bad input, a missing file or package, a run that cannot
@@ -26,3 +28,13 @@ class MissingPackageError(ImmError, ImportError):
 
 class StateError(ImmError, RuntimeError):
     """A run, archive or dataset in a state the command cannot continue from."""
+
+
+class ConfigError(InputError):
+    """A config file, preset name, key or override that cannot be used."""
+
+
+def did_you_mean(key: str, candidates, prefix: str = "") -> str:
+    """``"; did you mean 'PREFIX.NEAREST'?"`` for the nearest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""

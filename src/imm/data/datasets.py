@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imm.core.config import ConfigError, check_keys, declared_keys
+from imm.core.config import ConfigError, check_keys, check_kind, declared_keys
 from imm.core.errors import InputError, MissingError, StateError
 from imm.data import scan
 from imm.data.source import Source, class_ids
@@ -621,10 +621,6 @@ class Toy2DDataset(RawDataset):
 # Building from a config
 
 DATASET_KINDS = ("folder", "zip", "npz", "mnist", "toy2d")
-_KIND_ALIASES = {"dir": "folder", "directory": "folder", "image_folder": "folder", "imagefolder": "folder",
-                 "toy": "toy2d", "2d": "toy2d"}
-_CLASS_NAMES = {"ImageFolderDataset": None, "NpzDataset": "npz", "MNISTDataset": "mnist",
-                "Toy2DDataset": "toy2d"}
 _KIND_CLASSES = {"folder": ImageFolderDataset, "zip": ImageFolderDataset, "npz": NpzDataset, "mnist": MNISTDataset,
                  "toy2d": Toy2DDataset}  # the constructor whose keyword parameters are the kind's dataset keys
 
@@ -656,7 +652,7 @@ def open_dataset(spec: str | None, section: Mapping | None = None) -> RawDataset
         if str(spec).lower() in BUNDLED_DATASETS:
             cfg = {"kind": str(spec).lower()}
         else:
-            cfg = {k: v for k, v in cfg.items() if k not in ("kind", "class_name", "name")}
+            cfg = {k: v for k, v in cfg.items() if k not in ("kind", "name")}
             cfg["path"] = str(spec)
     if cfg.get("path") and not Path(os.path.expanduser(str(cfg["path"]))).exists():
         raise MissingError(f"dataset not found: {cfg['path']} does not exist (give a folder, .zip or .npz of "
@@ -667,9 +663,9 @@ def open_dataset(spec: str | None, section: Mapping | None = None) -> RawDataset
 def build_dataset(cfg: Mapping | RawDataset) -> RawDataset:
     """A dataset from a config mapping (or a dataset, returned as is).
 
-    Keys: ``kind`` (``folder``, ``zip``, ``npz``, ``mnist``, ``toy2d``; inferred from ``path`` when
-    missing: folder / ``.zip`` / ``.npz``), or ``class_name`` (``ImageFolderDataset``, ...; EDM's
-    ``training.dataset.ImageFolderDataset`` works too), ``path``, ``name`` (the toy distribution for
+    Keys (the canonical form, :mod:`imm.core.release`, which reads EDM's ``class_name:
+    training.dataset.ImageFolderDataset`` too): ``kind`` (``folder``, ``zip``, ``npz``, ``mnist``, ``toy2d``;
+    inferred from ``path`` when missing: folder / ``.zip`` / ``.npz``), ``path``, ``name`` (the toy distribution for
     ``toy2d``, else a display name), ``resolution``, ``max_size``, ``use_labels``, ``xflip``,
     ``random_seed``, and per kind: ``verify`` (folder/zip), ``layout``/``image_key``/``label_key``
     (npz), ``shuffle_seed`` (mnist), ``size``/``seed`` (toy2d). ``None`` values mean "default".
@@ -683,18 +679,7 @@ def build_dataset(cfg: Mapping | RawDataset) -> RawDataset:
         raise ConfigError(f"the dataset config must be a mapping, got {type(cfg).__name__}")
     kwargs = {str(k): v for k, v in cfg.items() if v is not None}
     kind = kwargs.pop("kind", None)
-    class_name = kwargs.pop("class_name", None)
-    if kind is None and class_name is not None:
-        short = str(class_name).rsplit(".", 1)[-1]
-        if short not in _CLASS_NAMES:
-            raise ConfigError(f"unknown dataset class_name {class_name!r}; expected one of "
-                              f"{', '.join(_CLASS_NAMES)}")
-        kind = _CLASS_NAMES[short]
-    if kind is None:
-        kind = _infer_kind(kwargs.get("path"))
-    kind = _KIND_ALIASES.get(str(kind).lower(), str(kind).lower())
-    if kind not in DATASET_KINDS:
-        raise ConfigError(f"unknown dataset kind {cfg.get('kind')!r}; expected one of {', '.join(DATASET_KINDS)}")
+    kind = check_kind("dataset", _infer_kind(kwargs.get("path")) if kind is None else kind, DATASET_KINDS)
     extra = ("resolution",) if kind == "toy2d" else ()  # accepted for a uniform config; must be 1
     check_keys("dataset", kwargs, [*declared_keys(_KIND_CLASSES[kind]), *extra], f" for kind {kind!r}")
 

@@ -9,7 +9,7 @@ The interface is EDM2's (``training/encoders.py`` of NVlabs/edm2, which the IMM 
 * ``decode`` goes straight from final latents back to ``uint8`` pixels;
 * ``encode(x) == encode_latents(encode_pixels(x))``; ``init(device)`` forces lazy set-up now.
 
-Two encoders exist, as in the release:
+Two encoders exist, as in the release (``encoder.kind``: ``rgb``, ``sd_vae``; ``identity`` passes 2-D toy data through):
 
 * :class:`StandardRGBEncoder` (CIFAR-10): raw latents are the pixels themselves, final latents are
   ``x / 127.5 - 1`` in [-1, 1]; decoding is ``(x * 127.5 + 128)`` clipped to [0, 255] and truncated
@@ -59,8 +59,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from imm.core.config import ConfigError, check_keys, declared_keys
+from imm.core.config import ConfigError, check_keys, check_kind, declared_keys
 from imm.core.errors import InputError, MissingError, MissingPackageError, StateError
+from imm.core.release import plain
 from imm.io import hub
 
 __all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEncoder", "build_encoder", "ENCODER_CLASSES"]
@@ -377,59 +378,39 @@ class StabilityVAEEncoder(Encoder):
         return torch.cat(out)
 
 
-ENCODER_CLASSES: dict[str, type[Encoder]] = {
-    "StandardRGBEncoder": StandardRGBEncoder,
-    "StabilityVAEEncoder": StabilityVAEEncoder,
-    "IdentityEncoder": IdentityEncoder,
+ENCODER_CLASSES: dict[str, type[Encoder]] = {  # encoder.kind -> the class its other keys construct
+    "rgb": StandardRGBEncoder,
+    "sd_vae": StabilityVAEEncoder,
+    "identity": IdentityEncoder,
 }
-_PREFIXES = ("training.encoders.", "imm.data.encoders.")
-
-
-def _plain(value):
-    """OmegaConf containers (or any mapping / sequence) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def build_encoder(cfg: Mapping | Encoder | None = None) -> Encoder:
-    """An encoder from the ``encoder:`` section of a config, with the release's keys.
+    """An encoder from the ``encoder:`` section of a config in the canonical form (:mod:`imm.core.release`
+    translates the release's ``class_name: training.encoders.StabilityVAEEncoder`` to ``kind: sd_vae``).
 
     ``cfg`` is ``None`` or empty (-> :class:`StandardRGBEncoder`), an :class:`Encoder` (returned as
-    is), or a mapping with ``class_name`` plus constructor arguments, e.g.
-    ``{'class_name': 'training.encoders.StabilityVAEEncoder', 'vae_name': ..., 'final_std': 0.5,
-    'raw_mean': [...], 'raw_std': [...], 'use_fp16': True}``. ``class_name`` may be the release's
-    dotted path (``training.encoders.X``), ``imm.data.encoders.X`` or just ``X``. An unknown class or an
-    argument the class does not take raises :class:`imm.core.config.ConfigError` (a ``ValueError``).
-    Nothing is loaded here: call ``init(device)`` on the result.
+    is), or a mapping with ``kind`` (:data:`ENCODER_CLASSES`: ``rgb``, ``sd_vae``, ``identity``) plus the
+    class's constructor arguments, e.g. ``{'kind': 'sd_vae', 'vae_name': ..., 'final_std': 0.5, 'raw_mean':
+    [...], 'raw_std': [...], 'use_fp16': True}``. An unknown kind or an argument the class does not take raises
+    :class:`imm.core.config.ConfigError` (a ``ValueError``). Nothing is loaded here: call ``init(device)`` on
+    the result.
     """
     if isinstance(cfg, Encoder):
         return cfg
     if cfg is None:
         return StandardRGBEncoder()
     if not isinstance(cfg, Mapping):
-        raise ConfigError(f"the encoder config must be a mapping with a class_name, got {type(cfg).__name__}")
-    kwargs = _plain(cfg)
+        raise ConfigError(f"the encoder config must be a mapping with a kind, got {type(cfg).__name__}")
+    kwargs = plain(cfg)
     if not kwargs:
         return StandardRGBEncoder()
-    name = kwargs.pop("class_name", None)
-    if not isinstance(name, str) or not name:
-        raise ConfigError("the encoder config needs a class_name, e.g. training.encoders.StandardRGBEncoder "
-                          "or training.encoders.StabilityVAEEncoder")
-    short = name
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            short = name[len(prefix):]
-            break
-    cls = ENCODER_CLASSES.get(short)
-    if cls is None:
-        known = ", ".join(ENCODER_CLASSES)
-        raise ConfigError(f"unknown encoder class_name {name!r}; expected one of {known} "
-                          "(optionally prefixed with 'training.encoders.' or 'imm.data.encoders.')")
-    check_keys("encoder", kwargs, declared_keys(cls), f" for {short}")
+    if kwargs.get("kind") is None:
+        raise ConfigError(f"the encoder config needs a kind ({', '.join(ENCODER_CLASSES)})")
+    kind = check_kind("encoder", kwargs.pop("kind"), ENCODER_CLASSES)
+    cls = ENCODER_CLASSES[kind]
+    check_keys("encoder", kwargs, declared_keys(cls), f" for kind {kind!r}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad encoder config for {short}: {exc}") from exc
+        raise ConfigError(f"bad encoder config for kind {kind!r}: {exc}") from exc

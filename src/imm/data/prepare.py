@@ -313,7 +313,7 @@ def _latent_encoder(cfg: dict, vae, channels: int):
 
     if vae is None:
         enc_cfg = cfg.get("encoder") or {}
-        if "StabilityVAEEncoder" not in str(enc_cfg.get("class_name", "")):
+        if enc_cfg.get("kind") != "sd_vae":
             return None
         vae = build_encoder(enc_cfg).vae_name
     n = channels // 2  # identity whitening: decode(encode_latents(cat[mean, 0])) decodes the mean

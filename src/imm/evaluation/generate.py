@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from imm.core import distributed, threads
 from imm.core.config import ConfigError
+from imm.core.release import canonical
 from imm.evaluation.sampling_run import SamplingRun, resolve_sampling_run
 from imm.evaluation.toy_metrics import toy2d_sliced_w2
 from imm.io.checkpoint import atomic_write
@@ -142,6 +143,8 @@ def claim_folder(folder: Path, settings: dict) -> None:
             recorded = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"{path}: unreadable settings ({e}); {advice}") from None
+        if isinstance(recorded, dict) and isinstance(recorded.get("encoder"), dict):  # its encoder in the canonical form
+            recorded = {**recorded, "encoder": canonical({"encoder": recorded["encoder"]})["encoder"]}
         differs = _differences(recorded, settings)
         if differs:
             shown = "; ".join(differs[:4]) + (f"; ... ({len(differs)} in all)" if len(differs) > 4 else "")

@@ -2,8 +2,9 @@
 trainer's periodic FID: the config to sample with, its ``sampling:`` entries and ``eval:`` settings as
 typed objects, the network, its encoder and the sampler of the method it was trained with.
 
-The ``sampling:`` and ``eval:`` sections keep the release's keys (``sampling.NAME.name:
-pushforward_generator_fn``, ``eval.resume``/``seed``/``batch_size``; lumaai/imm ``configs/*.yaml``).
+A sampling entry names its sampler ``kind`` (``pushforward``, ``restart``; the release's ``name:
+pushforward_generator_fn`` is translated where the config is read, :mod:`imm.core.release`); the ``eval:``
+section keeps the release's keys (``eval.resume``/``seed``/``batch_size``; lumalabs/imm ``configs/*.yaml``).
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from imm.core.config import ConfigError, apply_overrides, check_keys, fill_section, load_config
+from imm.core.config import ConfigError, apply_overrides, check_keys, check_kind, fill_section, load_config
 from imm.data.encoders import build_encoder
 from imm.io.checkpoint import CheckpointError, network_from_tensors, read_checkpoint, read_sampling_settings
 from imm.methods import registry as methods
-from imm.model.network import check_network_class
-from imm.model.sampling import SamplingEntry
+from imm.model.network import network_arguments
+from imm.model.sampling import SAMPLERS, SamplingEntry
 
-# The release's sampler names (generate_images.py) and ours.
-SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
-                 "pushforward": "pushforward", "restart": "restart"}
 # The network shape (channels, resolution, label_dim) of each preset that samples, for naming the right one.
 PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (1, 32, 10), "toy2d": (2, 1, 0)}
 DEFAULT_CONFIG = "cifar10"  # for files that record no settings (the released cifar10.pt among them)
@@ -51,15 +49,12 @@ class EvalSection:
 
 
 def sampling_entry(name: str, section: Mapping | None) -> SamplingEntry:
-    """One entry of a ``sampling:`` section; the sampler is named by the release's ``name`` key."""
+    """One entry of a ``sampling:`` section (canonical form); its ``kind`` is the entry's sampler."""
     values = dict(section or {})
-    check_keys(f"sampling.{name}", values, ["name", *SamplingEntry.__dataclass_fields__])
-    sampler = values.pop("name", values.pop("sampler", "pushforward"))
-    if sampler not in SAMPLER_NAMES:
-        raise ConfigError(f"sampling entry {name!r}: unknown sampler {sampler!r}; use pushforward_generator_fn or "
-                          "restart_generator_fn")
+    check_keys(f"sampling.{name}", values, ["kind", *(f for f in SamplingEntry.__dataclass_fields__ if f != "sampler")])
+    sampler = check_kind(f"sampling.{name}", values.pop("kind", "pushforward"), SAMPLERS)
     try:
-        return SamplingEntry(sampler=SAMPLER_NAMES[sampler], **values)
+        return SamplingEntry(sampler=sampler, **values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampling entry {name!r}: {e}") from None
 
@@ -93,9 +88,9 @@ def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tup
 
 
 def training_method(cfg: Mapping) -> str:
-    """The ``loss.method`` the network was trained with (a checkpoint of ``imm train`` records it), ``imm``
+    """The ``loss.kind`` the network was trained with (a checkpoint of ``imm train`` records it), ``imm``
     when the config does not say."""
-    method = (cfg.get("loss") or {}).get("method") or "imm"
+    method = (cfg.get("loss") or {}).get("kind") or "imm"
     methods.get(method)
     return method
 
@@ -118,13 +113,12 @@ def check_fits(net, encoder, entries: Mapping[str, SamplingEntry], source: str) 
 
 def network_from_config(cfg: Mapping, checkpoint, network_overrides: Mapping, device) -> torch.nn.Module:
     """The network of ``checkpoint`` built from the file's own configuration (or the config's ``network:``
-    section when the file carries none), with ``network_overrides`` on top, its weights loaded."""
+    section when the file carries none), with ``network_overrides`` (``network.KEY`` overrides, canonical
+    keys) on top, its weights loaded."""
     file_config, tensors = read_checkpoint(checkpoint)
     if file_config is None:
-        section = check_network_class(cfg.get("network") or {}, "network")
-        file_config = {"img_resolution": cfg.get("resolution"), "img_channels": cfg.get("channels"),
-                       "label_dim": cfg.get("label_dim", 0), **section}
-    config = {**file_config, **check_network_class(network_overrides, "network")}
+        file_config = {"label_dim": 0, **network_arguments(cfg.get("network"))}
+    config = {**file_config, **network_arguments(network_overrides)}
     return network_from_tensors(config, tensors, str(checkpoint), device)
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from imm.core.errors import InputError
+from imm.core.release import NETWORK_CLASSES, canonical
 from imm.io import hub, safe_pickle
-from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, NETWORK_CLASSES, IMMNetwork
+from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, IMMNetwork
 
 FORMAT_NAME = "imm-network"
 FORMAT_VERSION = "1"
@@ -391,22 +392,23 @@ SAMPLING_SECTIONS = ("encoder", "sampling", "eval")
 
 
 def sampling_settings(cfg) -> dict | None:
-    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config (None: none), its
-    ``dataset`` section when that is a toy 2-D target (a definition, not a path: generated plots show it)
-    and its ``loss.method``, so a baseline's network samples with its own sampler."""
+    """The non-empty ``encoder``/``sampling``/``eval`` sections of a training config in the canonical form
+    (None: none), its ``dataset`` section when that is a toy 2-D target (a definition, not a path: generated
+    plots show it) and its ``loss.kind``, so a baseline's network samples with its own sampler."""
     if not isinstance(cfg, dict):
         return None
     settings = {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)}
     if isinstance(cfg.get("dataset"), dict) and cfg["dataset"].get("kind") == "toy2d":
         settings["dataset"] = cfg["dataset"]
-    if settings and isinstance(cfg.get("loss"), dict) and cfg["loss"].get("method"):
-        settings["loss"] = {"method": cfg["loss"]["method"]}  # its own sampler (imm.methods.registry.entry_sampler)
+    if settings and isinstance(cfg.get("loss"), dict) and cfg["loss"].get("kind"):
+        settings["loss"] = {"kind": cfg["loss"]["kind"]}  # its own sampler (imm.methods.registry.entry_sampler)
     return settings or None
 
 
 def read_sampling_settings(path) -> dict | None:
     """The ``encoder``/``sampling``/``eval`` sections a checkpoint of ``imm train`` records (the final
-    ``network.safetensors`` and the ``training-state-*.pt`` files), or None for any other file (its
+    ``network.safetensors`` and the ``training-state-*.pt`` files) in the canonical form (a file written with
+    the release's keys is read too: :func:`imm.core.release.canonical`), or None for any other file (its
     header only is read for a safetensors file; nothing is read for other formats)."""
     path = _existing_file(path)
     kind = _file_kind(path)
@@ -417,9 +419,10 @@ def read_sampling_settings(path) -> dict | None:
             text = (f.metadata() or {}).get("sampling_settings")
         with _reading(path):
             settings = json.loads(text) if text else None
-        return settings if isinstance(settings, dict) else None
+        return canonical(settings) if isinstance(settings, dict) else None
     if kind == "torch" and path.name.startswith("training-state-"):
-        return sampling_settings(read_training_state(path).get("config"))
+        config = read_training_state(path).get("config")
+        return sampling_settings(canonical(config)) if isinstance(config, dict) else None
     return None
 
 

@@ -3,7 +3,7 @@
 """The single-stage baselines IMM is compared with, on IMM's own networks, data and trainer. Pure math.
 
 Both baselines train the same ``IMMNetwork`` (same backbone, same c_in / c_noise preconditioning) and
-plug into the trainer through ``loss.method`` (``imm``, ``flow_matching``, ``consistency``):
+plug into the trainer through ``loss.kind`` (``imm``, ``flow_matching``, ``consistency``):
 
 * **Flow matching** (``FlowMatchingLoss``; Lipman et al., "Flow Matching for Generative Modeling", ICLR
   2023; the OT path = the paper's ``fm`` schedule): x_t = (1 - t) x + t z with z ~ N(0, sigma_d^2 I), velocity target v = z - x. The

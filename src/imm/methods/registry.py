@@ -1,4 +1,4 @@
-"""The training methods the trainer knows (``loss.method``): IMM and the baselines it is compared with.
+"""The training methods the trainer knows (``loss.kind``): IMM and the baselines it is compared with.
 
 Each :class:`Method` names its loss class (built from the other ``loss.*`` keys), its own sampler (which
 samples a sampling entry on the entry's time grid), the entry keys' values that sampler honours, and its
@@ -16,8 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from imm.core.config import ConfigError
-from imm.core.errors import InputError
+from imm.core.config import ConfigError, check_kind
 from imm.methods.baselines import FLOW_SOLVERS, ConsistencyTrainingLoss, FlowMatchingLoss, flow_sample
 from imm.methods.moment_matching import IMMLoss
 from imm.model.sampling import SAMPLERS, SamplingEntry, sample, time_grid
@@ -77,15 +76,14 @@ METHODS: dict[str, Method] = {
 
 
 def get(method: str) -> Method:
-    if method not in METHODS:
-        raise InputError(f"unknown loss.method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+    """The method a ``loss.kind`` names; an unknown one is a ConfigError naming the nearest."""
+    return METHODS[check_kind("loss", method, METHODS)]
 
 
 def build_loss(cfg: dict):
-    """The loss of ``cfg['method']`` (default ``imm``) with the other keys as its arguments."""
+    """The loss of a canonical ``loss`` section's ``kind`` (default ``imm``) with the other keys as its arguments."""
     cfg = dict(cfg)
-    return get(cfg.pop("method", "imm")).loss(**cfg)
+    return get(cfg.pop("kind", "imm")).loss(**cfg)
 
 
 def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> None:
@@ -95,11 +93,11 @@ def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> N
     :class:`Method`."""
     spec, where = get(method), f"sampling entry {name!r}" if name else "a sampling entry"
     if entry.sampler not in spec.samplers:
-        raise ConfigError(f"{where}: loss.method={method} cannot honour sampler={entry.sampler} (its networks "
+        raise ConfigError(f"{where}: loss.kind={method} cannot honour sampler={entry.sampler} (its networks "
                           f"sample with {' or '.join(spec.samplers)})")
     if entry.solver is not None and entry.solver not in spec.solvers:
         can = f"solver is one of {', '.join(spec.solvers)}" if spec.solvers else "no solver key"
-        raise ConfigError(f"{where}: loss.method={method} cannot honour solver={entry.solver} ({can})")
+        raise ConfigError(f"{where}: loss.kind={method} cannot honour solver={entry.solver} ({can})")
 
 
 def check_entries(method: str, entries: Mapping[str, SamplingEntry]) -> None:

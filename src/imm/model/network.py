@@ -22,10 +22,10 @@ import inspect
 
 import torch
 
-from imm.core.config import ConfigError
+from imm.core.config import check_kind
 from imm.core.errors import InputError
 from imm.model import schedules
-from imm.model.backbones import build_backbone
+from imm.model.backbones import BACKBONES, build_backbone
 
 F_TYPES = ("euler_fm", "simple_edm", "identity")
 TEMB_TYPES = ("identity", "stride")
@@ -175,20 +175,14 @@ class IMMNetwork(torch.nn.Module):
         return c_skip * x + c_out * out
 
 
-# The class names a network configuration may give in ``class_name``: the release's wrapper (its configs
-# spell it ``training.preconds.IMMPrecond``) and ours.
-NETWORK_CLASSES = ("IMMPrecond", "IMMNetwork")
-
-
-def check_network_class(section, where: str = "network") -> dict:
-    """``section`` (a network configuration) without its ``class_name``, which must name the IMM network
-    wrapper (any dotted prefix); another class is one InputError naming it."""
-    section = dict(section or {})
-    name = section.pop("class_name", None)
-    if name is not None and str(name).rsplit(".", 1)[-1] not in NETWORK_CLASSES:
-        raise ConfigError(f"{where}.class_name {name!r} is not an IMM network; expected one of "
-                         f"{', '.join(NETWORK_CLASSES)} (optionally with a module prefix such as training.preconds.)")
-    return section
+def network_arguments(section) -> dict:
+    """:class:`IMMNetwork`'s keyword arguments from a config's ``network`` section in the canonical form
+    (:mod:`imm.core.release`): its ``kind`` names the backbone, which the constructor (and every network
+    file's configuration) calls ``model_type``."""
+    arguments = dict(section or {})
+    if "kind" in arguments:
+        arguments["model_type"] = check_kind("network", arguments.pop("kind"), BACKBONES)
+    return arguments
 
 
 IMM_NETWORK_KEYS = tuple(p for p in inspect.signature(IMMNetwork.__init__).parameters if p not in ("self", "model_kwargs"))

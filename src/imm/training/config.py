@@ -5,10 +5,15 @@ Every section is declared once, and :func:`imm.core.config.fill_section` fills i
 
 * ``optimizer``, ``training``, ``logging``: the dataclasses below (their fields are the keys and
   defaults; a field's ``check`` says what its value must be);
-* ``loss``: the constructor of the ``loss.method``'s loss class (:mod:`imm.methods.registry`);
-* ``network``: the backbone's constructor, via :class:`imm.model.network.IMMNetwork` (``imm.model.backbones``);
-* ``dataset`` and ``encoder``: the dataset and encoder classes (``imm.data.datasets.build_dataset``,
+* ``loss``: the constructor of the ``loss.kind``'s loss class (:mod:`imm.methods.registry`);
+* ``network``: the ``network.kind`` backbone's constructor, via :class:`imm.model.network.IMMNetwork`
+  (``imm.model.backbones``);
+* ``dataset`` and ``encoder``: the classes their ``kind`` names (``imm.data.datasets.build_dataset``,
   ``imm.data.encoders.build_encoder``), checked when they are built, before any compute.
+
+A config is read in the canonical form (:mod:`imm.core.release`: one key, ``kind``, chooses what a section
+builds; the release's ``loss.method``, ``encoder.class_name``, ``network.model_type``, top-level
+``resolution`` ... are translated), which :func:`resolve_config` also applies to a dict it is handed.
 
 :func:`load_train_config` applies the command line's overrides to the preset and resolves the result
 once (:func:`resolve_config`); ``imm.training.loop.train`` resolves what it is given, which leaves a resolved
@@ -18,18 +23,17 @@ config as it is, and works with the section instances of :func:`sections`. The r
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from imm.core.config import ConfigError, apply_overrides, check_keys, declared_keys, fill_section, load_config
+from imm.core.release import canonical
 from imm.evaluation.sampling_run import EvalSection, sampling_entries
 from imm.methods import registry as methods
-from imm.model.network import check_network_class
+from imm.model.network import network_arguments
 from imm.training import phema
 
-SECTIONS = ("resolution", "channels", "label_dim", "dataset", "encoder", "network", "loss", "optimizer",
-            "training", "logging", "sampling", "eval")
+SECTIONS = ("dataset", "encoder", "network", "loss", "optimizer", "training", "logging", "sampling", "eval")
 # Sections whose keys their builder checks; a command-line override may set any key in them.
 BUILT_SECTIONS = ("dataset", "encoder", "network", "loss", "optimizer", "training", "logging")
 
@@ -147,23 +151,23 @@ def _imm_only_loss_keys(method: str) -> set[str]:
 
 
 def resolve_config(cfg: dict) -> dict:
-    """A copy of ``cfg`` with the training sections' defaults filled in and every key checked (an unknown one
-    names the nearest valid one); a resolved config comes back unchanged. A baseline's loss section drops
-    the IMM-only keys (group_size, k, a, b ...) that a preset written for IMM carries."""
-    cfg = copy.deepcopy(cfg)
+    """``cfg`` in the canonical form (:func:`imm.core.release.canonical`) with the training sections' defaults
+    filled in and every key checked (an unknown one names the nearest valid one); a resolved config comes back
+    unchanged. A baseline's loss section drops the IMM-only keys (group_size, k, a, b ...) that a preset
+    written for IMM carries."""
+    cfg = canonical(cfg)
     check_keys("", cfg, SECTIONS)
     for name, schema in DATACLASS_SECTIONS.items():
         cfg[name] = check_values(name, fill_section(name, cfg.get(name), schema), schema)
     loss = dict(cfg.get("loss") or {})
-    method = loss.pop("method", "imm")
-    if method not in methods.METHODS:
-        raise ConfigError(f"loss.method must be one of {', '.join(methods.METHODS)}, got {method!r}")
+    method = loss.pop("kind", "imm")
+    methods.get(method)
     loss = {k: v for k, v in loss.items() if k not in _imm_only_loss_keys(method)}
-    cfg["loss"] = {"method": method, **fill_section("loss", loss, methods.METHODS[method].loss)}
+    cfg["loss"] = {"kind": method, **fill_section("loss", loss, methods.METHODS[method].loss)}
     if cfg.get("sampling") is not None:  # what imm generate and imm eval fid read from the run's files
         sampling_entries(cfg)
     EvalSection.from_config(cfg.get("eval"))
-    check_network_class(cfg.get("network") or {})
+    network_arguments(cfg.get("network"))  # its kind names a backbone
     if not cfg.get("dataset"):
         raise ConfigError("the config has no dataset: section (e.g. dataset.path=/data/cifar10.zip)")
     if cfg["logging"]["fid_every"] and not cfg["logging"]["fid_ref"]:
@@ -174,16 +178,16 @@ def resolve_config(cfg: dict) -> dict:
 def load_train_config(name_or_path: str, overrides=()) -> dict:
     """A preset or YAML file with dotted overrides applied, resolved (:func:`resolve_config`).
 
-    An override of an IMM-only loss key (``loss.k=5``) with a baseline ``loss.method`` is refused: it
+    An override of an IMM-only loss key (``loss.k=5``) with a baseline ``loss.kind`` is refused: it
     would be dropped with the preset's IMM keys and change nothing.
     """
     cfg = apply_overrides(load_config(name_or_path), list(overrides), open_sections=BUILT_SECTIONS)
-    method = (cfg.get("loss") or {}).get("method", "imm")
+    method = (cfg.get("loss") or {}).get("kind", "imm")
     if method in methods.METHODS:
         for item in overrides:
             key = item.lstrip("+").split("=", 1)[0].strip()
             if key.startswith("loss.") and key[len("loss."):] in _imm_only_loss_keys(method):
-                raise ConfigError(f"override {item!r}: {key} applies to loss.method=imm, not {method}")
+                raise ConfigError(f"override {item!r}: {key} applies to loss.kind=imm, not {method}")
     return resolve_config(cfg)
 
 
@@ -195,11 +199,13 @@ def sections(cfg: dict) -> tuple[OptimizerSection, TrainingSection, LoggingSecti
 
 
 def network_config(cfg: dict, dataset, encoder) -> dict:
-    """IMMNetwork arguments: the config's network section with the data's shape filled in."""
-    net = check_network_class(cfg.get("network") or {})
-    net.setdefault("img_resolution", cfg.get("resolution") or dataset.resolution)
-    net.setdefault("img_channels", cfg.get("channels") or encoder.channels)
-    net.setdefault("label_dim", cfg.get("label_dim", dataset.label_dim) or 0)
+    """IMMNetwork arguments: the config's network section (:func:`imm.model.network.network_arguments`) with
+    the data's shape filled in where it is unset."""
+    net = network_arguments(cfg.get("network"))
+    for key, value in (("img_resolution", dataset.resolution), ("img_channels", encoder.channels),
+                       ("label_dim", dataset.label_dim)):
+        if net.get(key) is None:
+            net[key] = value
     if cfg["training"]["precision"] in ("bf16", "fp16"):
         net["mixed_precision"] = cfg["training"]["precision"]
     return net

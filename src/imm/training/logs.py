@@ -98,7 +98,7 @@ class Logger:
 
 class SampleGrids:
     """EMA samples at each of ``logging.sample_steps`` (a uniform-grid entry each, sampled by the
-    ``loss.method``'s entry sampler) as PNG grids, from the same ``logging.sample_count`` noises (seeded by
+    ``loss.kind``'s entry sampler) as PNG grids, from the same ``logging.sample_count`` noises (seeded by
     ``training.seed``) every time; for a toy 2-D target (``toy2d``: its name) one scatter plot of them
     instead (:func:`toy_scatter`)."""
 
@@ -153,7 +153,7 @@ class PeriodicFID:
     against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K),
     logged as ``fid/{n}step``; with ``logging.fid_metrics=[fid,fd_dinov2]`` also FD_DINOv2 (DINOv2 model
     ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``. Each step count
-    is a uniform-grid entry sampled by the ``loss.method``'s entry sampler."""
+    is a uniform-grid entry sampled by the ``loss.kind``'s entry sampler."""
 
     def __init__(self, log: dict, seed: int, method: str, device):
         """``log``: the config's logging section; ``seed``: the first sample's seed (``training.seed``)."""

@@ -43,6 +43,7 @@ import torch
 from imm.core import distributed, threads
 from imm.core.config import ConfigError, flatten
 from imm.core.distributed import full_state_dict
+from imm.core.release import canonical
 from imm.data.datasets import build_dataset
 from imm.data.encoders import build_encoder
 from imm.data.loader import make_loader
@@ -134,8 +135,9 @@ PROTECTED_SECTIONS = ("network", "loss", "dataset", "encoder")
 def check_resumed_config(state_path: Path, old: dict, new: dict, allow_changes: bool) -> None:
     """Say what a resumed run changes against the configuration its checkpoint was trained with; refuse
     changes to the network, loss, data and encoder (one TrainingError line) unless ``allow_changes``. Keys
-    the checkpoint's configuration lacks (settings newer than it) are not changes."""
-    before, after = flatten(old), flatten(new)
+    the checkpoint's configuration lacks (settings newer than it) are not changes; the checkpoint's keys are
+    read in the canonical form (a run trained with ``loss.method`` resumes with ``loss.kind`` unchanged)."""
+    before, after = flatten(canonical(old)), flatten(new)
     changed = [k for k in before if after.get(k, "(unset)") != before[k]]
     if not changed:
         return
@@ -257,9 +259,9 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     encoder.init(device)
     if log.fid_every and world > 1 and training.parallel == "fsdp":
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp yet")
-    periodic_fid = PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["method"], device) if log.fid_every else None
+    periodic_fid = PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device) if log.fid_every else None
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
-    sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["method"], toy2d=toy)
+    sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["kind"], toy2d=toy)
 
     state, model, resumed_from = set_up_state(cfg, training, opt, net_cfg, run_dir, device, start_over,
                                               allow_changes)
