@@ -35,7 +35,7 @@ import torch
 import imm
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import mmd, mmd_self_term, sliced_wasserstein
-from imm.methods.baselines import FLOW_SOLVERS
+from imm.methods.flow_matching import FLOW_SOLVERS
 from imm.methods.registry import METHODS, entry_sampler
 from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config

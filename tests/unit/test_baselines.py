@@ -1,4 +1,4 @@
-"""The baselines (imm.methods.baselines): flow matching and consistency training on IMM's networks and trainer,
+"""The baselines (imm.methods.flow_matching, imm.methods.consistency): flow matching and consistency training on IMM's networks and trainer,
 and the toy-data metrics."""
 
 import math
@@ -10,8 +10,9 @@ import imm
 from imm.core.config import ConfigError
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import mmd, mmd_self_term
-from imm.methods import baselines as B
 from imm.methods import registry as methods
+from imm.methods.consistency import ConsistencyTrainingLoss, ict_num_levels, karras_levels
+from imm.methods.flow_matching import FlowMatchingLoss, flow_sample
 from imm.training.config import load_train_config
 from imm.training.loop import train
 from tests.helpers import TOY_QUIET
@@ -43,10 +44,10 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity_only():
     x0 = torch.randn(1, 3, 4, 4)
     images = x0.expand(16, -1, -1, -1)
     net = PointMassVelocity(x0, T=0.994, eps=0.01)
-    loss, stats = B.FlowMatchingLoss()(net, images, generator=torch.Generator().manual_seed(0))
+    loss, stats = FlowMatchingLoss()(net, images, generator=torch.Generator().manual_seed(0))
     assert loss.item() < 1e-9 and stats["loss"].shape == (16,) and int(stats["nonfinite"]) == 0
     wrong = PointMassVelocity(x0 + 0.1, T=0.994, eps=0.01)
-    assert B.FlowMatchingLoss()(wrong, images, generator=torch.Generator().manual_seed(0))[0].item() > 1e-3
+    assert FlowMatchingLoss()(wrong, images, generator=torch.Generator().manual_seed(0))[0].item() > 1e-3
 
 
 @pytest.mark.parametrize("solver,nfe", [("euler", 1), ("euler", 4), ("heun", 2), ("heun", 8)])
@@ -56,7 +57,7 @@ def test_flow_sampler_integrates_the_exact_flow_to_the_data(solver, nfe):
     x0 = torch.randn(1, 3, 4, 4)
     net = PointMassVelocity(x0, T=1.0, eps=0.01)
     z = torch.randn(5, 3, 4, 4) * 0.5
-    x = B.flow_sample(net, z, nfe=nfe, solver=solver)
+    x = flow_sample(net, z, nfe=nfe, solver=solver)
     assert torch.allclose(x, 0.99 * x0 + 0.01 * z, atol=1e-5)
 
 
@@ -67,30 +68,30 @@ def test_flow_sampler_follows_a_given_time_grid(solver):
     x0 = torch.randn(1, 3, 4, 4)
     net = PointMassVelocity(x0, T=1.0, eps=0.01)
     z = torch.randn(5, 3, 4, 4) * 0.5
-    x = B.flow_sample(net, z, solver=solver, grid=torch.tensor([1.0, 0.75, 0.2, 0.01]))
+    x = flow_sample(net, z, solver=solver, grid=torch.tensor([1.0, 0.75, 0.2, 0.01]))
     assert torch.allclose(x, 0.99 * x0 + 0.01 * z, atol=1e-5)
     uniform = torch.linspace(1.0, 0.01, 3, dtype=torch.float64)
-    assert torch.equal(B.flow_sample(net, z, solver=solver, grid=uniform),
-                       B.flow_sample(net, z, nfe=2 if solver == "euler" else 4, solver=solver))
+    assert torch.equal(flow_sample(net, z, solver=solver, grid=uniform),
+                       flow_sample(net, z, nfe=2 if solver == "euler" else 4, solver=solver))
 
 
 def test_flow_sampler_rejects_bad_nfe():
     net = PointMassVelocity(torch.zeros(1, 2, 1, 1))
     with pytest.raises(ValueError, match="even"):
-        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=3, solver="heun")
+        flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=3, solver="heun")
     with pytest.raises(ValueError, match="solver"):
-        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=2, solver="rk4")
+        flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=2, solver="rk4")
     with pytest.raises(ValueError, match="decreasing"):
-        B.flow_sample(net, torch.zeros(1, 2, 1, 1), grid=torch.tensor([0.5, 0.7, 0.01]))
+        flow_sample(net, torch.zeros(1, 2, 1, 1), grid=torch.tensor([0.5, 0.7, 0.01]))
     with pytest.raises(ValueError, match="disagrees"):
-        B.flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=4, grid=torch.tensor([1.0, 0.5, 0.01]))
+        flow_sample(net, torch.zeros(1, 2, 1, 1), nfe=4, grid=torch.tensor([1.0, 0.5, 0.01]))
 
 
 def test_ict_curriculum_and_levels():
     # iCT: K = 400k steps, s0 = 10, s1 = 1280 -> K' = 50k; N doubles every 50k steps up to 1281
-    assert [B.ict_num_levels(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 350_000, 399_999)] == \
+    assert [ict_num_levels(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 350_000, 399_999)] == \
         [11, 11, 21, 41, 1281, 1281]
-    eta = B.karras_levels(11, 0.002, 80.0)
+    eta = karras_levels(11, 0.002, 80.0)
     assert eta[0].item() == pytest.approx(0.002) and eta[-1].item() == pytest.approx(80.0)
     assert torch.all(eta[1:] > eta[:-1])
 
@@ -98,7 +99,7 @@ def test_ict_curriculum_and_levels():
 def test_consistency_loss_is_ict_pseudo_huber_with_s_at_eps():
     """loss = mean lambda_i (sqrt(||f(x_t) - f(x_r)||^2 + c^2) - c) with s = eps, adjacent Karras levels."""
     net = mlp_net(eps=0.0).train()
-    ct = B.ConsistencyTrainingLoss()
+    ct = ConsistencyTrainingLoss()
     ct.set_progress(0, 1000)
     images = toy2d_sample("gaussians8", 32, torch.Generator().manual_seed(0)).reshape(32, 2, 1, 1)
     loss, stats = ct(net, images, generator=torch.Generator().manual_seed(5))
@@ -127,14 +128,14 @@ def schedules_eta(t):
 
 
 def test_build_loss_and_bad_methods():
-    assert isinstance(methods.build_loss({"kind": "flow_matching"}), B.FlowMatchingLoss)
+    assert isinstance(methods.build_loss({"kind": "flow_matching"}), FlowMatchingLoss)
     assert isinstance(methods.build_loss({"group_size": 2}), imm.methods.moment_matching.IMMLoss)
     with pytest.raises(ValueError, match="unknown loss.kind 'gan'"):
         methods.build_loss({"kind": "gan"})
     with pytest.raises(ValueError, match="did you mean 'consistency'"):
         methods.build_loss({"kind": "consistancy"})
     with pytest.raises(ValueError, match="kernel"):
-        B.ConsistencyTrainingLoss(kernel="laplace")
+        ConsistencyTrainingLoss(kernel="laplace")
     with pytest.raises(ConfigError, match="unknown loss.kind 'gan'"):  # the release's key lands on loss.kind
         load_train_config("toy2d", ["loss.method=gan"])
     with pytest.raises(ConfigError, match="loss.eta_min"):  # a consistency-only key with flow matching

@@ -12,7 +12,7 @@ from imm.evaluation.evaluate import steps_and_nfe
 from imm.evaluation.generate import draw, seeded_inputs
 from imm.evaluation.sampling_run import resolve_sampling_run, sampling_config
 from imm.methods import registry as methods
-from imm.methods.baselines import flow_sample
+from imm.methods.flow_matching import flow_sample
 from imm.model import schedules
 from imm.model.sampling import SamplingEntry, time_grid
 from imm.training.config import load_train_config

@@ -297,7 +297,7 @@ def test_demo_recipe_middle_time_is_the_samplers_middle_time():
         assert torch.allclose(grid, torch.tensor([0.994, t_mid, 0.006], dtype=torch.float64), atol=1e-6)
     assert len({demo_recipe.run_dir_of(Path("o"), v) for v in demo_recipe.VARIANTS}) == len(demo_recipe.VARIANTS)
     # flow matching's Euler along an entry's grid: on a uniform grid exactly the baseline's own sampler
-    from imm.methods.baselines import flow_sample
+    from imm.methods.flow_matching import flow_sample
     from imm.methods.registry import entry_sampler
 
     torch.manual_seed(0)

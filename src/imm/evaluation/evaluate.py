@@ -333,7 +333,7 @@ def steps_and_nfe(net, entry) -> tuple[int, int]:
     """(steps, network evaluations per image) of a sampling entry: a step of the entry's ``solver`` costs
     its evaluations (Heun 2), a guided one twice that (the doubled batch), and with ``cfg_interval`` only the
     steps inside the interval are guided."""
-    from imm.methods.baselines import FLOW_SOLVERS
+    from imm.methods.flow_matching import FLOW_SOLVERS
     from imm.model.sampling import step_cfg_scales, time_grid
 
     kwargs = _sampler_kwargs(entry)

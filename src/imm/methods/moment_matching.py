@@ -14,7 +14,7 @@ One optimizer step (Algorithm 3) on a batch of B = G * M samples split into G gr
 5. the loss is the mean over the groups whose loss is finite.
 
 ``IMMLoss`` is a loss object called once per step, like the loss classes of EDM2 (Karras et al., CVPR
-2024); its pieces are module-level functions, which the tests and ``imm.methods.baselines`` use alone.
+2024); its pieces are module-level functions, which the tests and the baselines (``imm.methods.flow_matching``, ``imm.methods.consistency``) use alone.
 Where the paper leaves a detail open (the target pass's precision, dropout masks and labels, the kernel
 clamp, log-normal times), the choice is an option of ``IMMLoss``; docs/sources.md lists them.
 """

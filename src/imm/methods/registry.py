@@ -17,7 +17,8 @@ from typing import Callable, Protocol
 import torch
 
 from imm.core.config import ConfigError, check_kind
-from imm.methods.baselines import FLOW_SOLVERS, ConsistencyTrainingLoss, FlowMatchingLoss, flow_sample
+from imm.methods.consistency import ConsistencyTrainingLoss
+from imm.methods.flow_matching import FLOW_SOLVERS, FlowMatchingLoss, flow_sample
 from imm.methods.moment_matching import IMMLoss
 from imm.model.sampling import SAMPLERS, SamplingEntry, sample, time_grid
 
