@@ -132,7 +132,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     cfg["dataset"] = {"kind": "npz", "path": str(tmp_path / "nan.npz")}
     with pytest.raises(TrainingError, match="3 steps in a row had non-finite gradients"):
         train(cfg, tmp_path / "run", device="cpu")
-    # the stop writes no checkpoint of the diverged state (issue 13; test_faults.py checks the good ones are kept)
+    # the stop writes no checkpoint of the diverged state (test_faults.py checks the good ones are kept)
     assert load_latest_state(tmp_path / "run") == (None, None)
     assert not checkpoint_paths(tmp_path / "run")
 
