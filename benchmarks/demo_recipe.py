@@ -11,7 +11,7 @@ i from seed i: the protocol of docs/demo.md's 99.8 at 2 steps) at 1, 2 and 4 ste
 grids against the bundled 5,000-digit reference, cached in ``--out``/<variant>/fid-N-seedS.json and
 in ``--record`` (default benchmarks/results/demo_recipe.json, kept in git; see benchmarks/record.py): a
 variant whose FIDs are all on record is not trained again. Every entry is a ``SamplingEntry`` sampled
-by the variant's ``loss.method`` (``imm.methods.registry.entry_sampler``, the path of ``imm eval fid``):
+by the variant's ``loss.kind`` (``imm.methods.registry.entry_sampler``, the path of ``imm eval fid``):
 flow matching takes Euler steps along the entry's time grid.
 
 ``--mid-t``: the 2-step sampler T -> t_mid -> eps for each t_mid given (in t, OT-FM time: x_t = (1 - t) x
@@ -80,7 +80,7 @@ def train_variant(cfg: dict, run_dir: Path) -> None:
 
 def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
     """FID of the variant's EMA network for each sampling entry (``{key: SamplingEntry}``, sampled by the
-    variant's ``loss.method``: ``imm.methods.registry.entry_sampler``), from the
+    variant's ``loss.kind``: ``imm.methods.registry.entry_sampler``), from the
     record and the run's cache where there, else measured (training the run first if need be) and kept in
     both. With ``--cached-only`` only the known ones (all known ones if ``entries`` is None)."""
     cfg, run_dir, key = variant_config(name), run_dir_of(args.out, name), f"fid-{num_images}-seed{seed}"

@@ -7,7 +7,7 @@ for a planned run only if every key of its recipe has the same value in the plan
 planned run has are ignored, so a setting whose default trains the same weights leaves a record valid,
 while a changed value (a changed default included) voids it. Both recipes are compared in the canonical form
 (:func:`imm.core.release.canonical`), so a record written with the release's keys (``loss.method``,
-``encoder.class_name``, ``network.model_type``) answers for today's ``loss.kind`` ...
+``encoder.class_name``, ``network.model_type``) answers for the canonical ``loss.kind`` ...
 """
 
 from __future__ import annotations

@@ -140,6 +140,10 @@ def test_convert_and_info(tmp_path, capsys):
     assert imm.load_network(dst).temb_type == "identity"
     assert main(["info", str(dst)]) == 0
     assert '"model_type": "DiT"' in capsys.readouterr().out
+    for choice in ("model_type=DiT", "kind=DiT"):  # the release's key and ours name the backbone
+        assert main(["convert", str(DIT), str(tmp_path / "again.safetensors"), choice]) == 0
+    assert main(["convert", str(DIT), str(tmp_path / "other.safetensors"), "kind=SongUnet"]) == 2
+    assert "did you mean 'SongUNet'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -169,3 +169,13 @@ def test_an_image_folder_recorded_with_the_release_encoder_key_is_the_same_setti
     claim_folder(folder, settings)
     with pytest.raises(ConfigError, match="encoder.kind: 'rgb' there, 'identity' now"):
         claim_folder(folder, {"seed": 0, "encoder": {"kind": "identity"}})
+
+
+def test_the_settings_of_a_run_config_written_with_the_release_keys_name_its_method():
+    """RUN/config.yaml of a run written with loss.method: the settings imm ema reconstruct records say loss.kind."""
+    from imm.io.checkpoint import sampling_settings
+
+    settings = sampling_settings({"loss": {"method": "flow_matching"}, "encoder": {"class_name": "StandardRGBEncoder"},
+                                  "sampling": {"1_step": {"name": "pushforward_generator_fn"}}})
+    assert settings["loss"] == {"kind": "flow_matching"}
+    assert settings["encoder"]["kind"] == "rgb" and settings["sampling"]["1_step"] == {"kind": "pushforward"}

@@ -19,9 +19,10 @@ EXAMPLES_INFO = """examples:
 
 def cmd_convert(args) -> int:
     from imm.io.checkpoint import convert
+    from imm.model.network import network_arguments
 
     _, network = split_network_overrides([o if o.startswith("network.") else f"network.{o}" for o in args.overrides])
-    net = convert(args.src, args.dst, **network)
+    net = convert(args.src, args.dst, **network_arguments(network))
     n = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.dst} ({net.config['model_type']}, {n:,} parameters)")
     return 0

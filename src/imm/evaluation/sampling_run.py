@@ -87,10 +87,13 @@ def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tup
     return apply_overrides(load_config(config), overrides), f"--config {config}"
 
 
-def training_method(cfg: Mapping) -> str:
-    """The ``loss.kind`` the network was trained with (a checkpoint of ``imm train`` records it), ``imm``
-    when the config does not say."""
-    method = (cfg.get("loss") or {}).get("kind") or "imm"
+def training_method(cfg: Mapping, checkpoint=None) -> str:
+    """The ``loss.kind`` the network was trained with: the config's, else the one ``checkpoint`` records (an
+    ``imm train`` file sampled with ``--config PRESET``, whose preset names no method), else ``imm``."""
+    method = (cfg.get("loss") or {}).get("kind")
+    if not method and checkpoint is not None:
+        method = ((read_sampling_settings(checkpoint) or {}).get("loss") or {}).get("kind")
+    method = method or "imm"
     methods.get(method)
     return method
 
@@ -163,7 +166,7 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
                 raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(entries)}")
             entries = {n: entries[n] for n in names}
     entries = {n: e.with_guidance(cfg_scale, cfg_interval) for n, e in entries.items()}
-    method = training_method(cfg)
+    method = training_method(cfg, checkpoint)
     methods.check_entries(method, entries)
     net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
     if cfg_scale is not None and not net.label_dim:

@@ -397,6 +397,7 @@ def sampling_settings(cfg) -> dict | None:
     plots show it) and its ``loss.kind``, so a baseline's network samples with its own sampler."""
     if not isinstance(cfg, dict):
         return None
+    cfg = canonical(cfg)
     settings = {k: cfg[k] for k in SAMPLING_SECTIONS if cfg.get(k)}
     if isinstance(cfg.get("dataset"), dict) and cfg["dataset"].get("kind") == "toy2d":
         settings["dataset"] = cfg["dataset"]

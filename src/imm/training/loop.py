@@ -47,7 +47,7 @@ from imm.core.release import canonical
 from imm.data.datasets import build_dataset
 from imm.data.encoders import build_encoder
 from imm.data.loader import make_loader
-from imm.io.checkpoint import CheckpointError, sampling_settings, save_network
+from imm.io.checkpoint import sampling_settings, save_network
 from imm.methods.registry import build_loss
 from imm.model.backbones import set_activation_checkpointing
 from imm.model.network import IMMNetwork
@@ -258,7 +258,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     chunk, accumulation = batch_layout(training.batch_size, training.batch_per_device, world, loss_fn.group_size)
     encoder.init(device)
     if log.fid_every and world > 1 and training.parallel == "fsdp":
-        raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp yet")
+        raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp")
     periodic_fid = PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device) if log.fid_every else None
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
     sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["kind"], toy2d=toy)
@@ -278,7 +278,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         logger = Logger(run_dir, log, start_step, cfg)
         cleanup.callback(logger.close)
         if start_step >= total:
-            return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device)
+            return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device, total)
         max_unreadable = int(training.max_unreadable_fraction * len(dataset))
         loader = make_loader(dataset, chunk * accumulation, training.batch_size, distributed.rank(), world,
                              seed=training.seed, start_step=start_step, num_workers=training.num_workers,
@@ -341,19 +341,20 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
                         tick.action(state.step)
         loader.close()
         rotation.final(state.save(run_dir, cfg))
-        return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device)
+        return _finish(run_dir, state, encoder, cfg, sample_grids, logger, device, state.step)
 
 
-def _finish(run_dir: Path, state: TrainingState, encoder, cfg: dict, sample_grids: SampleGrids, logger, device) -> Path:
+def _finish(run_dir: Path, state: TrainingState, encoder, cfg: dict, sample_grids: SampleGrids, logger, device,
+            step: int) -> Path:
     """The first EMA as ``RUN/network.safetensors`` (with the settings ``imm generate`` reads) and its
-    sample grids at the last step."""
+    sample grids, named after ``step`` (``training.total_steps`` for a run resumed past its end)."""
     ema = next(iter(state.emas.values()))
     full = IMMNetwork(**ema.config)
     full.load_state_dict(full_state_dict(ema))
     path = run_dir / "network.safetensors"
     if distributed.is_main():
         save_network(full, path, sampling_settings(cfg))  # imm generate's defaults
-        sample_grids(full.to(device), encoder, run_dir, state.step, logger, device)
+        sample_grids(full.to(device), encoder, run_dir, step, logger, device)
     distributed.barrier()
     return path
 
@@ -384,4 +385,4 @@ def _to_yaml(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-__all__ = ["train", "TrainingError", "TrainingStopped", "EXIT_STOPPED", "CheckpointError"]
+__all__ = ["train", "TrainingError", "TrainingStopped", "EXIT_STOPPED"]
