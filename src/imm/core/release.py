@@ -18,6 +18,7 @@ given                           canonical
                                 then left out: it names the one wrapper there is
 ``loss.method``                 ``loss.kind``
 ``sampling.NAME.name``          ``sampling.NAME.kind`` (``pushforward_generator_fn`` -> ``pushforward``)
+``sampling.NAME.sampler``       ``sampling.NAME.kind`` (``imm.sample``'s argument name)
 top-level ``resolution``,       ``network.img_resolution``, ``network.img_channels``, ``network.label_dim``
 ``channels``, ``label_dim``
 ==============================  ==========================================================================
