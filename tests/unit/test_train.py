@@ -7,7 +7,7 @@ import torch
 
 import imm
 from imm.core.config import ConfigError
-from imm.io.checkpoint import atomic_write
+from imm.io.checkpoint import CheckpointError, atomic_write
 from imm.training.checkpoints import checkpoint_paths, load_latest_state
 from imm.training.config import load_train_config
 from imm.training.loop import EXIT_STOPPED, TrainingError, train
@@ -159,3 +159,9 @@ def test_resume_with_changed_settings_says_so_and_refuses_another_experiment(tmp
     capsys.readouterr()
     train(toy_cfg("training.total_steps=4", "loss.k=5", "logging.checkpoint_every=100"), run, device="cpu")
     assert "changed settings" not in capsys.readouterr().out
+    # another architecture does not fit the checkpoint, even when changes are allowed: one line naming it
+    with pytest.raises(CheckpointError, match=r"training-state-00000004\.pt: configuration and tensors disagree: "
+                                              "shape mismatch") as e:
+        train(toy_cfg("training.total_steps=5", "loss.k=5", "network.hidden=64"), run, device="cpu",
+              allow_changes=True)
+    assert "\n" not in str(e.value)

@@ -23,7 +23,7 @@ import torch
 from imm.core import distributed
 from imm.core.config import ConfigError
 from imm.core.distributed import full_state_dict
-from imm.io.checkpoint import TRAINING_STATE_FORMAT, atomic_write
+from imm.io.checkpoint import TRAINING_STATE_FORMAT, atomic_write, check_state_dict
 from imm.model.network import IMMNetwork
 from imm.training import phema
 from imm.training.checkpoints import TrainingError, checkpoint_path
@@ -62,7 +62,9 @@ class TrainingState:
         return cls(net, emas, tracker)
 
     def load_modules(self, saved: dict, source: Path) -> None:
-        """The weights, EMAs, post-hoc EMA profiles and step of a saved state (before :func:`parallelize`)."""
+        """The weights, EMAs, post-hoc EMA profiles and step of a saved state (before :func:`parallelize`); a
+        network that does not fit them (``--allow-changes`` across a changed architecture) is one error line."""
+        check_state_dict(self.net, saved["model"], str(source))
         self.net.load_state_dict(saved["model"])
         for d, e in self.emas.items():
             if str(d) not in saved["ema"]:
