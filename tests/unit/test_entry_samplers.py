@@ -158,12 +158,15 @@ def test_imm_generate_refuses_a_key_the_checkpoints_method_cannot_honour(checkpo
 
 
 def test_a_preset_config_samples_a_checkpoint_with_the_method_it_records(checkpoints):
-    """`--config toy2d` names no method: the method the checkpoint records (flow matching) samples it."""
+    """`--config toy2d` names no method: the method the checkpoint records (flow matching) samples it, from the
+    final network file and from a training state alike."""
     path = checkpoints["flow_matching"]
     cfg, source = sampling_config("toy2d", path, [])
     assert "kind" not in (cfg.get("loss") or {})
     run = resolve_sampling_run(cfg, path, torch.device("cpu"), source=source, names=["2_steps"])
     assert run.method == "flow_matching"
+    state = path.parent / "checkpoints" / "training-state-00000002.pt"
+    assert resolve_sampling_run(cfg, state, torch.device("cpu"), source=source).method == "flow_matching"
     recorded = resolve_sampling_run(*sampling_config(None, path, [])[:1], path, torch.device("cpu"), names=["2_steps"])
     indices = list(range(4))
     assert torch.equal(draw(run, run.entries["2_steps"], indices), draw(recorded, recorded.entries["2_steps"], indices))

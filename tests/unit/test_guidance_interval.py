@@ -81,7 +81,6 @@ def test_fid_rows_count_the_guided_steps_only(net):
     from imm.model.sampling import SamplingEntry
 
     entry = {"num_steps": 2, "discretization": "uniform", "cfg_scale": 1.5}
-    assert steps_and_nfe(net, entry) == (2, 4)
-    assert steps_and_nfe(net, {**entry, "cfg_interval": [0.6, 1.0]}) == (2, 3)
-    assert steps_and_nfe(net, {**entry, "cfg_scale": None}) == (2, 2)
-    assert steps_and_nfe(net, SamplingEntry(**entry, cfg_interval=[0.6, 1.0])) == (2, 3)
+    assert steps_and_nfe(net, SamplingEntry(**entry)) == (2, 4)
+    assert steps_and_nfe(net, SamplingEntry(**{**entry, "cfg_interval": [0.6, 1.0]})) == (2, 3)
+    assert steps_and_nfe(net, SamplingEntry(**{**entry, "cfg_scale": None})) == (2, 2)

@@ -45,8 +45,7 @@ DATASET_CLASSES = {"ImageFolderDataset": ("folder", "zip"), "NpzDataset": "npz",
                    "Toy2DDataset": "toy2d"}
 DATASET_KIND_SPELLINGS = {"dir": "folder", "directory": "folder", "image_folder": "folder", "imagefolder": "folder",
                           "toy": "toy2d", "2d": "toy2d"}
-SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart",
-                 "pushforward": "pushforward", "restart": "restart"}  # the release's generate_images.py, and ours
+SAMPLER_NAMES = {"pushforward_generator_fn": "pushforward", "restart_generator_fn": "restart"}  # generate_images.py
 # The class names a network section may give: the release's wrapper (training.preconds.IMMPrecond) and ours.
 NETWORK_CLASSES = ("IMMPrecond", "IMMNetwork")
 

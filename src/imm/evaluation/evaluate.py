@@ -323,20 +323,14 @@ def parse_steps(text) -> list[int]:
     return steps
 
 
-def _sampler_kwargs(entry) -> dict:
-    """The keyword arguments a sampler takes for ``entry``: a :class:`SamplingEntry`, or a plain mapping of
-    them."""
-    return entry.kwargs() if isinstance(entry, SamplingEntry) else dict(entry)
-
-
-def steps_and_nfe(net, entry) -> tuple[int, int]:
+def steps_and_nfe(net, entry: SamplingEntry) -> tuple[int, int]:
     """(steps, network evaluations per image) of a sampling entry: a step of the entry's ``solver`` costs
     its evaluations (Heun 2), a guided one twice that (the doubled batch), and with ``cfg_interval`` only the
     steps inside the interval are guided."""
     from imm.methods.flow_matching import FLOW_SOLVERS
     from imm.model.sampling import step_cfg_scales, time_grid
 
-    kwargs = _sampler_kwargs(entry)
+    kwargs = entry.kwargs()
     per_step = FLOW_SOLVERS.get(kwargs.get("solver"), 1)  # a solver the sampler cannot honour: refused there
     grid = time_grid(net, kwargs.get("num_steps"), kwargs.get("discretization"), kwargs.get("mid_nt"))
     scales = step_cfg_scales(grid[:-1], kwargs.get("cfg_scale"), kwargs.get("cfg_interval"))
@@ -386,7 +380,7 @@ def network_distances(net, encoder, sets: dict, entries: dict, num_images: int, 
     main = distributed.is_main()
     rows = []
     for name, entry in entries.items():
-        kwargs = _sampler_kwargs(entry)
+        kwargs = entry.kwargs()
         n_steps, nfe = steps_and_nfe(net, entry)
         t0 = time.time()
         indices = list(range(rank, num_images, world))

@@ -16,7 +16,12 @@ import torch
 
 from imm.core.config import ConfigError, apply_overrides, check_keys, check_kind, fill_section, load_config
 from imm.data.encoders import build_encoder
-from imm.io.checkpoint import CheckpointError, network_from_tensors, read_checkpoint, read_sampling_settings
+from imm.io.checkpoint import (
+    CheckpointError,
+    network_from_tensors,
+    read_checkpoint_and_settings,
+    read_sampling_settings,
+)
 from imm.methods import registry as methods
 from imm.model.network import network_arguments
 from imm.model.sampling import SAMPLERS, SamplingEntry
@@ -87,14 +92,12 @@ def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tup
     return apply_overrides(load_config(config), overrides), f"--config {config}"
 
 
-def training_method(cfg: Mapping, checkpoint=None) -> str:
-    """The ``loss.kind`` the network was trained with: the config's, else the one ``checkpoint`` records (an
-    ``imm train`` file sampled with ``--config PRESET``, whose preset names no method), else ``imm``."""
-    method = (cfg.get("loss") or {}).get("kind")
-    if not method and checkpoint is not None:
-        method = ((read_sampling_settings(checkpoint) or {}).get("loss") or {}).get("kind")
-    method = method or "imm"
-    methods.get(method)
+def training_method(settings: Mapping | None) -> str | None:
+    """The ``loss.kind`` a config or a checkpoint's recorded settings name (a known method), None when they
+    name none."""
+    method = ((settings or {}).get("loss") or {}).get("kind")
+    if method:
+        methods.get(method)
     return method
 
 
@@ -114,11 +117,11 @@ def check_fits(net, encoder, entries: Mapping[str, SamplingEntry], source: str) 
         raise ConfigError(f"{source}: the sampling entries {', '.join(guided)} use guidance (cfg_scale) but {what}: {hint}")
 
 
-def network_from_config(cfg: Mapping, checkpoint, network_overrides: Mapping, device) -> torch.nn.Module:
-    """The network of ``checkpoint`` built from the file's own configuration (or the config's ``network:``
-    section when the file carries none), with ``network_overrides`` (``network.KEY`` overrides, canonical
-    keys) on top, its weights loaded."""
-    file_config, tensors = read_checkpoint(checkpoint)
+def network_from_config(cfg: Mapping, checkpoint, file_config: dict | None, tensors: dict,
+                        network_overrides: Mapping, device) -> torch.nn.Module:
+    """The network of ``checkpoint`` (read as ``file_config``, ``tensors``) built from the file's own
+    configuration (or the config's ``network:`` section when the file carries none), with
+    ``network_overrides`` (``network.KEY`` overrides, canonical keys) on top, its weights loaded."""
     if file_config is None:
         file_config = {"label_dim": 0, **network_arguments(cfg.get("network"))}
     config = {**file_config, **network_arguments(network_overrides)}
@@ -166,9 +169,14 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
                 raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(entries)}")
             entries = {n: entries[n] for n in names}
     entries = {n: e.with_guidance(cfg_scale, cfg_interval) for n, e in entries.items()}
-    method = training_method(cfg, checkpoint)
-    methods.check_entries(method, entries)
-    net = network_from_config(cfg, checkpoint, network_overrides or {}, device)
+    method = training_method(cfg)
+    if method:  # refused before the checkpoint is read
+        methods.check_entries(method, entries)
+    file_config, tensors, recorded = read_checkpoint_and_settings(checkpoint)
+    if not method:  # a config that names no method (a preset): the one the checkpoint records, else IMM
+        method = training_method(recorded) or methods.DEFAULT_METHOD
+        methods.check_entries(method, entries)
+    net = network_from_config(cfg, checkpoint, file_config, tensors, network_overrides or {}, device)
     if cfg_scale is not None and not net.label_dim:
         raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
     encoder = build_encoder(cfg.get("encoder"))

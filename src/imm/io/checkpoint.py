@@ -226,6 +226,19 @@ def read_checkpoint(path) -> tuple[dict | None, dict[str, torch.Tensor]]:
         return _checked(*_interpret(_read_object(path), path), path)
 
 
+def read_checkpoint_and_settings(path) -> tuple[dict | None, dict[str, torch.Tensor], dict | None]:
+    """:func:`read_checkpoint` and :func:`read_sampling_settings` of one file, which is read once (a
+    training state is parsed whole for either)."""
+    path = _existing_file(path)
+    if _file_kind(path) == "safetensors":  # the settings are in the header: reading them alone is cheap
+        return (*read_checkpoint(path), read_sampling_settings(path))
+    with _reading(path):
+        obj = _read_object(path)
+        config, tensors = _checked(*_interpret(obj, path), path)
+    recorded = obj.get("config") if path.name.startswith("training-state-") and isinstance(obj, dict) else None
+    return config, tensors, sampling_settings(recorded)
+
+
 def read_training_state(path) -> dict:
     """The whole of a trainer checkpoint (``training-state-*.pt``: step, config, model, EMAs, optimizer), as data."""
     path = _existing_file(path)
@@ -422,8 +435,7 @@ def read_sampling_settings(path) -> dict | None:
             settings = json.loads(text) if text else None
         return canonical(settings) if isinstance(settings, dict) else None
     if kind == "torch" and path.name.startswith("training-state-"):
-        config = read_training_state(path).get("config")
-        return sampling_settings(canonical(config)) if isinstance(config, dict) else None
+        return sampling_settings(read_training_state(path).get("config"))
     return None
 
 

@@ -76,15 +76,19 @@ METHODS: dict[str, Method] = {
 }
 
 
+DEFAULT_METHOD = "imm"  # the method of a config or checkpoint that names none
+
+
 def get(method: str) -> Method:
     """The method a ``loss.kind`` names; an unknown one is a ConfigError naming the nearest."""
     return METHODS[check_kind("loss", method, METHODS)]
 
 
 def build_loss(cfg: dict):
-    """The loss of a canonical ``loss`` section's ``kind`` (default ``imm``) with the other keys as its arguments."""
+    """The loss of a canonical ``loss`` section's ``kind`` (default :data:`DEFAULT_METHOD`) with the other keys as
+    its arguments."""
     cfg = dict(cfg)
-    return get(cfg.pop("kind", "imm")).loss(**cfg)
+    return get(cfg.pop("kind", DEFAULT_METHOD)).loss(**cfg)
 
 
 def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> None:

@@ -160,7 +160,7 @@ def resolve_config(cfg: dict) -> dict:
     for name, schema in DATACLASS_SECTIONS.items():
         cfg[name] = check_values(name, fill_section(name, cfg.get(name), schema), schema)
     loss = dict(cfg.get("loss") or {})
-    method = loss.pop("kind", "imm")
+    method = loss.pop("kind", methods.DEFAULT_METHOD)
     methods.get(method)
     loss = {k: v for k, v in loss.items() if k not in _imm_only_loss_keys(method)}
     cfg["loss"] = {"kind": method, **fill_section("loss", loss, methods.METHODS[method].loss)}
@@ -182,7 +182,7 @@ def load_train_config(name_or_path: str, overrides=()) -> dict:
     would be dropped with the preset's IMM keys and change nothing.
     """
     cfg = apply_overrides(load_config(name_or_path), list(overrides), open_sections=BUILT_SECTIONS)
-    method = (cfg.get("loss") or {}).get("kind", "imm")
+    method = (cfg.get("loss") or {}).get("kind", methods.DEFAULT_METHOD)
     if method in methods.METHODS:
         for item in overrides:
             key = item.lstrip("+").split("=", 1)[0].strip()
