@@ -47,6 +47,12 @@ VARIANTS = {
     "b=2": ["loss.b=2"],  # the preset (M = 1) with the study's b = 2, better at 2 NFE at both seeds there
     # the baseline at equal compute: the preset's 900 IMM steps are 1,200 flow-matching steps
     "flow matching": ["loss.kind=flow_matching"],
+    # the preset in each precision (its precision=auto is one of them, by machine), at two training seeds:
+    # bf16 trains in the bf16 working copy and samples in bf16 too (docs/benchmarks.md, "The fast path")
+    "fp32": ["training.precision=fp32", "training.memory_format=contiguous"],
+    "fp32, seed=1": ["training.precision=fp32", "training.memory_format=contiguous", "training.seed=1"],
+    "bf16": ["training.precision=bf16", "training.memory_format=contiguous"],
+    "bf16, seed=1": ["training.precision=bf16", "training.memory_format=contiguous", "training.seed=1"],
 }
 STEPS = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8]}
 REPORT_SEED = 0
@@ -98,9 +104,12 @@ def fids(args, name: str, entries: dict, num_images: int, seed: int) -> dict:
         from imm.evaluation.evaluate import load_reference, network_fid
         from imm.evaluation.inception import load_inception
         from imm.methods.registry import entry_sampler
+        from imm.model.precision import sampling_network
 
         train_variant(cfg, run_dir)
         net = imm.load_network(run_dir / "network.safetensors").eval()
+        if cfg["training"]["precision"] == "bf16":
+            net = sampling_network(net, torch.bfloat16)
         mu, sigma = load_reference("mnist")
         encoder = build_encoder(cfg["encoder"])
         rows = network_fid(net, encoder, load_inception(), todo, mu, sigma, num_images, 100, seed=seed,

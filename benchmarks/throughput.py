@@ -7,7 +7,9 @@
     python benchmarks/throughput.py --compare-checkpointing --cases dit-s2   # peak memory with and without
                                                        # training.activation_checkpointing (one process each)
 
-For each case, in eager mode and compiled with torch.compile (run side by side in one process):
+The CPU cases run the small UNet in fp32 and bf16, each contiguous and in channels_last, as the trainer
+runs them (bf16: the fp32 network's bf16 working copy, :mod:`imm.model.precision`). For each case, in eager
+mode and compiled with torch.compile (run side by side in one process):
 
 * training samples/s of a full IMM step (the no-grad target pass, the gradient pass, backward, the
   optimizer step), as the trainer does it (``imm.methods.registry.build_loss``, ``imm.training.state.make_optimizer``);
@@ -16,7 +18,8 @@ For each case, in eager mode and compiled with torch.compile (run side by side i
 * peak memory (CUDA: max allocated; CPU: the process's peak RSS, for the whole run);
 * model FLOP utilisation: FLOPs counted by ``torch.utils.flop_counter`` on one eager step (matmuls,
   convolutions, attention; forward and backward) / measured time / the device's peak (dense bf16 or
-  TF32 of the table below), and against the matmul rate measured in the same run;
+  TF32 of the table below), and against the rates of a matmul and of a 3x3 convolution (forward and
+  backward) measured in the same run, in the case's precision and layout;
 * the share of a training step spent in the IMM loss itself (time sampling, noise, r(s,t), weights,
   kernel matrices): the same loss call on a pass-through network of the same tensor shapes, over the
   real step time.
@@ -46,6 +49,7 @@ import imm  # noqa: E402
 from imm.core.distributed import set_tf32  # noqa: E402
 from imm.methods.registry import build_loss  # noqa: E402
 from imm.model.backbones import set_activation_checkpointing  # noqa: E402
+from imm.model.precision import copy_weights, move_gradients, sampling_network, working_copy  # noqa: E402
 from imm.training.config import OptimizerSection  # noqa: E402
 from imm.training.state import make_optimizer  # noqa: E402
 
@@ -71,10 +75,11 @@ LOSS = {  # the presets' loss and optimizer of each family
     "dit": (dict(group_size=4, k=12, a=1, b=4, label_dropout=0.1), dict(name="adamw", lr=1e-4, betas=[0.9, 0.999],
                                                                       eps=1e-8, weight_decay=0.0)),
 }
-CASES = {  # name -> (network, batch, precision)
+CASES = {  # name -> (network, batch, precision[+channels_last])
     "cuda": [("ddpmpp", 256, "tf32"), ("dit-xl2", 128, "bf16")],
-    "cpu": [("ddpmpp-small", 32, "fp32"), ("dit-s2", 16, "fp32")],
-    "quick": [("ddpmpp-tiny", 8, "fp32")],
+    "cpu": [("ddpmpp-small", 32, "fp32"), ("ddpmpp-small", 32, "fp32+channels_last"), ("ddpmpp-small", 32, "bf16"),
+            ("ddpmpp-small", 32, "bf16+channels_last"), ("dit-s2", 16, "fp32"), ("dit-s2", 16, "bf16")],
+    "quick": [("ddpmpp-tiny", 8, "fp32"), ("ddpmpp-tiny", 8, "bf16+channels_last")],
 }
 
 
@@ -105,6 +110,17 @@ def matmul_rate(device, precision: str, n: int) -> float:
     return 2 * n**3 / sec
 
 
+def conv_rate(device, precision: str, memory_format, channels: int = 64, size: int = 32, batch: int = 64) -> float:
+    """Achieved FLOP/s of a 3x3 convolution's forward and backward pass (3 x the forward's 2 B C^2 9 H W FLOPs)
+    in the case's precision and layout."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device=device, dtype=dtype, memory_format=memory_format)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    sec = median_seconds(lambda: conv(x).sum().backward(), device, 2, 5)
+    return 3 * 2 * batch * channels**2 * 9 * size**2 / sec
+
+
 def device_peak(device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
@@ -131,24 +147,35 @@ class PassThrough(torch.nn.Module):
 
 def bench_case(name: str, batch: int, precision: str, device, modes: list[str], repeats: int,
                checkpointing: bool = False) -> dict:
+    """One case as the trainer runs it: bf16 in the fp32 network's bf16 working copy (the weights cast once per
+    step, the gradients handed back to fp32: imm.training.step), ``+channels_last`` in that layout."""
     family = "dit" if name.startswith("dit") else "ddpmpp"
     loss_cfg, opt_cfg = LOSS[family]
-    mixed = "bf16" if precision == "bf16" else None
+    dtype_name, _, layout = precision.partition("+")
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
-    net = imm.IMMNetwork(**dict(NETWORKS[name], mixed_precision=mixed)).to(device).train()
+    net = imm.IMMNetwork(**NETWORKS[name]).to(device).train().to(memory_format=memory_format)
     set_activation_checkpointing(net, checkpointing)
+    compute = working_copy(net, torch.bfloat16, memory_format) if dtype_name == "bf16" else net
+    sampler = sampling_network(net, compute.compute_dtype(), memory_format)
+    pairs = [(p, c) for p, c in zip(net.parameters(), compute.parameters()) if p.requires_grad]
     loss_fn = build_loss(loss_cfg)
     opt = make_optimizer(net.parameters(), OptimizerSection(**opt_cfg))
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
+    x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
     cfg_scale = 1.5 if net.label_dim else None
     row = {"case": name, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 1), "batch": batch,
            "precision": precision, "cfg_scale": cfg_scale, "activation_checkpointing": checkpointing}
 
     def train_step(model):
+        if compute is not net:
+            copy_weights(compute, net)
         loss, _ = loss_fn(model, x, y, target_net=model, generator=gen)  # both passes compiled, as the trainer
         loss.backward()
+        if compute is not net:
+            move_gradients([p for p, _ in pairs], [c for _, c in pairs])
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -158,16 +185,18 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
 
     # FLOPs of one eager training step and one sampling call (forward + backward of every op counted)
     with FlopCounterMode(display=False) as fc:
-        train_step(net)
+        train_step(compute)
     row["train_flops_per_sample"] = fc.get_total_flops() / batch
-    net.eval()
+    sampler.eval()
     with FlopCounterMode(display=False) as fc:
-        sample_step(net)
+        sample_step(sampler)
     row["sample_flops_per_image"] = fc.get_total_flops() / batch
     net.train()
-    peak = device_peak(device, precision)
-    measured = matmul_rate(device, precision, 8192 if device.type == "cuda" else 1024)
+    peak = device_peak(device, dtype_name)
+    measured = matmul_rate(device, dtype_name, 8192 if device.type == "cuda" else 1024)
+    conv = conv_rate(device, dtype_name, memory_format)
     row["matmul_tflops"] = round(measured / 1e12, 3)
+    row["conv_tflops"] = round(conv / 1e12, 3)
     row["peak_tflops"] = None if peak is None else peak / 1e12
 
     # the loss alone: the same call on a pass-through network of the same shapes
@@ -175,7 +204,8 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     loss_alone = median_seconds(lambda: loss_fn(thru, x, y, generator=gen)[0].backward(), device, 2, repeats)
 
     for mode in modes:
-        model = torch.compile(net) if mode == "compile" else net
+        model = torch.compile(compute) if mode == "compile" else compute
+        sampling_model = torch.compile(sampler) if mode == "compile" else sampler
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -186,12 +216,13 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
         r = {"train_samples_s": batch / step, "train_step_s": step, "first_step_s": first}
         r["train_mfu"] = row["train_flops_per_sample"] * batch / step / peak if peak else None
         r["train_of_matmul"] = row["train_flops_per_sample"] * batch / step / measured
+        r["train_of_conv"] = row["train_flops_per_sample"] * batch / step / conv
         if device.type == "cuda":
             r["train_peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        net.eval()
-        sample_step(model)
-        sec = median_seconds(lambda: sample_step(model), device, 1, repeats)
+        sampler.eval()
+        sample_step(sampling_model)
+        sec = median_seconds(lambda: sample_step(sampling_model), device, 1, repeats)
         net.train()
         r["sample_img_s"] = batch / sec
         r["sample_mfu"] = row["sample_flops_per_image"] * batch / sec / peak if peak else None
@@ -289,17 +320,16 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     set_tf32(device)
     cases = CASES["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
-    if args.cases:  # the batch and precision of the device's case of that network, else the first case's
-        known = {c[0]: c for c in cases}
-        cases = [known.get(n, (n, *cases[0][1:])) for n in args.cases]
+    if args.cases:  # the device's cases of that network (each precision), else the first case's batch and precision
+        cases = [c for n in args.cases for c in ([c for c in cases if c[0] == n] or [(n, *cases[0][1:])])]
     modes = ["eager"] if (args.quick or args.no_compile) else ["eager", "compile"]
     repeats = args.repeats or (2 if args.quick else 5)
     rows = []
     for name, batch, precision in cases:
         rows.append(bench_case(name, batch, precision, device, modes, repeats, args.activation_checkpointing))
         print(f"{name}: done", file=sys.stderr, flush=True)
-    cols = ["train_samples_s", "train_mfu", "train_of_matmul", "sample_img_s", "sample_mfu", "sample_of_matmul",
-            "loss_share", "train_peak_mem_GiB"]
+    cols = ["train_samples_s", "train_mfu", "train_of_matmul", "train_of_conv", "sample_img_s", "sample_mfu",
+            "sample_of_matmul", "loss_share", "train_peak_mem_GiB"]
     print("| case | mode | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for row in rows:

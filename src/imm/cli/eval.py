@@ -10,6 +10,7 @@ from imm.cli.options import (
     add_command,
     add_command_group,
     add_device,
+    add_fast_path,
     add_feature_networks,
     add_overrides,
     add_progress,
@@ -95,7 +96,8 @@ def fid_of_checkpoints(args) -> int:
     kwargs = dict(source=source, steps=steps, num_images=args.num_images, network_overrides=network,
                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, batch_size=args.batch_size,
                   seed=args.seed, device=args.device, inception_path=args.inception, progress=not args.no_progress,
-                  metrics=args.metrics, dinov2=args.dinov2)
+                  metrics=args.metrics, dinov2=args.dinov2, precision=args.precision,
+                  memory_format=args.memory_format)
     if len(checkpoints) == 1:
         rows = fid_vs_steps(cfg, checkpoints[0], args.ref, out, **kwargs)
     else:
@@ -164,6 +166,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--batch-size", type=int, default=None, help="generation and Inception batch size (default: 64)")
     f.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i (default: eval.seed or 0)")
     add_device(f)
+    add_fast_path(f)  # with --checkpoint
     add_feature_networks(f)
     add_progress(f)
     add_overrides(f, "dotted config overrides (with --checkpoint), e.g. network.temb_type=identity")

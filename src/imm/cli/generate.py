@@ -5,6 +5,7 @@ from __future__ import annotations
 from imm.cli.options import (
     add_command,
     add_device,
+    add_fast_path,
     add_overrides,
     add_progress,
     add_threads,
@@ -29,7 +30,7 @@ def cmd_generate(args) -> int:
     entries = args.entries.split(",") if args.entries else None
     paths = run(cfg, args.checkpoint, args.out, network, device=args.device, num_images=args.num_images,
                 entries=entries, progress=not args.no_progress, source=source, seed=args.seed,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, precision=args.precision, memory_format=args.memory_format)
     if distributed.is_main():
         for p in paths:
             print(p)
@@ -49,6 +50,7 @@ def add_parsers(sub) -> None:
                    help="preset name or YAML file (default: the settings an imm train checkpoint records, else cifar10)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     add_device(p)
+    add_fast_path(p)
     p.add_argument("--num-images", type=int, default=None,
                    help="write N seeded images per entry (PNGs + ADM-style .npz) instead of grids")
     p.add_argument("--entries", default=None, help="comma-separated sampling entries to run (default: all)")

@@ -48,6 +48,17 @@ def add_threads(p) -> None:
                         "free, looked at every few seconds)")
 
 
+def add_fast_path(p) -> None:
+    """--precision and --memory-format of a sampling command (imm.core.fastpath)."""
+    from imm.core.fastpath import MEMORY_FORMATS, PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="what the network samples in; auto (default): bf16 where a probe of this CPU finds it "
+                        "pays, else fp32 (on CUDA: the network's own setting)")
+    p.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS,
+                   help="the network's memory layout; auto (default): channels_last where the probe finds it pays")
+
+
 def add_progress(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

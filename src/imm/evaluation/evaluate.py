@@ -417,9 +417,10 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
                  network_overrides: dict | None = None, cfg_scale: float | None = None, batch_size: int | None = None,
                  seed: int | None = None, device=None, inception_path=None, progress: bool = True, *,
                  metrics=("fid",), dinov2=None, cfg_interval: list[float] | None = None,
-                 source: str = "the config") -> list[dict]:
+                 source: str = "the config", precision: str = "fp32", memory_format: str = "contiguous") -> list[dict]:
     """Each of ``metrics`` (FID by default; ``fd_dinov2`` with the DINOv2 hub id or folder ``dinov2``) of
-    ``num_images`` samples per step count (or per sampling entry of ``cfg``); rank 0 writes
+    ``num_images`` samples per step count (or per sampling entry of ``cfg``), sampled in ``precision`` and
+    ``memory_format`` (:func:`imm.evaluation.sampling_run.resolve_sampling_run`); rank 0 writes
     ``out/fid.json``, ``out/fid.csv`` and ``out/fid_vs_steps.png`` and returns the rows (other ranks: [])."""
     from imm.evaluation.sampling_run import resolve_sampling_run
 
@@ -428,7 +429,7 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
     device = distributed.init(device)
     run = resolve_sampling_run(cfg, checkpoint, device, network_overrides=network_overrides, source=source,
                                steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
-                               batch_size=batch_size)
+                               batch_size=batch_size, precision=precision, memory_format=memory_format)
     sets = metric_networks(ref, refs, device, inception_path, dinov2)
     main = distributed.is_main()
     for metric, (_, mu, _) in sets.items():
@@ -437,13 +438,14 @@ def fid_vs_steps(cfg: dict, checkpoint, ref, out, steps: list[int] | None = None
             warnings.warn(f"only {num_images} images per step count for {mu.shape[0]}-d {network} features: the "
                           f"{name} estimate is biased (use >= {mu.shape[0]}, typically 50000)", BiasedEstimateWarning,
                           stacklevel=2)
-    rows = network_distances(run.net, run.encoder, sets, run.entries, num_images, run.eval.batch_size,
+    rows = network_distances(run.sampling_net, run.encoder, sets, run.entries, num_images, run.eval.batch_size,
                              run.eval.seed, device, progress, run.sample_fn)
     if main:
         from imm.evaluation.dinov2 import DEFAULT_MODEL
 
         dino = {"dinov2": str(dinov2 or DEFAULT_MODEL)} if "fd_dinov2" in sets else {}
         write_results(rows, out, checkpoint=run.checkpoint, ref=str(ref), seed=run.eval.seed, cfg_scale=cfg_scale,
+                      precision=run.fast.precision, memory_format=run.fast.memory_format,
                       cfg_interval=cfg_interval, **dino)
     distributed.barrier()
     return rows

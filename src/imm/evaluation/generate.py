@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ def draw_samples(net, encoder, sample_fn, kwargs: dict, indices, seed: int, devi
 
 def draw(run: SamplingRun, entry: SamplingEntry, indices) -> torch.Tensor:
     """:func:`draw_samples` of one entry of a resolved sampling run."""
-    return draw_samples(run.net, run.encoder, run.sample_fn, entry.kwargs(), indices, run.eval.seed, run.device)
+    return draw_samples(run.sampling_net, run.encoder, run.sample_fn, entry.kwargs(), indices, run.eval.seed,
+                        run.device)
 
 
 def generate_grids(run: SamplingRun, out: Path, toy_target: str | None = None) -> list[Path]:
@@ -101,12 +103,15 @@ def weights_digest(net) -> str:
     return h.hexdigest()
 
 
-def image_settings(net, digest: str, entry: SamplingEntry, seed: int, encoder_cfg, method: str = "imm") -> dict:
+def image_settings(net, digest: str, entry: SamplingEntry, seed: int, encoder_cfg, method: str = "imm",
+                   precision: str = "fp32") -> dict:
     """What the images of one sampling entry depend on, as plain JSON data."""
     settings = {"weights_sha256": digest, "network": net.config, "seed": int(seed), "sampling": entry.kwargs(),
                 "encoder": encoder_cfg, "labels": LABELS_RULE}
     if method != "imm":  # IMM's settings have no method key, so they match files written without one
         settings["method"] = method
+    if precision == "bf16":  # fp32 settings have no precision key, as files written before bf16 sampling
+        settings["precision"] = precision
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
@@ -175,7 +180,7 @@ def generate_images(run: SamplingRun, out: Path, num_images: int, progress: bool
     for name, entry in run.entries.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        claim_folder(folder, image_settings(net, digest, entry, seed, encoder_cfg, run.method))
+        claim_folder(folder, image_settings(net, digest, entry, seed, encoder_cfg, run.method, run.fast.precision))
         todo = [i for i in range(rank, num_images, world) if not _readable(folder / f"{i:06d}.png")]
         batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
         bar = tqdm(batches, desc=name, unit="batch", disable=not (progress and distributed.is_main()))
@@ -209,14 +214,18 @@ def seeded_labels(net, indices, seed: int) -> np.ndarray:
 
 def run(cfg: dict, checkpoint, out, network_overrides: dict, device=None, num_images: int | None = None,
         entries: list[str] | None = None, progress: bool = True, source: str = "the config",
-        seed: int | None = None, batch_size: int | None = None) -> list[Path]:
+        seed: int | None = None, batch_size: int | None = None, precision: str = "auto",
+        memory_format: str = "auto") -> list[Path]:
     """Everything ``imm generate`` does after parsing its arguments."""
     device = distributed.init(device)
     distributed.set_tf32(device)
     if num_images is not None and num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     run = resolve_sampling_run(cfg, checkpoint, device, network_overrides=network_overrides, source=source,
-                               names=entries, seed=seed, batch_size=batch_size)
+                               names=entries, seed=seed, batch_size=batch_size, precision=precision,
+                               memory_format=memory_format)
+    if distributed.is_main() and progress:
+        print(f"imm generate: sampling in {run.fast.describe()}", file=sys.stderr)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if num_images is None:

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from imm.core import fastpath
 from imm.core.config import ConfigError, apply_overrides, check_keys, check_kind, fill_section, load_config
+from imm.core.fastpath import FastPath
 from imm.data.encoders import build_encoder
 from imm.io.checkpoint import (
     CheckpointError,
@@ -23,7 +25,9 @@ from imm.io.checkpoint import (
     read_sampling_settings,
 )
 from imm.methods import registry as methods
+from imm.model.backbones import backbone_family
 from imm.model.network import network_arguments
+from imm.model.precision import sampling_network
 from imm.model.sampling import SAMPLERS, SamplingEntry
 
 # The network shape (channels, resolution, label_dim) of each preset that samples, for naming the right one.
@@ -132,7 +136,8 @@ def network_from_config(cfg: Mapping, checkpoint, file_config: dict | None, tens
 class SamplingRun:
     """Everything a sampling run needs: the network (eval mode, on ``device``), the encoder that decodes its
     samples, the entries to sample, ``sample_fn`` (``imm.sample``'s call, with the sampler of the network's
-    training method) and the ``eval`` settings."""
+    training method), the ``eval`` settings, and the precision and layout it samples in (``fast``) with the
+    network that computes so (``sampling_net``: ``net`` itself, or its working copy)."""
 
     net: torch.nn.Module
     encoder: object
@@ -142,15 +147,23 @@ class SamplingRun:
     eval: EvalSection
     checkpoint: str
     device: torch.device
+    fast: FastPath = FastPath()
+    sampling_net: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.sampling_net is None:
+            self.sampling_net = sampling_network(self.net, self.fast.dtype, self.fast.torch_memory_format)
 
 
 def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides: Mapping | None = None,
                          source: str = "the config", names: list[str] | None = None, steps=None,
                          cfg_scale: float | None = None, cfg_interval=None, seed: int | None = None,
-                         batch_size: int | None = None) -> SamplingRun:
+                         batch_size: int | None = None, precision: str = "fp32",
+                         memory_format: str = "contiguous") -> SamplingRun:
     """The sampling run of ``cfg`` for ``checkpoint`` (else ``eval.resume``): the config's sampling entries
     (only ``names`` when given), or a uniform-grid entry per step count of ``steps``; ``cfg_scale`` and
-    ``cfg_interval`` replace the entries' guidance, ``seed`` and ``batch_size`` the ``eval`` section's. Every
+    ``cfg_interval`` replace the entries' guidance, ``seed`` and ``batch_size`` the ``eval`` section's;
+    ``precision`` and ``memory_format`` (``auto``: :func:`imm.core.fastpath.choose`) what it samples in. Every
     check (entries, eval settings, the network against the encoder and the guidance) runs before the encoder
     is loaded."""
     settings = EvalSection.from_config(cfg.get("eval"))
@@ -182,5 +195,6 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
     encoder = build_encoder(cfg.get("encoder"))
     check_fits(net, encoder, entries, source)
     encoder.init(device)
+    fast = fastpath.choose(backbone_family(net.config["model_type"]), device, precision, memory_format)
     return SamplingRun(net=net, encoder=encoder, entries=entries, sample_fn=methods.entry_sampler(method),
-                       method=method, eval=settings, checkpoint=str(checkpoint), device=device)
+                       method=method, eval=settings, checkpoint=str(checkpoint), device=device, fast=fast)

@@ -30,6 +30,7 @@ from imm.model.backbones import BACKBONES, build_backbone
 F_TYPES = ("euler_fm", "simple_edm", "identity")
 TEMB_TYPES = ("identity", "stride")
 MIXED_PRECISION = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MODEL_TYPE = "SongUNet"
 
 
 def c_skip_c_out(s, t, f_type: str, schedule: str, sigma_data: float):
@@ -61,7 +62,7 @@ class IMMNetwork(torch.nn.Module):
         label_dim: int = 0,
         mixed_precision: str | None = None,  # None | 'bf16' | 'fp16': autocast of the backbone
         noise_schedule: str = "fm",
-        model_type: str = "SongUNet",
+        model_type: str = DEFAULT_MODEL_TYPE,
         sigma_data: float = 0.5,
         f_type: str = "euler_fm",
         T: float = 0.994,
@@ -126,8 +127,15 @@ class IMMNetwork(torch.nn.Module):
         return labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
 
     # -- the network -------------------------------------------------------------------------
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the backbone computes in: its parameters' when they are bf16 or fp16 (a working copy,
+        :func:`imm.model.precision.working_copy`), else float32 (autocast, when set, lowers it per operation)."""
+        dtype = next(self.model.parameters()).dtype
+        return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
     def backbone(self, x, t, s, class_labels=None, force_fp32: bool = False) -> torch.Tensor:
-        """G(c_in x_t, c_noise(t), c_noise(s) or c_noise(t - s), labels) in float32 (or autocast)."""
+        """G(c_in x_t, c_noise(t), c_noise(s) or c_noise(t - s), labels), returned in float32: the input and the
+        noise labels are computed in float32, the input then cast to :meth:`compute_dtype`."""
         x = x.to(torch.float32)
         t = t.to(torch.float32).reshape(-1).expand(x.shape[0])
         s = s.to(torch.float32).reshape(-1).expand(x.shape[0])
@@ -141,7 +149,8 @@ class IMMNetwork(torch.nn.Module):
             if use_amp else contextlib.nullcontext()
         )
         with amp:
-            return self.model(c_in.reshape(-1, 1, 1, 1) * x, c_noise_t, c_noise_s, class_labels=class_labels)
+            x_in = (c_in.reshape(-1, 1, 1, 1) * x).to(self.compute_dtype())
+            return self.model(x_in, c_noise_t, c_noise_s, class_labels=class_labels).to(torch.float32)
 
     def forward(self, x, t, s, class_labels=None, cfg_scale: float | None = None, force_fp32: bool = False,
                 backbone_only: bool = False):

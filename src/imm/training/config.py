@@ -26,11 +26,15 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields
 
+import torch
+
+from imm.core import fastpath
 from imm.core.config import ConfigError, apply_overrides, check_keys, declared_keys, fill_section, load_config
 from imm.core.release import canonical
 from imm.evaluation.sampling_run import EvalSection, sampling_entries
 from imm.methods import registry as methods
-from imm.model.network import network_arguments
+from imm.model.backbones import backbone_family
+from imm.model.network import DEFAULT_MODEL_TYPE, network_arguments
 from imm.training import phema
 
 SECTIONS = ("dataset", "encoder", "network", "loss", "optimizer", "training", "logging", "sampling", "eval")
@@ -76,7 +80,10 @@ class TrainingSection:
     seed: int = _key(0, "index")
     ema_decays: list = _key([0.9999], "fraction")
     ema_warmup: bool = _key(False)
-    precision: str = _key("tf32", choices=("fp32", "tf32", "bf16", "fp16"))
+    # auto: this machine's fast path (imm.core.fastpath; on CUDA tf32). bf16: fp32 master weights and a bf16
+    # working copy (imm.model.precision), autocast with FSDP; fp16: autocast with a GradScaler.
+    precision: str = _key("tf32", choices=("auto", "fp32", "tf32", "bf16", "fp16"))
+    memory_format: str = _key("auto", choices=fastpath.MEMORY_FORMATS)  # auto: the probe's choice on a CPU
     compile: bool = _key(False)
     xflip: bool = _key(False)
     num_workers: int = _key(2, "index")
@@ -91,6 +98,11 @@ class TrainingSection:
     # the tracked 0.05 and 0.10 to < 0.1 % (L2 error of the profile, phema.reconstruction_weights), 0.03
     # and 0.2 to < 1 %; one snapshot is one EMA network (DDPM++ 224 MB, DiT-XL/2 2.7 GB).
     phema_snapshot_every: int = _key(10_000, "count")
+
+    @property
+    def layout(self) -> torch.memory_format:
+        """``memory_format`` (once resolved from auto) as torch's memory format."""
+        return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
 
 
 @dataclass
@@ -198,6 +210,18 @@ def sections(cfg: dict) -> tuple[OptimizerSection, TrainingSection, LoggingSecti
             LoggingSection(**cfg["logging"]))
 
 
+def fast_path(training: TrainingSection, net_cfg: dict, device) -> fastpath.FastPath:
+    """The precision and memory layout a run trains in: ``training.precision`` and ``training.memory_format``
+    with ``auto`` chosen for the network's family on this machine (:func:`imm.core.fastpath.choose`)."""
+    family = backbone_family(net_cfg.get("model_type", DEFAULT_MODEL_TYPE))
+    return fastpath.choose(family, device, training.precision, training.memory_format)
+
+
+def uses_autocast(precision: str, parallel: str) -> bool:
+    """fp16 (with its GradScaler) and bf16 under FSDP2 train with autocast; bf16 otherwise with a working copy."""
+    return precision == "fp16" or (precision == "bf16" and parallel == "fsdp")
+
+
 def network_config(cfg: dict, dataset, encoder) -> dict:
     """IMMNetwork arguments: the config's network section (:func:`imm.model.network.network_arguments`) with
     the data's shape filled in where it is unset."""
@@ -206,6 +230,4 @@ def network_config(cfg: dict, dataset, encoder) -> dict:
                        ("label_dim", dataset.label_dim)):
         if net.get(key) is None:
             net[key] = value
-    if cfg["training"]["precision"] in ("bf16", "fp16"):
-        net["mixed_precision"] = cfg["training"]["precision"]
     return net

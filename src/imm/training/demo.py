@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imm.core.config import ConfigError
+from imm.core.fastpath import PRECISIONS
 
 PRESET = "mnist"
 REFERENCE = "mnist"  # the Inception statistics of the 5,000 bundled digits (imm/refs/)
@@ -76,6 +77,9 @@ def run_demo(plan: DemoPlan, run_dir, device=None, allow_changes: bool = False) 
     if plan.fid_images:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BiasedEstimateWarning)
+            training = plan.config["training"]  # sampled in the precision and layout the run trained in
+            precision = training["precision"] if training["precision"] in PRECISIONS else "fp32"
             rows = fid_vs_steps(plan.config, network, REFERENCE, run_dir / "fid", num_images=plan.fid_images,
-                                device=device, progress=False)
+                                device=device, progress=False, precision=precision,
+                                memory_format=training["memory_format"])
     return DemoResult(run_dir, network, grids, plan.fid_images, rows)

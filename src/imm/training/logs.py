@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from imm.core import distributed
+from imm.core.fastpath import FastPath
 from imm.evaluation.sampling_run import step_entries
 from imm.io.checkpoint import atomic_write
 from imm.io.images import save_grid
 from imm.methods.registry import entry_sampler
+from imm.model.precision import sampling_network
 from imm.training.config import LoggingSection
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss_by_t/ bins of the log
@@ -100,11 +102,12 @@ class SampleGrids:
     """EMA samples at each of ``logging.sample_steps`` (a uniform-grid entry each, sampled by the
     ``loss.kind``'s entry sampler) as PNG grids, from the same ``logging.sample_count`` noises (seeded by
     ``training.seed``) every time; for a toy 2-D target (``toy2d``: its name) one scatter plot of them
-    instead (:func:`toy_scatter`)."""
+    instead (:func:`toy_scatter`). Sampled in the run's precision and layout (``fast``, a
+    :class:`imm.core.fastpath.FastPath`)."""
 
-    def __init__(self, log: dict, seed: int, method: str, toy2d: str | None = None):
+    def __init__(self, log: dict, seed: int, method: str, toy2d: str | None = None, fast: FastPath = FastPath()):
         self.entries, self.count = step_entries(int(n) for n in log["sample_steps"]), int(log["sample_count"])
-        self.seed, self.sample, self.toy2d = int(seed), entry_sampler(method), toy2d
+        self.seed, self.sample, self.toy2d, self.fast = int(seed), entry_sampler(method), toy2d, fast
 
     @torch.no_grad()
     def __call__(self, ema, encoder, run_dir: Path, step: int, logger: Logger, device) -> list[Path]:
@@ -115,9 +118,10 @@ class SampleGrids:
         paths, points = [], {}
         was_training = ema.training
         ema.eval()
+        net = sampling_network(ema, self.fast.dtype, self.fast.torch_memory_format)
         for entry in self.entries.values():
             steps = entry.num_steps
-            x = self.sample(ema, x_T.to(device), None if labels is None else labels.to(device), **entry.kwargs())
+            x = self.sample(net, x_T.to(device), None if labels is None else labels.to(device), **entry.kwargs())
             images = encoder.decode(x).cpu()
             if images.dtype != torch.uint8 or not distributed.is_main():  # toy 2-D points: the scatter plot below
                 points[steps] = images.reshape(n, -1).float()
@@ -153,9 +157,10 @@ class PeriodicFID:
     against ``logging.fid_ref`` (small-N FID: comparable between steps of one run, not with FID-50K),
     logged as ``fid/{n}step``; with ``logging.fid_metrics=[fid,fd_dinov2]`` also FD_DINOv2 (DINOv2 model
     ``logging.fid_dinov2``, a hub id or folder) on the same images, as ``fd_dinov2/{n}step``. Each step count
-    is a uniform-grid entry sampled by the ``loss.kind``'s entry sampler."""
+    is a uniform-grid entry sampled by the ``loss.kind``'s entry sampler, in the run's precision and layout
+    (``fast``)."""
 
-    def __init__(self, log: dict, seed: int, method: str, device):
+    def __init__(self, log: dict, seed: int, method: str, device, fast: FastPath = FastPath()):
         """``log``: the config's logging section; ``seed``: the first sample's seed (``training.seed``)."""
         from imm.evaluation.evaluate import load_reference, metric_networks, parse_metrics
 
@@ -163,7 +168,7 @@ class PeriodicFID:
         refs = {m: load_reference(log["fid_ref"], m) for m in metrics}  # fails at start when missing or malformed
         self.sets = metric_networks(log["fid_ref"], refs, device, dinov2=log["fid_dinov2"])
         self.entries, self.sample = step_entries(log["fid_steps"]), entry_sampler(method)
-        self.num_images, self.seed, self.device = int(log["fid_num_images"]), int(seed), device
+        self.num_images, self.seed, self.device, self.fast = int(log["fid_num_images"]), int(seed), device, fast
 
     def __call__(self, ema, encoder, step: int, logger) -> None:
         import warnings
@@ -174,7 +179,8 @@ class PeriodicFID:
         ema.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-N bias warning: documented above
-            rows = network_distances(ema, encoder, self.sets, self.entries, self.num_images, 64, self.seed,
+            net = sampling_network(ema, self.fast.dtype, self.fast.torch_memory_format)
+            rows = network_distances(net, encoder, self.sets, self.entries, self.num_images, 64, self.seed,
                                      self.device, progress=False, sample_fn=self.sample)
         ema.train(was_training)
         if rows:

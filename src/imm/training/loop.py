@@ -35,7 +35,7 @@ import itertools
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +52,15 @@ from imm.methods.registry import build_loss
 from imm.model.backbones import set_activation_checkpointing
 from imm.model.network import IMMNetwork
 from imm.training.checkpoints import Rotation, TrainingError, remove_orphans, resume_state, set_aside_diverged
-from imm.training.config import OptimizerSection, TrainingSection, network_config, resolve_config, sections
+from imm.training.config import (
+    OptimizerSection,
+    TrainingSection,
+    fast_path,
+    network_config,
+    resolve_config,
+    sections,
+    uses_autocast,
+)
 from imm.training.logs import Logger, PeriodicFID, SampleGrids, StepWindow
 from imm.training.phema_files import drop_snapshots_after, save_phema_snapshots
 from imm.training.state import TrainingState, parallelize
@@ -166,6 +174,7 @@ def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, ne
     try:
         torch.manual_seed(training.seed)
         net = IMMNetwork(**net_cfg).to(device).train()
+        net = net.to(memory_format=training.layout)  # the EMAs, copies of it, too
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad network configuration: {e}") from None
     state = TrainingState.create(net, training)
@@ -179,6 +188,8 @@ def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, ne
     elif training.init_from:
         warm_start(training.init_from, net, state.emas.values())
     drop_snapshots_after(run_dir, state.step)
+    if training.precision == "bf16" and not uses_autocast(training.precision, training.parallel):
+        state.add_working_copy(torch.bfloat16, training.layout)
     model = parallelize(state, training.parallel, device)
     state.attach_optimizer(opt, training.precision, device, saved)
     return state, model, source
@@ -245,7 +256,6 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     run_dir = Path(run_dir)
     device = distributed.init(device)
     world = distributed.world_size()
-    distributed.set_tf32(device, training.precision != "fp32")
 
     # -- data, network, loss: every check before any compute ---------------------------------------
     if "path" in cfg["dataset"] and not cfg["dataset"]["path"]:
@@ -253,15 +263,21 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     dataset = build_dataset(cfg["dataset"])
     encoder = build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
+    fast = fast_path(training, net_cfg, device)
+    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
+    distributed.set_tf32(device, training.precision != "fp32")
+    if uses_autocast(training.precision, training.parallel):
+        net_cfg["mixed_precision"] = training.precision
     check_data(dataset, encoder, net_cfg)
     loss_fn = build_loss(cfg["loss"])
     chunk, accumulation = batch_layout(training.batch_size, training.batch_per_device, world, loss_fn.group_size)
     encoder.init(device)
     if log.fid_every and world > 1 and training.parallel == "fsdp":
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp")
-    periodic_fid = PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device) if log.fid_every else None
+    periodic_fid = (PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device, fast)
+                    if log.fid_every else None)
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
-    sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["kind"], toy2d=toy)
+    sample_grids = SampleGrids(cfg["logging"], training.seed, cfg["loss"]["kind"], toy2d=toy, fast=fast)
 
     state, model, resumed_from = set_up_state(cfg, training, opt, net_cfg, run_dir, device, start_over,
                                               allow_changes)
@@ -270,6 +286,7 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         run_dir.mkdir(parents=True, exist_ok=True)
         keep_earlier_config(run_dir, _to_yaml(cfg), start_step)
         n_params = sum(p.numel() for p in state.net.parameters())
+        print(f"imm train: computing in {fast.describe()}")
         what = f"resuming at step {start_step}" if start_step else "starting"
         on = f"cpu ({threads.describe()})" if device.type == "cpu" else device.type
         print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {on}, "

@@ -25,6 +25,7 @@ from imm.core.config import ConfigError
 from imm.core.distributed import full_state_dict
 from imm.io.checkpoint import TRAINING_STATE_FORMAT, atomic_write, check_state_dict
 from imm.model.network import IMMNetwork
+from imm.model.precision import working_copy
 from imm.training import phema
 from imm.training.checkpoints import TrainingError, checkpoint_path
 from imm.training.config import OptimizerSection, TrainingSection
@@ -38,7 +39,9 @@ def make_optimizer(params, opt: OptimizerSection) -> torch.optim.Optimizer:
 @dataclass
 class TrainingState:
     """The network, its EMAs (decay -> copy), the post-hoc EMA tracker (None unless ``training.phema``), the
-    optimizer, the GradScaler (fp16 only) and the number of optimizer steps taken (skipped ones included)."""
+    optimizer, the GradScaler (fp16 only), the number of optimizer steps taken (skipped ones included) and,
+    for bf16 training, the network's bf16 working copy (:mod:`imm.model.precision`; rebuilt from ``net``
+    at every step, never saved)."""
 
     net: IMMNetwork
     emas: dict
@@ -46,6 +49,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     step: int = 0
+    working: IMMNetwork | None = None
 
     @classmethod
     def create(cls, net: IMMNetwork, training: TrainingSection) -> TrainingState:
@@ -79,6 +83,15 @@ class TrainingState:
             except ValueError as e:
                 raise TrainingError(f"{source}: {e}") from None
         self.step = saved["step"]
+
+    def add_working_copy(self, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+        """The network's working copy (before :func:`parallelize`)."""
+        self.working = working_copy(self.net, dtype, memory_format)
+
+    @property
+    def compute_net(self) -> IMMNetwork:
+        """The network the passes run: the working copy when there is one, else the network itself."""
+        return self.working if self.working is not None else self.net
 
     def attach_optimizer(self, opt: OptimizerSection, precision: str, device, saved: dict | None = None) -> None:
         """The optimizer over the (wrapped) network's parameters and, for fp16, the GradScaler; both continue
@@ -135,10 +148,10 @@ def parallelize(state: TrainingState, parallel: str, device) -> torch.nn.Module:
     the rest, of the network and of every EMA alike, so that EMA updates pair shards with shards. One process:
     the network itself."""
     if distributed.world_size() == 1:
-        return state.net
-    if parallel == "ddp":
+        return state.compute_net
+    if parallel == "ddp":  # a bf16 working copy averages its bf16 gradients
         ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(state.net, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(state.compute_net, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
     for module in (state.net, *state.ema_networks):

@@ -8,9 +8,14 @@ everything random (times, noise, label dropout, flips, VAE latents, dropout mask
 it: W processes with A accumulation steps train like one process with W*A, and a run resumed on another
 number of processes trains on as if it had never moved.
 
-Mixed precision: ``training.precision`` bf16/fp16 is the network's autocast (``IMMNetwork(mixed_precision=)``,
-set from the config by :func:`imm.training.config.network_config`); tf32 (the default) allows TF32 matmuls
-and convolutions on CUDA (``imm.core.distributed.set_tf32``); fp16 adds the state's GradScaler, used here only.
+Precision (``training.precision``, ``auto`` resolved by :func:`imm.training.config.fast_path`): bf16 runs the
+passes in the state's bf16 working copy (:mod:`imm.model.precision`): the fp32 weights are cast into it once
+at the start of the step and its gradients handed back to them after the last chunk, where clipping, the
+optimizer and the EMAs work in fp32; the network's output, and so the loss (kernels, reductions), is fp32.
+fp16, and bf16 with FSDP2, is the network's autocast (``IMMNetwork(mixed_precision=)``); fp16 adds the
+state's GradScaler, used here only. tf32 allows TF32 matmuls and convolutions on CUDA
+(``imm.core.distributed.set_tf32``). With ``training.memory_format=channels_last`` the inputs are handed
+to the network in that layout, as its weights are.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from imm.core import distributed
 from imm.data.datasets import random_xflip
+from imm.model.precision import copy_weights, move_gradients
 from imm.training.config import OptimizerSection, TrainingSection
 from imm.training.logs import StepWindow
 from imm.training.state import TrainingState
@@ -55,8 +61,11 @@ class TrainStep:
         self.first_chunk = distributed.rank() * accumulation
         self.ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         self.forward = torch.compile(model) if training.compile else model
-        self.target = torch.compile(state.net) if training.compile else state.net  # no-grad pass, outside DDP
-        self.params = [p for p in state.net.parameters() if p.requires_grad]
+        compute = state.compute_net  # the no-grad pass runs it outside DDP
+        self.target = torch.compile(compute) if training.compile else compute
+        trained = [(p, c) for p, c in zip(state.net.parameters(), compute.parameters()) if p.requires_grad]
+        self.params = [p for p, _ in trained]
+        self.compute_params = [c for _, c in trained]
         self.max_norm = opt.grad_clip or math.inf
 
     def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -64,12 +73,16 @@ class TrainStep:
         self.loss_fn.set_progress(step, self.training.total_steps)  # iCT's N(k) curriculum, IMM's gap annealing
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.opt)
+        if state.working is not None:
+            copy_weights(state.working, state.net)
         for micro in range(self.accumulation):
             with self._no_sync(micro):
                 loss, stats = self._chunk_loss(raw, labels, micro, step)
                 scaled = loss / self.accumulation
                 (scaler.scale(scaled) if scaler else scaled).backward()
             self.window.add(loss.detach(), stats)
+        if state.working is not None:
+            move_gradients(self.params, self.compute_params)
         if scaler:
             scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -96,6 +109,8 @@ class TrainStep:
         x = self.encoder.encode_latents(raw[part].to(self.device, non_blocking=True), generator=gen)
         if self.training.xflip:
             x = random_xflip(x, gen)
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=self.training.layout)
         # class ids stay on the host: the loss's one-hot checks their range there (no device sync) and moves it
         y = labels[part] if self.state.net.label_dim else None
         return self.loss_fn(self.forward, x, y, target_net=self.target, generator=gen)

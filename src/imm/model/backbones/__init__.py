@@ -33,6 +33,12 @@ def _backbone(model_type: str) -> tuple[str, str]:
     return _BACKBONES[model_type]
 
 
+def backbone_family(model_type: str) -> str:
+    """The block :mod:`imm.core.fastpath` times for ``model_type``: ``'conv'`` for the UNet (convolutions and
+    GroupNorm take its time), ``'matmul'`` for DiT and the MLP."""
+    return "conv" if _backbone(model_type)[0] == "unet" else "matmul"
+
+
 def build_backbone(model_type: str, **kwargs):
     """Construct the backbone the release calls ``model_type`` with its constructor kwargs. Every backbone
     declares what ``IMMNetwork`` passes it (``img_resolution``, ``img_channels``, ``in_channels``,

@@ -42,8 +42,9 @@ class MLP(nn.Module):
 
     def forward(self, x, noise_labels_t, noise_labels_s, class_labels=None):
         batch = x.shape[0]
-        emb = self.embed_t(_time_features(noise_labels_t.expand(batch), self.time_dim))
-        emb = emb + self.embed_s(_time_features(noise_labels_s.expand(batch), self.time_dim))
+        dtype = self.inp.weight.dtype  # the time features in float32, then in the layers' precision
+        emb = self.embed_t(_time_features(noise_labels_t.expand(batch), self.time_dim).to(dtype))
+        emb = emb + self.embed_s(_time_features(noise_labels_s.expand(batch), self.time_dim).to(dtype))
         if self.embed_label is not None and class_labels is not None:
             emb = emb + self.embed_label(class_labels.to(emb.dtype))
         h = self.inp(x.reshape(batch, -1)) + emb
