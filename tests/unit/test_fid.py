@@ -202,6 +202,48 @@ def test_features_differ_between_images(net):
     assert np.abs(feats[0] - feats[1]).max() > 1e-2
 
 
+def _plain_features(model, images):
+    """pool3 features through the module's own forward: NCHW, Conv -> BatchNorm -> ReLU, nothing folded."""
+    with torch.inference_mode():
+        return model(images).numpy()
+
+
+@needs_reference
+def test_fast_features_give_the_plain_networks_fid(net):
+    """features() (BatchNorm folded, channels_last) gives the FID of the plain fp32 NCHW network to 1e-3,
+    and its features agree to 1e-4, on MNIST digits against the statistics of random RGB images."""
+    digits = _mnist_digits(8)
+    others = torch.randint(0, 256, (4, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    plain = _plain_features(net, digits)
+    fast = net.features(digits, batch_size=3)  # batches that do not divide the set
+    assert np.abs(fast - plain).max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 8 samples for 2048-d features: biased, alike for both
+        mu_ref, sigma_ref = fid.feature_statistics(_plain_features(net, others))
+        fid_plain = fid.frechet_distance_to_features(plain, mu_ref, sigma_ref)
+        fid_fast = fid.frechet_distance_to_features(fast, mu_ref, sigma_ref)
+    assert fid_plain > 10  # digits against noise: a distance that rounding could move
+    assert abs(fid_fast - fid_plain) < 1e-3, (fid_fast, fid_plain)
+
+
+def test_inference_copy_folds_batchnorm_and_leaves_the_network(random_net):
+    """The copy that features() runs: no BatchNorm, channels_last conv weights, the same outputs (features
+    to 1e-4, logits to 1e-3); the network's own state dict (names and values) is untouched."""
+    before = {k: v.clone() for k, v in random_net.state_dict().items()}
+    fast = random_net.inference_copy()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.Mixed_6b.branch7x7_2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (3, 1, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    feats, logits = random_net.features(images, return_logits=True)
+    with torch.inference_mode():
+        plain_feats, plain_logits = random_net(images, return_logits=True)
+    np.testing.assert_allclose(feats, plain_feats.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits, plain_logits.numpy(), rtol=0, atol=1e-3)
+    after = random_net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in random_net.modules())
+
+
 def test_preprocess_is_tf_bilinear():
     gen = torch.Generator().manual_seed(0)
     for shape in [(2, 3, 28, 28), (1, 1, 64, 48), (1, 3, 512, 512), (1, 3, 300, 451)]:

@@ -30,8 +30,10 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
+import itertools
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -89,6 +91,20 @@ class BasicConv(nn.Module):
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
+
+    def fold_batchnorm(self) -> None:
+        """Fold the inference BatchNorm into the conv: weight ``w * s`` and bias ``beta - mean * s`` with
+        ``s = gamma / sqrt(var + eps)`` (the folding of Jacob et al., "Quantization and Training of Neural
+        Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, without its quantisation);
+        the same function up to fp32 rounding, one pass over the activations fewer. The folded weight is new (written once, in ``torch.channels_last`` layout); the
+        old tensors are left as they are, so a copy sharing them can fold without touching the original."""
+        conv, bn = self.conv, self.bn
+        scale = (bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()).float()
+        weight = torch.empty_like(conv.weight, memory_format=torch.channels_last)
+        torch.mul(conv.weight, scale[:, None, None, None], out=weight)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
+        self.bn = nn.Identity()
 
 
 def _avg3(x):  # TF's SAME average pool: the zero padding is not counted
@@ -266,6 +282,20 @@ class InceptionV3(nn.Module):
             x = block(x)
         return x.mean(dim=(2, 3))  # the 8x8 average pool of the 299x299 graph
 
+    def inference_copy(self) -> InceptionV3:
+        """The network that :meth:`features` runs: this one with each BatchNorm folded into its conv
+        (:meth:`BasicConv.fold_batchnorm`), conv weights in ``torch.channels_last`` layout so that the
+        activations stay NHWC (oneDNN's and cuDNN's fast layout). The same math up to fp32 rounding (pool3
+        features within ~1e-5 of :meth:`forward`'s). On a 2-core CPU it takes about half the time of
+        :meth:`forward` (docs/benchmarks.md). Made from the current weights on each call (tens of ms), never
+        stored, so it cannot go stale; the tensors it does not change are shared, not copied."""
+        shared = {id(t): t for t in itertools.chain(self.parameters(), self.buffers())}
+        fast = copy.deepcopy(self, memo=shared)  # the module tree only
+        for module in fast.modules():
+            if isinstance(module, BasicConv):
+                module.fold_batchnorm()
+        return fast
+
     def logits_from_features(self, feats: torch.Tensor, bias: bool = False) -> torch.Tensor:
         """The 1008-way classifier. ``bias=False`` (default) is the Inception Score convention
         (improved-gan / NVlabs ``no_output_bias=True``)."""
@@ -293,6 +323,8 @@ class InceptionV3(nn.Module):
         any device), or an iterable of such batches (e.g. a generator producing samples). Each batch is
         moved to the network's device. ``progress`` shows a tqdm bar. With ``return_logits`` also returns
         the 1008-way logits ``np.float32 [N, 1008]`` (bias-free by default, for the Inception Score).
+        Runs :meth:`inference_copy` (BatchNorm folded, channels_last): the numbers of :meth:`forward` up to
+        fp32 rounding.
         """
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -306,6 +338,7 @@ class InceptionV3(nn.Module):
             raise TypeError(f"images must be a uint8 tensor/array [N, C, H, W] or an iterable of them, got {type(images)}")
         from tqdm.auto import tqdm
 
+        network = self.inference_copy()
         feats, logits = [], []
         with tqdm(total=total, disable=not progress, unit="img", desc="inception") as bar:
             for batch in batches:
@@ -313,7 +346,7 @@ class InceptionV3(nn.Module):
                     batch = torch.from_numpy(np.ascontiguousarray(batch))
                 for i in range(0, batch.shape[0], batch_size):  # iterables may yield large batches
                     chunk = batch[i:i + batch_size]
-                    out = self(chunk, return_logits=return_logits, logits_bias=logits_bias)
+                    out = network(chunk, return_logits=return_logits, logits_bias=logits_bias)
                     if return_logits:
                         feats.append(out[0].float().cpu().numpy())
                         logits.append(out[1].float().cpu().numpy())
