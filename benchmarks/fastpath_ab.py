@@ -3,6 +3,7 @@
 
     python benchmarks/fastpath_ab.py                     # 30 steps per path and round, 3 rounds, alternating
     python benchmarks/fastpath_ab.py --paths fp32/contiguous,auto,bf16/contiguous,bf16/channels_last,fp32/channels_last
+    python benchmarks/fastpath_ab.py --paths auto,auto+compile   # torch.compile's first step and its gain per step
     python benchmarks/fastpath_ab.py --profile 12        # also the top operations of 12 steps of each path
     python benchmarks/fastpath_ab.py --quick             # smoke run (the test suite calls it)
 
@@ -41,9 +42,10 @@ from imm.training.step import TrainStep
 def build_step(cfg: dict, path: str, run_dir: Path, device):
     """A TrainStep of ``cfg`` in ``path`` ('auto' or 'PRECISION/LAYOUT') and a batch of its data, as the
     trainer builds them; returns (step function, the resolved FastPath)."""
+    path, compiled = path.removesuffix("+compile"), path.endswith("+compile")
     precision, memory_format = ("auto", "auto") if path == "auto" else path.split("/")
     opt, training, _ = sections(cfg)
-    training = replace(training, precision=precision, memory_format=memory_format)
+    training = replace(training, precision=precision, memory_format=memory_format, compile=compiled)
     dataset, encoder = build_dataset(cfg["dataset"]), build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
     fast = fast_path(training, net_cfg, device)
@@ -76,9 +78,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in paths:
-        if p != "auto" and (p.count("/") != 1 or p.split("/")[0] not in ("fp32", "bf16")
-                            or p.split("/")[1] not in ("contiguous", "channels_last")):
-            parser.error(f"unknown path {p!r}: auto or fp32|bf16/contiguous|channels_last")
+        q = p.removesuffix("+compile")
+        if q != "auto" and (q.count("/") != 1 or q.split("/")[0] not in ("fp32", "bf16")
+                            or q.split("/")[1] not in ("contiguous", "channels_last")):
+            parser.error(f"unknown path {p!r}: auto or fp32|bf16/contiguous|channels_last, optionally +compile")
     overrides = ["logging.progress=false", "logging.tensorboard=false"]
     if args.quick:
         overrides += ["network.model_channels=8", "network.channel_mult=[1]", "training.batch_size=8"]
@@ -91,10 +94,13 @@ def main(argv=None) -> int:
     print(f"probe ({fastpath.cache_path()}): {json.dumps(probe['timings'])}")
     with tempfile.TemporaryDirectory() as tmp:
         steps, chosen = {}, {}
+        first = {}
         for i, p in enumerate(paths):
             steps[p], chosen[p] = build_step(cfg, p, Path(tmp) / str(i), device)
-            steps[p]()  # the first step: oneDNN's kernel choice, the optimizer's state
-            print(f"{p}: {chosen[p].describe()}", flush=True)
+            start = time.perf_counter()
+            steps[p]()  # the first step: oneDNN's kernel choice, the optimizer's state, torch.compile's work
+            first[p] = time.perf_counter() - start
+            print(f"{p}: {chosen[p].describe()}; first step {first[p]:.1f} s", flush=True)
         per_step = {p: [] for p in paths}
         for _ in range(args.rounds):
             for p in paths:
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
         for p in paths:
             med = statistics.median(per_step[p])
             rows.append({"path": p, "precision": chosen[p].precision, "memory_format": chosen[p].memory_format,
-                         "s_per_step": med, "rounds": per_step[p], "speedup": base / med})
+                         "s_per_step": med, "rounds": per_step[p], "speedup": base / med, "first_step_s": first[p]})
             print(f"| {p} | {chosen[p].precision}, {chosen[p].memory_format} | {med:.3f} | {base / med:.2f}x |")
         if args.profile:
             for p in paths:

@@ -2,6 +2,7 @@
 
     imm train --config toy2d --run-dir runs/toy2d
     python benchmarks/toy2d_distances.py runs/toy2d/network.safetensors [--target gaussians8] [--n 10000]
+    python benchmarks/toy2d_distances.py runs/toy2d/network.safetensors --precision bf16   # sampled in bf16
 
 Prints one line per setting: a freshly initialised network (1 step), the trained network at each
 step count (uniform grid), and two independent draws of the target (the estimate's floor).
@@ -16,6 +17,7 @@ import torch
 import imm
 from imm.data.datasets import toy2d_sample
 from imm.evaluation.toy_metrics import sliced_wasserstein
+from imm.model.precision import sampling_network
 
 
 def main() -> None:
@@ -24,8 +26,11 @@ def main() -> None:
     parser.add_argument("--target", default="gaussians8")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--steps", default="1,2,4,8")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="sample in this precision (bf16: the network's bf16 working copy)")
     args = parser.parse_args()
     net = imm.load_network(args.checkpoint)
+    net = sampling_network(net, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     target = toy2d_sample(args.target, args.n, torch.Generator().manual_seed(1))
     x_T = torch.randn(args.n, 2, 1, 1, generator=torch.Generator().manual_seed(2)) * net.sigma_data
 

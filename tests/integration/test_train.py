@@ -165,6 +165,20 @@ def test_sigterm_to_every_process_of_a_torchrun_job_stops_it_with_a_checkpoint(t
     assert load_latest_state(run)[1]["step"] == state["step"] + 2
 
 
+def test_two_processes_in_bf16_train_like_one(tmp_path):
+    """bf16 with DDP: each process runs its bf16 working copy, DDP averages the bf16 gradients, the fp32 weights
+    take them; one process accumulating both chunks lands on the same weights to bf16's resolution."""
+    bf16 = ["training.precision=bf16"]
+    train(toy_cfg("training.total_steps=4", *MULTI, *bf16), tmp_path / "one", device="cpu")
+    out = finished(torchrun(tmp_path / "two", 4, *bf16))
+    assert "computing in bf16" in out
+    a, _, _ = online_weights(tmp_path / "one")
+    b, _, step = online_weights(tmp_path / "two")
+    assert step == 4 and all(v.dtype == torch.float32 for v in b.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0.02, atol=4e-3)
+
+
 def test_compiled_training_matches_eager(tmp_path):
     """training.compile=true compiles both passes (the no-grad target pass too) and trains like eager."""
     losses = {}

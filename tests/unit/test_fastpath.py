@@ -11,7 +11,7 @@ from imm.core import fastpath
 from imm.methods.registry import build_loss
 from imm.model.network import IMMNetwork
 from imm.model.precision import copy_weights, sampling_network, working_copy
-from imm.training.checkpoints import load_latest_state
+from imm.training.checkpoints import TrainingError, load_latest_state
 from imm.training.config import load_train_config
 from imm.training.loop import train
 from tests.helpers import image_cfg, npz_images
@@ -202,3 +202,44 @@ def test_presets_for_cpus_choose_their_precision():
         training = load_train_config(preset, ["dataset.path=x"])["training"]
         assert (training["precision"] == "auto") == (preset in cpu), preset
         assert training["memory_format"] == "auto"
+
+
+def test_a_failing_torch_compile_is_one_error_line(tmp_path, monkeypatch):
+    """torch.compile's failures surface at the first step (torch 2.13's CPU inductor fails on the bf16 UNet step:
+    docs/benchmarks.md); the run stops with one line naming the setting to change."""
+
+    class Broken(torch.nn.Module):  # what torch.compile returns, failing at its first call
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, *args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                lambda: None, RuntimeError("C++ compile error\nerror: conflicting declaration"), None)
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    npz = npz_images(tmp_path / "d.npz")
+    with pytest.raises(TrainingError, match=r"torch.compile failed on this network in fp32 on cpu \(.*conflicting "
+                                            r"declaration\); train with training.compile=false"):
+        train(image_cfg(npz, "training.total_steps=1", "training.compile=true"), tmp_path / "run", device="cpu")
+
+
+def test_channels_last_runs_keep_the_network_and_its_emas_in_that_layout(tmp_path):
+    from dataclasses import replace
+
+    from imm.data.datasets import build_dataset
+    from imm.data.encoders import build_encoder
+    from imm.training.config import network_config, sections
+    from imm.training.loop import set_up_state
+
+    cfg = image_cfg(npz_images(tmp_path / "d.npz"), "training.phema=true")
+    opt, training, _ = sections(cfg)
+    training = replace(training, precision="bf16", memory_format="channels_last")
+    net_cfg = network_config(cfg, build_dataset(cfg["dataset"]), build_encoder(cfg["encoder"]))
+    state, model, _ = set_up_state(cfg, training, opt, net_cfg, tmp_path / "run", "cpu", False, False)
+    assert model is state.working
+    for module in (state.net, state.working, *state.ema_networks):
+        convs = [p for p in module.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                             for p in convs)
+    assert all(p.dtype == torch.float32 for m in (state.net, *state.ema_networks) for p in m.parameters())

@@ -49,6 +49,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value):
+    """``value`` as the main process has it, on every process (one broadcast; itself when alone)."""
+    if not dist.is_initialized():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

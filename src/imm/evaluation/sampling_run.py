@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from imm.core import fastpath
+from imm.core import distributed, fastpath
 from imm.core.config import ConfigError, apply_overrides, check_keys, check_kind, fill_section, load_config
 from imm.core.fastpath import FastPath
 from imm.data.encoders import build_encoder
@@ -195,6 +195,8 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
     encoder = build_encoder(cfg.get("encoder"))
     check_fits(net, encoder, entries, source)
     encoder.init(device)
-    fast = fastpath.choose(backbone_family(net.config["model_type"]), device, precision, memory_format)
+    family = backbone_family(net.config["model_type"])
+    fast = distributed.from_main(fastpath.choose(family, device, precision, memory_format)
+                                 if distributed.is_main() else None)  # one choice for every process
     return SamplingRun(net=net, encoder=encoder, entries=entries, sample_fn=methods.entry_sampler(method),
                        method=method, eval=settings, checkpoint=str(checkpoint), device=device, fast=fast)

@@ -6,8 +6,9 @@ the optimizer, the EMAs and the checkpoints hold the fp32 network; each step cas
 bf16 copy, runs the forward and backward passes there, and hands the bf16 gradients back to the fp32
 weights. Unlike autocast, which casts every operation's inputs at every call (and runs GroupNorm and the
 elementwise operations in fp32 between them), the copy computes the whole backbone in bf16 with no casts
-inside. Only parameters change precision: buffers (the Fourier frequencies of the time embedding, resampling
-filters, DiT's position table) keep theirs, so the time embedding of the copy is the fp32 network's.
+inside. Only parameters change precision (DiT's fixed position table, a frozen parameter, included): buffers
+(the UNet's Fourier frequencies of the time embedding, resampling filters) keep theirs, and the backbones
+compute the time features in fp32 before the first layer, so the copy embeds times as the fp32 network does.
 :class:`imm.model.network.IMMNetwork` feeds its backbone in the backbone's parameter dtype and returns fp32.
 """
 

@@ -263,17 +263,21 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
     dataset = build_dataset(cfg["dataset"])
     encoder = build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
-    fast = fast_path(training, net_cfg, device)
-    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
-    distributed.set_tf32(device, training.precision != "fp32")
-    if uses_autocast(training.precision, training.parallel):
-        net_cfg["mixed_precision"] = training.precision
     check_data(dataset, encoder, net_cfg)
     loss_fn = build_loss(cfg["loss"])
     chunk, accumulation = batch_layout(training.batch_size, training.batch_per_device, world, loss_fn.group_size)
-    encoder.init(device)
     if log.fid_every and world > 1 and training.parallel == "fsdp":
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp")
+
+    # -- precision and layout (auto: the main process's probe, for every process), then the compute ----
+    fast = distributed.from_main(fast_path(training, net_cfg, device) if distributed.is_main() else None)
+    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
+    distributed.set_tf32(device, training.precision != "fp32")
+    if distributed.is_main():
+        print(f"imm train: computing in {fast.describe()}")
+    if uses_autocast(training.precision, training.parallel):
+        net_cfg["mixed_precision"] = training.precision
+    encoder.init(device)
     periodic_fid = (PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device, fast)
                     if log.fid_every else None)
     toy = cfg["dataset"].get("name") if cfg["dataset"].get("kind") == "toy2d" else None
@@ -286,7 +290,6 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         run_dir.mkdir(parents=True, exist_ok=True)
         keep_earlier_config(run_dir, _to_yaml(cfg), start_step)
         n_params = sum(p.numel() for p in state.net.parameters())
-        print(f"imm train: computing in {fast.describe()}")
         what = f"resuming at step {start_step}" if start_step else "starting"
         on = f"cpu ({threads.describe()})" if device.type == "cpu" else device.type
         print(f"imm train: {what}; {n_params / 1e6:.2f}M parameters, {world} process(es) on {on}, "

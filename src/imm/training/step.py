@@ -29,6 +29,7 @@ import torch
 from imm.core import distributed
 from imm.data.datasets import random_xflip
 from imm.model.precision import copy_weights, move_gradients
+from imm.training.checkpoints import TrainingError
 from imm.training.config import OptimizerSection, TrainingSection
 from imm.training.logs import StepWindow
 from imm.training.state import TrainingState
@@ -69,6 +70,16 @@ class TrainStep:
         self.max_norm = opt.grad_clip or math.inf
 
     def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> bool:
+        if not self.training.compile:
+            return self._step(raw, labels)
+        try:  # torch.compile builds its kernels in the first calls
+            return self._step(raw, labels)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise TrainingError(f"torch.compile failed on this network in {self.training.precision} on "
+                                f"{self.device.type} ({str(e).strip().splitlines()[-1][:200]}); "
+                                "train with training.compile=false") from None
+
+    def _step(self, raw: torch.Tensor, labels: torch.Tensor) -> bool:
         state, scaler, step = self.state, self.state.scaler, self.state.step
         self.loss_fn.set_progress(step, self.training.total_steps)  # iCT's N(k) curriculum, IMM's gap annealing
         for group in state.optimizer.param_groups:
