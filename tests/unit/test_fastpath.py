@@ -56,6 +56,7 @@ def test_probe_runs_once_per_machine_and_torch_version(own_cache, monkeypatch):
     path = fastpath.choose("conv", "cpu")
     assert path.precision == "bf16" and path.reason.startswith(f"auto on {fastpath.cpu_name()}: a conv block ran 2.00x")
     assert fastpath.choose("matmul", "cpu").precision == "fp32"
+    assert fastpath.choose("matmul", "cpu", "bf16") == fastpath.FastPath("bf16", "contiguous")  # no layout to choose
     assert len(calls) == 1
     cached = json.loads(fastpath.cache_path().read_text())
     assert cached["torch"] == torch.__version__ and cached["cpu"] == fastpath.cpu_name()

@@ -208,4 +208,6 @@ def choose(family: str, device, precision: str = "auto", memory_format: str = "a
                         "contiguous" if memory_format == "auto" else memory_format, f"auto on {device.type}: as configured")
     measured = probe()
     path = choose_from(measured["timings"], family, precision, memory_format)
+    if path.reason == FastPath.reason:  # nothing was measured against (a layout auto of the matmul family)
+        return path
     return FastPath(path.precision, path.memory_format, f"auto on {measured['cpu']}: {path.reason}")
