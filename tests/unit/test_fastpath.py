@@ -198,7 +198,9 @@ def test_auto_follows_the_probe_and_says_why(tmp_path, own_cache, capsys):
 
 
 def test_presets_for_cpus_choose_their_precision():
-    cpu = {"mnist", "toy2d"}
+    """mnist trains in the machine's fast path; toy2d stays fp32 (bf16 hurt its 1-step samples); GPU presets keep
+    theirs."""
+    cpu = {"mnist"}
     for preset in ("mnist", "toy2d", "cifar10", "imagenet256-dit-s", "imagenet256-dit-xl"):
         training = load_train_config(preset, ["dataset.path=x"])["training"]
         assert (training["precision"] == "auto") == (preset in cpu), preset
