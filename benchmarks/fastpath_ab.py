@@ -33,7 +33,7 @@ from imm.data.datasets import build_dataset
 from imm.data.encoders import build_encoder
 from imm.data.loader import make_loader
 from imm.methods.registry import build_loss
-from imm.training.config import fast_path, load_train_config, network_config, sections, uses_autocast
+from imm.training.config import fast_path, load_train_config, network_config, sections, with_fast_path
 from imm.training.logs import StepWindow
 from imm.training.loop import set_up_state
 from imm.training.step import TrainStep
@@ -49,9 +49,7 @@ def build_step(cfg: dict, path: str, run_dir: Path, device):
     dataset, encoder = build_dataset(cfg["dataset"]), build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
     fast = fast_path(training, net_cfg, device)
-    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
-    if uses_autocast(training.precision, training.parallel):
-        net_cfg["mixed_precision"] = training.precision
+    training, net_cfg = with_fast_path(training, net_cfg, fast)
     encoder.init(device)
     state, model, _ = set_up_state(cfg, training, opt, net_cfg, run_dir, device, start_over=False, allow_changes=False)
     loss_fn = build_loss(cfg["loss"])

@@ -41,6 +41,11 @@ LAYOUT_MARGIN = 1.1
 PROBE_VERSION = 1
 
 
+def torch_memory_format(name: str) -> torch.memory_format:
+    """'channels_last' or 'contiguous' as torch's memory format."""
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 @dataclass(frozen=True)
 class FastPath:
     """What a command computes in: ``precision`` ('fp32' or 'bf16'; training also 'tf32', fp32 with TF32
@@ -57,31 +62,30 @@ class FastPath:
 
     @property
     def torch_memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
+        return torch_memory_format(self.memory_format)
 
     def describe(self) -> str:
         return f"{self.precision}, {self.memory_format.replace('contiguous', 'contiguous (NCHW)')} ({self.reason})"
 
 
-def cpu_name() -> str:
-    """The CPU's model name as lscpu prints it (``/proc/cpuinfo``), else the platform's processor string."""
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line's value in Linux's ``/proc/cpuinfo`` ('' where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu prints it (``/proc/cpuinfo``), else the platform's processor string."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_flags() -> str:
+    return _cpuinfo("flags")
 
 
 def bf16_flags() -> list[str]:

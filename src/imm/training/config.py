@@ -24,7 +24,7 @@ config as it is, and works with the section instances of :func:`sections`. The r
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
@@ -102,7 +102,7 @@ class TrainingSection:
     @property
     def layout(self) -> torch.memory_format:
         """``memory_format`` (once resolved from auto) as torch's memory format."""
-        return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
+        return fastpath.torch_memory_format(self.memory_format)
 
 
 @dataclass
@@ -220,6 +220,16 @@ def fast_path(training: TrainingSection, net_cfg: dict, device) -> fastpath.Fast
 def uses_autocast(precision: str, parallel: str) -> bool:
     """fp16 (with its GradScaler) and bf16 under FSDP2 train with autocast; bf16 otherwise with a working copy."""
     return precision == "fp16" or (precision == "bf16" and parallel == "fsdp")
+
+
+def with_fast_path(training: TrainingSection, net_cfg: dict,
+                   fast: fastpath.FastPath) -> tuple[TrainingSection, dict]:
+    """The training section with ``fast``'s precision and layout in place of ``auto``, and the network arguments
+    with the autocast that precision trains with (:func:`uses_autocast`)."""
+    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
+    if uses_autocast(training.precision, training.parallel):
+        net_cfg = {**net_cfg, "mixed_precision": training.precision}
+    return training, net_cfg
 
 
 def network_config(cfg: dict, dataset, encoder) -> dict:

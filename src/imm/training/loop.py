@@ -35,7 +35,7 @@ import itertools
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +60,7 @@ from imm.training.config import (
     resolve_config,
     sections,
     uses_autocast,
+    with_fast_path,
 )
 from imm.training.logs import Logger, PeriodicFID, SampleGrids, StepWindow
 from imm.training.phema_files import drop_snapshots_after, save_phema_snapshots
@@ -271,12 +272,10 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
 
     # -- precision and layout (auto: the main process's probe, for every process), then the compute ----
     fast = distributed.from_main(fast_path(training, net_cfg, device) if distributed.is_main() else None)
-    training = replace(training, precision=fast.precision, memory_format=fast.memory_format)
+    training, net_cfg = with_fast_path(training, net_cfg, fast)
     distributed.set_tf32(device, training.precision != "fp32")
     if distributed.is_main():
         print(f"imm train: computing in {fast.describe()}")
-    if uses_autocast(training.precision, training.parallel):
-        net_cfg["mixed_precision"] = training.precision
     encoder.init(device)
     periodic_fid = (PeriodicFID(cfg["logging"], training.seed, cfg["loss"]["kind"], device, fast)
                     if log.fid_every else None)
