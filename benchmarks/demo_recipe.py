@@ -5,7 +5,7 @@
     python benchmarks/demo_recipe.py --variants "M=4;M=1;flow matching" --cached-only   # the table from the record
 
 Each variant is the ``mnist`` preset exactly as ``imm demo`` trains it (1.25M-parameter UNet, batch 64,
-900 steps, both cores) with a few overrides, trained one after the other into ``--out``/<variant>/ (a
+900 steps, both cores) in fp32 (as the recorded variants were; the ``bf16`` ones say so) with a few overrides, trained one after the other into ``--out``/<variant>/ (a
 killed run resumes from its last checkpoint). FID of ``--num-images`` EMA samples (default 1,000, image
 i from seed i: the protocol of docs/demo.md's 99.8 at 2 steps) at 1, 2 and 4 steps on uniform time
 grids against the bundled 5,000-digit reference, cached in ``--out``/<variant>/fid-N-seedS.json and
@@ -34,7 +34,7 @@ from imm.model.sampling import SamplingEntry
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record  # noqa: E402  (the FIDs kept in git)
 from mnist_study import FID_SEED, checkpoint_at  # noqa: E402
-from quality import method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
+from quality import counted_forward_equivalents, method_steps  # noqa: E402  (the equal-compute rule of quality.py)
 
 VARIANTS = {
     "preset": [],
@@ -45,8 +45,10 @@ VARIANTS = {
     "M=1, euler_fm": ["loss.group_size=1", "network.f_type=euler_fm"],
     "M=2, euler_fm": ["loss.group_size=2", "network.f_type=euler_fm"],
     "b=2": ["loss.b=2"],  # the preset (M = 1) with the study's b = 2, better at 2 NFE at both seeds there
-    # the baseline at equal compute: the preset's 900 IMM steps are 1,200 flow-matching steps
+    # the baselines at equal compute: the preset's 900 IMM steps are 1,200 flow-matching steps, 720 MeanFlow
+    # steps (the paper's recipe, the loss's defaults, with its (t, t - r) conditioning on an euler_fm network)
     "flow matching": ["loss.kind=flow_matching"],
+    "meanflow": ["loss.kind=meanflow", "network.f_type=euler_fm", "network.temb_type=stride"],
     # the preset in each precision (its precision=auto is one of them, by machine), at two training seeds:
     # bf16 trains in the bf16 working copy and samples in bf16 too (docs/benchmarks.md, "The fast path")
     "fp32": ["training.precision=fp32", "training.memory_format=contiguous"],
@@ -54,7 +56,8 @@ VARIANTS = {
     "bf16": ["training.precision=bf16", "training.memory_format=contiguous"],
     "bf16, seed=1": ["training.precision=bf16", "training.memory_format=contiguous", "training.seed=1"],
 }
-STEPS = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8]}
+STEPS = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8], "meanflow": [1, 2, 4]}
+PRECISION = ["training.precision=fp32", "training.memory_format=contiguous"]  # unless a variant says otherwise
 REPORT_SEED = 0
 RECORD = Path(__file__).resolve().parent / "results" / "demo_recipe.json"
 
@@ -64,11 +67,11 @@ def run_dir_of(out: Path, name: str) -> Path:
 
 
 def variant_config(name: str) -> dict:
-    """The variant's training config: the mnist preset with its overrides, flow matching given the
+    """The variant's training config: the mnist preset in fp32 with its overrides, a baseline given the
     preset's IMM compute in its own steps."""
     from imm.training.config import load_train_config
 
-    cfg = load_train_config("mnist", VARIANTS[name] + ["logging.progress=false"])
+    cfg = load_train_config("mnist", PRECISION + VARIANTS[name] + ["logging.progress=false"])
     cfg["training"]["total_steps"] = method_steps(int(cfg["training"]["total_steps"]), cfg["loss"]["kind"])
     return cfg
 
@@ -157,7 +160,12 @@ def main(argv=None) -> int:
     lines = ["| variant | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in all_steps) + " | 2 steps, chosen t_mid |",
              "|---|" + "---|" * (len(all_steps) + 1)]
     for name in names:
-        method = variant_config(name)["loss"]["kind"]
+        cfg = variant_config(name)
+        method = cfg["loss"]["kind"]
+        if not args.cached_only:
+            counted = counted_forward_equivalents(cfg, (1, 32, 32), 10)
+            print(f"{name}: {cfg['training']['total_steps']} steps of {counted:.2f} forward passes per sample "
+                  "(torch.utils.flop_counter)", flush=True)
         got = fids(args, name, uniform_entries(STEPS[method]), args.num_images, REPORT_SEED)
         selection = {f"t_mid={t:g}": mid_t_entry(t) for t in mid_ts} if mid_ts else None
         scores = fids(args, name, selection, args.select_images, FID_SEED)

@@ -3,6 +3,7 @@
     python benchmarks/mnist_study.py budget              # FID vs training compute, 3 methods, 16x range
     python benchmarks/mnist_study.py ablate --seeds 0,1  # the paper's knobs at one small budget, ranked by 2-NFE FID
     python benchmarks/mnist_study.py levers              # warm start from flow matching, gap annealing
+    python benchmarks/mnist_study.py compare             # every method at its best recipe, in bf16 (its own record)
     python benchmarks/mnist_study.py budget --quick      # smoke run (the test suite calls it)
 
 The set-up is the ``mnist`` preset (32x32 digits, the bundled 5,000-digit reference statistics) with the
@@ -13,8 +14,9 @@ noise for every run) against the bundled reference, so FIDs are biased upwards a
 are comparable with each other, not with FID-50K numbers.
 
 Compute is counted in forward-pass equivalents per sample (``imm.methods.registry.METHODS``: IMM
-and consistency training 4, flow matching 3), so a budget of B "IMM steps" gives flow matching
-round(4 B / 3) steps at the same batch. The budget curve trains one run per method to the largest budget
+and consistency training 4, flow matching 3, MeanFlow 5; checked against ``torch.utils.flop_counter`` on
+the study's network before anything trains, ``quality.counted_forward_equivalents``), so a budget of B
+"IMM steps" gives flow matching round(4 B / 3) steps and MeanFlow round(4 B / 5) at the same batch. The budget curve trains one run per method to the largest budget
 with a constant learning rate and evaluates its EMA checkpoints at each budget on the way (the FID-vs-
 training-progress curve of EDM-style papers); consistency training, whose curriculum is laid out over
 the run's length, gets one run per budget. Runs and FIDs are cached under ``--out``: a rerun adds
@@ -22,12 +24,22 @@ seeds, budgets and variants without redoing finished work. Every FID measured is
 ``--record`` (default benchmarks/results/mnist_study.json, kept in git): a run whose FIDs are all on
 record is neither trained nor evaluated again, so the study grows across machines whose ``runs/`` is
 gone. ``--jobs`` runs that many single-threaded processes side by side.
+
+``compare`` is the method table: IMM at the best recipe the studies below found (M = 1, b = 2), flow
+matching, consistency training and MeanFlow, trained in bf16 (the machine's fast path; the other studies
+stay in fp32, as recorded) with their own cache (``runs/mnist-compare``) and record
+(``benchmarks/results/mnist_compare.json``). A multi-budget run is trained budget by budget, each one's
+FIDs recorded as soon as its checkpoint exists, so that a run killed at a session's end loses at most
+one budget's training; ``--save-states`` copies the newest checkpoint of each unfinished run to
+``benchmarks/results/states/`` (a few MB each, meant for git), and a run whose folder is gone resumes from
+there on another machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -38,11 +50,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record  # noqa: E402  (the FIDs kept in git)
-from quality import method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
+from quality import counted_forward_equivalents, method_steps  # noqa: E402  (the equal-compute rule shared with quality.py)
 from record import load as load_rows  # noqa: E402
 from record import save_json
 
-SETUP = ["network.model_channels=16", "training.batch_size=64", "logging.progress=false",
+SETUP = ["network.model_channels=16", "training.batch_size=64", "training.precision=fp32", "logging.progress=false",
          "logging.sample_every=1000000", "logging.tensorboard=false"]
 BUDGETS = [120, 240, 480, 960, 1920]  # IMM steps; multiples of 3*40 so every method's steps hit a checkpoint
 CHECKPOINT_EVERY = 40
@@ -52,13 +64,39 @@ IMM_RECIPE = ["loss.group_size=4"]
 # Methods whose training schedule depends on the run's length (iCT's N(k) curriculum): a checkpoint on the
 # way of a longer run is not a shorter run, so the budget curve trains them once per budget.
 LENGTH_SCHEDULED = ("consistency",)
-NFES = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8], "consistency": [1, 2, 4]}
+NFES = {"imm": [1, 2, 4], "flow_matching": [1, 2, 4, 8], "consistency": [1, 2, 4], "meanflow": [1, 2, 4]}
 FID_SEED = 1_000_000
 ABLATION_BUDGET = 480
 RECORD = Path(__file__).resolve().parent / "results" / "mnist_study.json"
+COMPARE_RECORD = RECORD.with_name("mnist_compare.json")
+STATES = RECORD.parent / "states"  # the newest training state of each unfinished compare run (--save-states)
+# The method table trains in bf16 with the layout fixed, so that a run resumed on another machine trains on
+# in the same arithmetic whatever that machine's probe would choose.
+COMPARE_SETUP = [o.replace("training.precision=fp32", "training.precision=bf16") for o in SETUP] + [
+    "training.memory_format=contiguous"]
 
 # name -> (method, overrides on top of SETUP). The budget curve's three runs:
 BUDGET_VARIANTS = {"imm": ("imm", []), "flow_matching": ("flow_matching", []), "consistency": ("consistency", [])}
+
+
+# name -> (method, overrides). The method table: each method at its best recipe known on this set-up.
+COMPARE_VARIANTS = {
+    "imm": ("imm", ["loss.group_size=1", "loss.b=2"]),  # the best of the ablation and levers at budget 480
+    "flow_matching": ("flow_matching", []),
+    "consistency": ("consistency", []),
+    # the paper's ImageNet recipe (the loss's defaults) with its (t, t - r) conditioning, on an euler_fm network
+    "meanflow": ("meanflow", []),
+    # a small sweep of the fraction of r != t and the adaptive weight's power p, one change each
+    "meanflow r!=t 0.5": ("meanflow", ["loss.r_neq_t_fraction=0.5"]),
+    "meanflow r!=t 0.75": ("meanflow", ["loss.r_neq_t_fraction=0.75"]),
+    "meanflow p=0.5": ("meanflow", ["loss.p=0.5"]),
+    "meanflow p=0.75": ("meanflow", ["loss.p=0.75"]),
+    # the settings of the authors' CIFAR-10 script (github.com/Gsunshine/py-meanflow, cifar10_v1.sh; their "v1"
+    # time sampler orders t >= r after the masking, this one before it)
+    "meanflow CIFAR-10 script": ("meanflow", ["loss.r_neq_t_fraction=0.75", "loss.p=0.75", "loss.P_mean_t=-0.6",
+                                              "loss.P_std_t=1.6", "loss.P_mean_r=-4.0", "loss.P_std_r=1.6"]),
+}
+METHOD_NETWORK = {"meanflow": ["network.f_type=euler_fm", "network.temb_type=stride"]}
 
 
 def _abl(*overrides):
@@ -129,7 +167,7 @@ def train_config(method: str, overrides: list[str], setup: list[str], *extra: st
     from imm.training.config import load_train_config
 
     return load_train_config("mnist", [*setup, f"loss.kind={method}", *(IMM_RECIPE if method == "imm" else []),
-                                       *overrides, *extra])
+                                       *METHOD_NETWORK.get(method, []), *overrides, *extra])
 
 
 def recipe_of(task: dict) -> dict:
@@ -195,6 +233,9 @@ def evaluate_run(run_dir: Path, method: str, budgets: list[int], nfes: list[int]
                 inception = load_inception()
                 encoder = build_encoder({"kind": "rgb", "channels": 1})
             ckpt = checkpoint_at(run_dir, step)
+            if not ckpt.exists() and load_rows(run_dir / "done.json").get("steps") != step:
+                sys.exit(f"mnist_study.py: {run_dir.name} has no checkpoint at step {step} (the run went past it "
+                         f"without keeping it); remove {run_dir} to train it again")
             net = imm.load_network(ckpt if ckpt.exists() else run_dir / "network.safetensors").eval()
             entries = {f"nfe{n}": SamplingEntry.uniform(n) for n in todo}
             got = network_fid(net, encoder, inception, entries, mu_ref, sigma_ref, num_images, 128, seed=FID_SEED,
@@ -227,6 +268,39 @@ def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, setup: l
     return [f"training.init_from={ckpt}"], budget - round(fraction * budget)
 
 
+def state_file(task: dict) -> Path:
+    return task["states"] / f"{run_id(task['run'], task['seed'])}.pt"
+
+
+def restore_state(task: dict) -> None:
+    """A run whose folder has no checkpoint resumes from its state under ``--states``, if one is kept there."""
+    saved = state_file(task) if task.get("states") else None
+    folder = task["out"] / "runs" / run_id(task["run"], task["seed"]) / "checkpoints"
+    if saved is not None and saved.exists() and not any(folder.glob("training-state-*.pt")):
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved, folder / saved.name.replace(saved.stem, f"training-state-{_step_of(saved):08d}"))
+        print(f"{task['name']} seed {task['seed']}: resuming from {saved}", flush=True)
+
+
+def _step_of(state: Path) -> int:
+    return int(torch.load(state, map_location="cpu", weights_only=False)["step"])
+
+
+def save_states(tasks: list[dict]) -> None:
+    """Keep the newest checkpoint of each unfinished run under ``--states`` and drop the finished runs'."""
+    for task in tasks:
+        target = state_file(task)
+        finished = len(cached_rows(task)) == len(task["budgets"]) * len(task["nfes"])
+        newest = sorted((task["out"] / "runs" / run_id(task["run"], task["seed"]) / "checkpoints")
+                        .glob("training-state-*.pt"))
+        if finished:
+            target.unlink(missing_ok=True)
+        elif newest:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(newest[-1], target)
+            print(f"kept {newest[-1].name} of {task['name']} seed {task['seed']} as {target}")
+
+
 def cached_rows(task: dict) -> list[dict]:
     """The rows of ``task`` whose FIDs are on record or cached under ``--out`` (no training, no evaluation)."""
     run = run_id(task["run"], task["seed"])
@@ -253,11 +327,20 @@ def job(task: dict) -> list[dict]:
         extra, steps = warm_start_plan(task["out"], budgets[0], task["pretrain"], task["seed"], task["setup"],
                                        task["checkpoint_every"])
         overrides, budgets = overrides + extra, [steps]
-    run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], max(budgets),
-                            len(budgets) > 1, task["setup"], task["checkpoint_every"])
-    rows = evaluate_run(run_dir, task["method"], budgets, task["nfes"], task["num_images"])
-    if task["record"]:
-        add_to_record(task, {f"{r['steps']}/{r['nfe']}": r["fid"] for r in rows})
+    restore_state(task)
+    known_cells = {(r["steps"], r["nfe"]): r for r in known}
+    rows = []
+    for budget in sorted(budgets):  # budget by budget: each one's FIDs are on record as soon as it is trained
+        steps = method_steps(budget, task["method"])
+        if all((steps, n) in known_cells for n in task["nfes"]):
+            rows += [{k: known_cells[steps, n][k] for k in ("budget", "steps", "nfe", "fid")} for n in task["nfes"]]
+            continue
+        run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], budget,
+                                len(budgets) > 1, task["setup"], task["checkpoint_every"])
+        got = evaluate_run(run_dir, task["method"], [budget], task["nfes"], task["num_images"])
+        if task["record"]:
+            add_to_record(task, {f"{r['steps']}/{r['nfe']}": r["fid"] for r in got})
+        rows += got
     if task["pretrain"]:
         rows = [{**r, "budget": task["budgets"][0]} for r in rows]
     print(f"{task['name']} seed {task['seed']}: done in {time.perf_counter() - t0:.0f} s; "
@@ -383,6 +466,8 @@ def plot_budget(summary: list[dict], path: Path) -> None:
 def plan(args) -> list[tuple]:
     if args.study == "budget":
         variants, budgets = BUDGET_VARIANTS, args.budgets
+    elif args.study == "compare":
+        variants, budgets = COMPARE_VARIANTS, args.budgets
     elif args.study == "ablate":
         variants, budgets = ABLATIONS, [args.budget]
     else:
@@ -398,7 +483,8 @@ def plan(args) -> list[tuple]:
             common = {"out": args.out, "name": name, "method": method, "overrides": overrides,
                       "pretrain": pretrain[0] if pretrain else 0, "seed": seed,
                       "nfes": NFES[method][:2] if args.quick else NFES[method], "num_images": args.num_images,
-                      "setup": QUICK_SETUP if args.quick else SETUP, "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY,
+                      "setup": QUICK_SETUP if args.quick else COMPARE_SETUP if args.study == "compare" else SETUP,
+                      "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY, "states": args.states,
                       "cached_only": args.cached_only, "record": None if args.quick else args.record}
             if method in LENGTH_SCHEDULED and len(budgets) > 1:  # one run per budget, each with its full schedule
                 tasks += [{**common, "run": f"{name} B{b}", "budgets": [b]} for b in budgets]
@@ -409,25 +495,39 @@ def plan(args) -> list[tuple]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["budget", "ablate", "levers"])
-    parser.add_argument("--out", type=Path, default=Path("runs/mnist-study"), help="cache folder")
+    parser.add_argument("study", choices=["budget", "ablate", "levers", "compare"])
+    parser.add_argument("--out", type=Path, help="cache folder (default runs/mnist-study; compare: runs/mnist-compare)")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0])
     parser.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")], default=BUDGETS,
                         help="budget study: IMM-step budgets (multiples of 120)")
     parser.add_argument("--budget", type=int, default=ABLATION_BUDGET, help="ablate/levers: the one budget")
     parser.add_argument("--only", type=lambda s: s.split(";"), help="';'-separated subset of the variants")
-    parser.add_argument("--record", type=Path, default=RECORD,
-                        help=f"the FIDs measured, kept across machines (default {RECORD.relative_to(RECORD.parents[2])}; --quick keeps none)")
+    parser.add_argument("--record", type=Path,
+                        help=f"the FIDs measured, kept across machines (default {RECORD.relative_to(RECORD.parents[2])}; "
+                             f"compare: {COMPARE_RECORD.relative_to(RECORD.parents[2])}; --quick keeps none)")
+    parser.add_argument("--states", type=Path, default=STATES,
+                        help="where --save-states keeps unfinished runs' newest training states, and runs resume from")
+    parser.add_argument("--save-states", action="store_true",
+                        help="train nothing: keep the newest checkpoint of each unfinished run under --states")
     parser.add_argument("--num-images", type=int, default=256, help="samples per FID (default 256)")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes side by side")
     parser.add_argument("--quick", action="store_true", help="smoke run: budgets 3 and 6, 8 FID images, NFE 1 and 2")
     parser.add_argument("--cached-only", action="store_true",
                         help="train and evaluate nothing: tables and plot from the cached FIDs (missing ones left out)")
     args = parser.parse_args(argv)
+    compare = args.study == "compare"
+    args.out = args.out or Path("runs/mnist-compare" if compare else "runs/mnist-study")
+    args.record = args.record or (COMPARE_RECORD if compare else RECORD)
     if args.quick:
         args.budgets, args.budget, args.num_images, args.jobs = [3, 6], 3, 8, 1
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = plan(args)
+    if args.save_states:
+        save_states(tasks)
+        return 0
+    counted = {} if args.cached_only else {  # the FLOP counter's count of each method as the study trains it
+        t["method"]: round(counted_forward_equivalents(train_config(t["method"], t["overrides"], t["setup"]),
+                                                       (1, 32, 32), 10), 3) for t in tasks}
     t0 = time.perf_counter()
     if args.jobs == 1 or args.cached_only:
         rows = [r for t in tasks for r in job(t)]
@@ -435,23 +535,24 @@ def main(argv=None) -> int:
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = [r for part in pool.map(job, tasks) for r in part]
     summary = summarise(rows)
-    if args.study == "budget":
+    if args.study in ("budget", "compare"):
         table = budget_table(summary)
     elif args.study == "ablate":
         table = ranked_table(summary, [1, 2, 4],
                              ("NFE 2 minus the study's recipe, per seed", paired_differences(rows, "imm", 2)))
     else:
         table = ranked_table(summary, [1, 2, 4])
-    if args.study == "budget" and {"imm", "flow_matching"} <= {s["variant"] for s in summary}:
+    if args.study in ("budget", "compare") and {"imm", "flow_matching"} <= {s["variant"] for s in summary}:
         table += "\n\n" + "\n".join(f"- {crossing(summary, ('imm', n), ('flow_matching', m))}"
                                      for n, m in ((1, 1), (2, 2), (2, 4), (2, 8), (4, 4)))
     meta = {"study": args.study, "seeds": args.seeds, "num_images": args.num_images, "setup": tasks[0]["setup"] if tasks else SETUP,
+            "forward_equivalents_counted": counted,
             "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/mnist_study.py", *(argv if argv is not None else sys.argv[1:])])}
     save_json(args.out / f"{args.study}.json", {"meta": meta, "rows": rows, "summary": summary})
     (args.out / f"{args.study}.md").write_text(table + "\n")
-    if args.study == "budget":
-        plot_budget(summary, args.out / "budget.png")
+    if args.study in ("budget", "compare"):
+        plot_budget(summary, args.out / ("budget.png" if args.study == "budget" else "compare.png"))
     print(table)
     return 0 if all(math.isfinite(r["fid"]) for r in rows) else 1
 

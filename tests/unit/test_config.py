@@ -124,7 +124,7 @@ def test_every_method_meets_the_loss_protocol():
         loss = methods.build_loss({"kind": name})
         assert isinstance(loss.group_size, int) and loss.group_size >= 1, name
         loss.set_progress(0, 10)  # every loss takes it (a no-op without a schedule)
-        assert method.forward_equivalents in (3, 4) and callable(method.sample)
+        assert isinstance(method.forward_equivalents, int) and callable(method.sample)  # counted: test_meanflow.py
 
 
 def test_flatten_and_dotted_items():

@@ -3,6 +3,7 @@
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -209,7 +210,8 @@ def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
 
     def tasks(study, only, record, budgets=(480,), seeds=(0,)):
         args = argparse.Namespace(study=study, budgets=list(budgets), budget=480, only=only, seeds=list(seeds),
-                                  out=tmp_path / "out", quick=False, num_images=256, cached_only=False, record=record)
+                                  out=tmp_path / "out", quick=False, num_images=256, cached_only=False, record=record,
+                                  states=tmp_path / "states")
         return S.plan(args)
 
     record = tmp_path / "record.json"
@@ -224,6 +226,40 @@ def test_mnist_study_record_answers_for_runs_it_holds(tmp_path):
     assert S.cached_rows(other) == []  # same run name, another recipe
     S.add_to_record(other, {"480/1": 9.0})
     assert json.loads(record.read_text())["M2-seed0"]["fid-256"] == {"480/1": 9.0}
+
+
+def test_mnist_compare_keeps_unfinished_runs_states_and_resumes_from_them(tmp_path):
+    """mnist_study.py compare --save-states keeps the newest checkpoint of an unfinished run (for git), drops a
+    finished run's, and a run whose folder is gone (another machine) starts from the kept one."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import mnist_study as S
+
+    args = argparse.Namespace(study="compare", budgets=[120, 240], budget=480, only=["imm", "flow_matching"],
+                              seeds=[0], out=tmp_path / "out", quick=False, num_images=256, cached_only=False,
+                              record=tmp_path / "record.json", states=tmp_path / "states")
+    imm_task, fm_task = S.plan(args)
+    assert "training.precision=bf16" in imm_task["setup"] and "loss.group_size=1" in imm_task["overrides"]
+    for task, steps in ((imm_task, (120, 160)), (fm_task, (160, 320))):
+        folder = tmp_path / "out" / "runs" / S.run_id(task["run"], 0) / "checkpoints"
+        folder.mkdir(parents=True)
+        for step in steps:
+            torch.save({"step": step}, folder / f"training-state-{step:08d}.pt")
+    S.add_to_record(fm_task, {f"{s}/{n}": 1.0 for s in (160, 320) for n in fm_task["nfes"]})  # finished
+    (tmp_path / "states").mkdir()
+    torch.save({"step": 1}, tmp_path / "states" / "flow_matching-seed0.pt")  # kept by an earlier session
+    S.save_states([imm_task, fm_task])
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["imm-seed0.pt"]
+    assert torch.load(tmp_path / "states" / "imm-seed0.pt")["step"] == 160
+    shutil.rmtree(tmp_path / "out")
+    S.restore_state(imm_task)
+    kept = tmp_path / "out" / "runs" / "imm-seed0" / "checkpoints"
+    assert [p.name for p in kept.iterdir()] == ["training-state-00000160.pt"]
+    torch.save({"step": 200}, kept / "training-state-00000200.pt")
+    S.restore_state(imm_task)  # a run with checkpoints of its own keeps them
+    assert sorted(p.name for p in kept.iterdir()) == ["training-state-00000160.pt", "training-state-00000200.pt"]
 
 
 def test_benchmark_record_keeps_recipes_and_merges(tmp_path, capsys):

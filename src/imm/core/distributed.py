@@ -58,6 +58,20 @@ def from_main(value):
     return box[0]
 
 
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` over the processes in one all-reduce (a parameter without a gradient
+    counts as zeros and receives the average), as DDP's backward pass would; nothing when alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).to(p.dtype)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,15 +1,18 @@
 """The training methods the trainer knows (``loss.kind``): IMM and the baselines it is compared with.
 
 Each :class:`Method` names its loss class (built from the other ``loss.*`` keys), its own sampler (which
-samples a sampling entry on the entry's time grid), the entry keys' values that sampler honours, and its
-training compute per sample in forward-pass equivalents (a backward pass ~ 2 forward passes: IMM and
-consistency training 4, the no-grad target pass + the gradient pass and its backward; flow matching 3).
+samples a sampling entry on the entry's time grid), the entry keys' values that sampler honours, what it needs
+of the network and of the trainer, and its training compute per sample in forward-pass equivalents as
+``torch.utils.flop_counter`` counts them (:mod:`imm.methods.cost`; a backward pass is 2 forward passes): IMM
+and consistency training 4 (the no-grad target pass, the gradient pass and its backward), flow matching 3,
+MeanFlow 5 (PyTorch's forward-mode JVP costs 3: the pass itself and a tangent of 2, then the backward 2).
 A new baseline is one loss class meeting :class:`TrainingLoss` and one entry in :data:`METHODS`; the
 trainer, ``imm generate``, ``imm eval fid`` and the benchmarks read everything else from here, and sample
 through :func:`entry_sampler`, which refuses an entry key the method cannot honour.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -19,8 +22,13 @@ import torch
 from imm.core.config import ConfigError, check_kind
 from imm.methods.consistency import ConsistencyTrainingLoss
 from imm.methods.flow_matching import FLOW_SOLVERS, FlowMatchingLoss, flow_sample
+from imm.methods.meanflow import MeanFlowLoss
 from imm.methods.moment_matching import IMMLoss
+from imm.model.network import IMMNetwork
 from imm.model.sampling import SAMPLERS, SamplingEntry, sample, time_grid
+
+NETWORK_DEFAULTS = {name: p.default for name, p in inspect.signature(IMMNetwork.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
 
 class TrainingLoss(Protocol):
@@ -35,6 +43,9 @@ class TrainingLoss(Protocol):
     """
 
     group_size: int
+    # optional, False when absent: the gradient pass runs on the unwrapped network (``target_net``), outside
+    # DDP's hooks, so the trainer averages the gradients over processes itself
+    unwrapped_gradients: bool
 
     def __call__(self, net, x: torch.Tensor, labels, *, target_net, generator) -> tuple[torch.Tensor, dict]: ...
 
@@ -65,6 +76,8 @@ class Method:
     samplers: tuple[str, ...]  # the values of an entry's `sampler` it honours
     solvers: tuple[str, ...] = ()  # the values of an entry's `solver` it honours (none: the key is refused)
     description: str = ""
+    network: tuple[tuple[str, object, str], ...] = ()  # (network key, the value it must have, why)
+    not_training: tuple[tuple[str, object, str], ...] = ()  # (training key, a value it cannot train with, why)
 
 
 METHODS: dict[str, Method] = {
@@ -73,6 +86,17 @@ METHODS: dict[str, Method] = {
                             description="OT-path flow matching, Euler or Heun sampling"),
     "consistency": Method(ConsistencyTrainingLoss, _consistency_sample, 4, SAMPLERS,
                           description="consistency training (iCT schedule), restart (multistep) sampling"),
+    # without guidance in training; loss.omega != 1 adds a forward pass, loss.kappa != 0 another
+    "meanflow": Method(MeanFlowLoss, sample, 5, ("pushforward",),
+                       description="MeanFlow (average velocity by a forward-mode JVP), pushforward sampling",
+                       network=(("f_type", "euler_fm", "its output sigma_d G is the average velocity u, and "
+                                 "f_{s,t}(x) = x - (t - s) u is the MeanFlow step"),),
+                       not_training=(
+                           ("parallel", "fsdp", "its forward-mode JVP (torch.func.jvp) runs on the whole unwrapped "
+                                                "network, which FSDP2 shards; use training.parallel=ddp"),
+                           ("compile", True, "torch.compile runs a compiled network under torch.func.jvp eagerly, "
+                                             "and compiling the JVP itself fails on the normalisation layers "
+                                             "(torch 2.13); use training.compile=false"))),
 }
 
 
@@ -89,6 +113,20 @@ def build_loss(cfg: dict):
     its arguments."""
     cfg = dict(cfg)
     return get(cfg.pop("kind", DEFAULT_METHOD)).loss(**cfg)
+
+
+def check_training(method: str, network: Mapping, training: Mapping) -> None:
+    """A one-line ConfigError when ``method`` cannot train the ``network`` section (canonical, defaults of
+    :class:`imm.model.network.IMMNetwork` where a key is unset) or with a setting of the ``training`` section."""
+    spec = get(method)
+    for key, value, why in spec.network:
+        got = network.get(key, NETWORK_DEFAULTS.get(key))
+        if got != value:
+            raise ConfigError(f"loss.kind={method} needs network.{key}={value} (got {got}): {why}")
+    for key, value, why in spec.not_training:
+        if training.get(key) == value:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"loss.kind={method} cannot train with training.{key}={shown}: {why}")
 
 
 def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> None:

@@ -129,16 +129,19 @@ class IMMNetwork(torch.nn.Module):
     # -- the network -------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
         """The dtype the backbone computes in: its parameters' when they are bf16 or fp16 (a working copy,
-        :func:`imm.model.precision.working_copy`), else float32 (autocast, when set, lowers it per operation)."""
+        :func:`imm.model.precision.working_copy`) or float64 (finite-difference checks), else float32 (autocast,
+        when set, lowers it per operation)."""
         dtype = next(self.model.parameters()).dtype
-        return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return dtype if dtype in (torch.bfloat16, torch.float16, torch.float64) else torch.float32
 
     def backbone(self, x, t, s, class_labels=None, force_fp32: bool = False) -> torch.Tensor:
-        """G(c_in x_t, c_noise(t), c_noise(s) or c_noise(t - s), labels), returned in float32: the input and the
-        noise labels are computed in float32, the input then cast to :meth:`compute_dtype`."""
-        x = x.to(torch.float32)
-        t = t.to(torch.float32).reshape(-1).expand(x.shape[0])
-        s = s.to(torch.float32).reshape(-1).expand(x.shape[0])
+        """G(c_in x_t, c_noise(t), c_noise(s) or c_noise(t - s), labels), returned in float32 (float64 for a
+        float64 network): the input and the noise labels are computed in float32 (float64), the input then cast
+        to :meth:`compute_dtype`."""
+        wide = torch.float64 if self.compute_dtype() == torch.float64 else torch.float32
+        x = x.to(wide)
+        t = t.to(wide).reshape(-1).expand(x.shape[0])
+        s = s.to(wide).reshape(-1).expand(x.shape[0])
         alpha_t, sigma_t = schedules.alpha_sigma(t, self.noise_schedule)
         c_in = torch.rsqrt(alpha_t**2 + sigma_t**2) / self.sigma_data
         c_noise_t = t * self.time_scale
@@ -150,7 +153,7 @@ class IMMNetwork(torch.nn.Module):
         )
         with amp:
             x_in = (c_in.reshape(-1, 1, 1, 1) * x).to(self.compute_dtype())
-            return self.model(x_in, c_noise_t, c_noise_s, class_labels=class_labels).to(torch.float32)
+            return self.model(x_in, c_noise_t, c_noise_s, class_labels=class_labels).to(wide)
 
     def forward(self, x, t, s, class_labels=None, cfg_scale: float | None = None, force_fp32: bool = False,
                 backbone_only: bool = False):

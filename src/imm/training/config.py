@@ -176,6 +176,7 @@ def resolve_config(cfg: dict) -> dict:
     methods.get(method)
     loss = {k: v for k, v in loss.items() if k not in _imm_only_loss_keys(method)}
     cfg["loss"] = {"kind": method, **fill_section("loss", loss, methods.METHODS[method].loss)}
+    methods.check_training(method, cfg.get("network") or {}, cfg["training"])
     if cfg.get("sampling") is not None:  # what imm generate and imm eval fid read from the run's files
         sampling_entries(cfg)
     EvalSection.from_config(cfg.get("eval"))

@@ -94,6 +94,8 @@ class TrainStep:
             self.window.add(loss.detach(), stats)
         if state.working is not None:
             move_gradients(self.params, self.compute_params)
+        if self.ddp is not None and getattr(self.loss_fn, "unwrapped_gradients", False):
+            distributed.average_gradients(self.params)  # the loss's gradient pass ran outside DDP's hooks
         if scaler:
             scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)

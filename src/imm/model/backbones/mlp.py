@@ -15,8 +15,9 @@ from torch import nn
 
 def _time_features(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = x.to(torch.float32)[:, None] * freqs[None]
+    wide = torch.promote_types(x.dtype, torch.float32)  # float32, float64 for a float64 network
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=wide) / half)
+    angles = x.to(wide)[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
