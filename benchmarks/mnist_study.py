@@ -542,9 +542,12 @@ def main(argv=None) -> int:
                              ("NFE 2 minus the study's recipe, per seed", paired_differences(rows, "imm", 2)))
     else:
         table = ranked_table(summary, [1, 2, 4])
-    if args.study in ("budget", "compare") and {"imm", "flow_matching"} <= {s["variant"] for s in summary}:
-        table += "\n\n" + "\n".join(f"- {crossing(summary, ('imm', n), ('flow_matching', m))}"
-                                     for n, m in ((1, 1), (2, 2), (2, 4), (2, 8), (4, 4)))
+    pairs = [(("imm", n), ("flow_matching", m)) for n, m in ((1, 1), (2, 2), (2, 4), (2, 8), (4, 4))]
+    pairs += [(("imm", n), ("meanflow", n)) for n in (1, 2, 4)] if args.study == "compare" else []
+    variants = {s["variant"] for s in summary}
+    lines = [crossing(summary, ours, theirs) for ours, theirs in pairs if {ours[0], theirs[0]} <= variants]
+    if args.study in ("budget", "compare") and lines:
+        table += "\n\n" + "\n".join(f"- {line}" for line in lines)
     meta = {"study": args.study, "seeds": args.seeds, "num_images": args.num_images, "setup": tasks[0]["setup"] if tasks else SETUP,
             "forward_equivalents_counted": counted,
             "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,

@@ -174,6 +174,8 @@ def test_the_sampler_is_the_meanflow_step():
 def test_combinations_it_cannot_train_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="needs network.f_type=euler_fm .got simple_edm."):
         load_train_config("mnist", ["loss.kind=meanflow"])
+    with pytest.raises(ConfigError, match="needs network.s_embed=true .got false.: u depends on r"):
+        load_train_config("mnist", ["loss.kind=meanflow", "network.f_type=euler_fm", "network.s_embed=false"])
     with pytest.raises(ConfigError, match="cannot train with training.parallel=fsdp: its forward-mode JVP"):
         load_train_config("toy2d", ["loss.kind=meanflow", "training.parallel=fsdp"])
     with pytest.raises(ConfigError, match="cannot train with training.compile=true: torch.compile runs"):

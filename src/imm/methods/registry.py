@@ -90,7 +90,8 @@ METHODS: dict[str, Method] = {
     "meanflow": Method(MeanFlowLoss, sample, 5, ("pushforward",),
                        description="MeanFlow (average velocity by a forward-mode JVP), pushforward sampling",
                        network=(("f_type", "euler_fm", "its output sigma_d G is the average velocity u, and "
-                                 "f_{s,t}(x) = x - (t - s) u is the MeanFlow step"),),
+                                 "f_{s,t}(x) = x - (t - s) u is the MeanFlow step"),
+                                ("s_embed", True, "u depends on r through the network's second time input")),
                        not_training=(
                            ("parallel", "fsdp", "its forward-mode JVP (torch.func.jvp) runs on the whole unwrapped "
                                                 "network, which FSDP2 shards; use training.parallel=ddp"),
@@ -116,17 +117,22 @@ def build_loss(cfg: dict):
 
 
 def check_training(method: str, network: Mapping, training: Mapping) -> None:
-    """A one-line ConfigError when ``method`` cannot train the ``network`` section (canonical, defaults of
-    :class:`imm.model.network.IMMNetwork` where a key is unset) or with a setting of the ``training`` section."""
+    """A one-line ConfigError when ``method`` cannot train the ``network`` section (canonical; a key it leaves
+    unset has :class:`imm.model.network.IMMNetwork`'s default, or its backbone's, which every method can train)
+    or with a setting of the ``training`` section."""
     spec = get(method)
     for key, value, why in spec.network:
-        got = network.get(key, NETWORK_DEFAULTS.get(key))
+        got = network.get(key, NETWORK_DEFAULTS.get(key, value))
         if got != value:
-            raise ConfigError(f"loss.kind={method} needs network.{key}={value} (got {got}): {why}")
+            raise ConfigError(f"loss.kind={method} needs network.{key}={_shown(value)} (got {_shown(got)}): {why}")
     for key, value, why in spec.not_training:
         if training.get(key) == value:
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(f"loss.kind={method} cannot train with training.{key}={shown}: {why}")
+            raise ConfigError(f"loss.kind={method} cannot train with training.{key}={_shown(value)}: {why}")
+
+
+def _shown(value) -> str:
+    """A value as it is written in a config (true/false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_entry(method: str, entry: SamplingEntry, name: str | None = None) -> None:
