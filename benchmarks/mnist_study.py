@@ -335,6 +335,11 @@ def job(task: dict) -> list[dict]:
         if all((steps, n) in known_cells for n in task["nfes"]):
             rows += [{k: known_cells[steps, n][k] for k in ("budget", "steps", "nfe", "fid")} for n in task["nfes"]]
             continue
+        run_dir = task["out"] / "runs" / run_id(task["run"], task["seed"])
+        if load_rows(run_dir / "done.json").get("steps", 0) > steps and not checkpoint_at(run_dir, steps).exists():
+            print(f"{task['name']} seed {task['seed']}: budget {budget} left out (the run went past step {steps} "
+                  f"without keeping it; remove {run_dir} to measure it)", flush=True)
+            continue
         run_dir = train_variant(task["out"], task["run"], task["method"], overrides, task["seed"], budget,
                                 len(budgets) > 1, task["setup"], task["checkpoint_every"])
         got = evaluate_run(run_dir, task["method"], [budget], task["nfes"], task["num_images"])
