@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 import imm
 from imm.cli import main
-from imm.core.config import ConfigError, load_config
+from imm.core.config import ConfigError, load_config, parse_value
 from imm.io import safe_pickle
 from imm.io.checkpoint import CheckpointError, read_checkpoint, read_training_state
 from tests.helpers import FIXTURES
@@ -536,6 +536,39 @@ def test_config_base_loops_and_deep_yaml_give_one_line(tmp_path, monkeypatch):
         assert "\n" not in str(info.value) and name in str(info.value)
     (tmp_path / "ok.yaml").write_text("base: cifar10\ntraining: {batch_size: 3}\n")
     assert load_config("ok.yaml")["training"]["batch_size"] == 3
+
+
+def test_hostile_yaml_is_one_line_within_bounds(tmp_path):
+    """An alias bomb (9 levels of 9 aliases: 387 million values once expanded), 450-deep nesting and a
+    5,000-digit integer are refused while loading, in one line; the same bounds hold for override values."""
+    letters = "abcdefghij"
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip(letters, letters[1:]))
+    cases = {"bomb.yaml": (bomb, "more than 100,000 values once its aliases are expanded"),
+             "deep.yaml": ("x: " + "[" * 450 + "]" * 450 + "\n", "nested deeper than 64 levels"),
+             "digits.yaml": ("training:\n  seed: 1" + "0" * 5000 + "\n", "an integer of 5001 digits at line 2")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(str(tmp_path / name))
+        assert "\n" not in str(info.value)
+    assert parse_value("[1, [2, 3]]") == [1, [2, 3]] and parse_value("1" + "0" * 5000) == "1" + "0" * 5000
+
+
+def test_config_base_is_read_from_the_configs_folder_and_never_quoted(tmp_path, monkeypatch):
+    """base: names a preset or a file in the folder of the config that names it (not the working directory's);
+    a base that is no config is refused without a word of its contents."""
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "parent.yaml").write_text("training: {batch_size: 7}\n")
+    (tmp_path / "cfgs" / "child.yaml").write_text("base: parent.yaml\n")
+    (tmp_path / "parent.yaml").write_text("training: {batch_size: 99}\n")  # the working directory's: not used
+    monkeypatch.chdir(tmp_path)
+    assert load_config("cfgs/child.yaml")["training"]["batch_size"] == 7
+    (tmp_path / "credentials").write_text("[default]\naws_secret_access_key = SECRETVALUE123\n")
+    (tmp_path / "cfgs" / "steal.yaml").write_text("base: ../credentials\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config("cfgs/steal.yaml")
+    assert "SECRET" not in str(info.value) and "default" not in str(info.value)
 
 
 def test_fifos_and_devices_are_not_read(tmp_path):

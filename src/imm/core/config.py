@@ -37,6 +37,72 @@ from imm.core.release import canonical, canonical_override
 OPEN_SECTIONS = ("network",)
 
 
+# Bounds on a YAML document (configs come from other people too): the nodes it holds once aliases are
+# expanded (an alias bomb of a few hundred bytes holds billions), its nesting and the digits of a number.
+YAML_MAX_NODES = 100_000
+YAML_MAX_DEPTH = 64
+YAML_MAX_DIGITS = 30
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with integers of at most YAML_MAX_DIGITS digits (Python refuses to parse 4,300
+    digits with a ValueError that would escape as a traceback)."""
+
+    def construct_yaml_int(self, node):
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > YAML_MAX_DIGITS:
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {digits} digits", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _check_size(root) -> None:
+    """Refuse a composed YAML node graph deeper than YAML_MAX_DEPTH or holding more than YAML_MAX_NODES nodes
+    with its aliases expanded (an alias is the node it names, counted again each time). Iterative: a deep
+    document cannot exhaust Python's stack here."""
+    expanded: dict[int, int] = {}
+    stack = [(root, 1, False)]
+    while stack:
+        node, depth, children_done = stack.pop()
+        if depth > YAML_MAX_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {YAML_MAX_DEPTH} levels")
+        if isinstance(node, yaml.ScalarNode):
+            expanded[id(node)] = 1
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if not children_done:
+            if id(node) in expanded:
+                continue
+            stack.append((node, depth, True))
+            stack.extend((child, depth + 1, False) for child in children if id(child) not in expanded)
+            continue
+        expanded[id(node)] = 1 + sum(expanded.get(id(child), 0) for child in children)
+        if expanded[id(node)] > YAML_MAX_NODES:
+            raise yaml.YAMLError(f"more than {YAML_MAX_NODES:,} values once its aliases are expanded")
+
+
+def load_yaml(text: str):
+    """A YAML document as Python data, with PyYAML's safe loader, within the bounds above; an error is a
+    ``yaml.YAMLError`` whose message gives the position, never the document's text."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise yaml.YAMLError(f"{e.problem or e.context}{where}") from None
+    except RecursionError:
+        raise yaml.YAMLError(f"nested deeper than {YAML_MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
 def preset_names() -> list[str]:
     folder = resources.files("imm") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
@@ -46,6 +112,8 @@ def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
     """A preset by name (``cifar10``) or a YAML file by path (``_extending``: the configs whose ``base:`` led
     here), in the canonical form (:func:`imm.core.release.canonical`: the release's keys are read too)."""
     path = Path(name_or_path)
+    if _extending and not path.is_absolute() and _extending[-1].startswith("/"):
+        path = Path(_extending[-1]).parent / path  # a base: relative to the folder of the file that names it
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -56,8 +124,8 @@ def load_config(name_or_path: str, _extending: tuple[str, ...] = ()) -> dict:
     else:
         raise ConfigError(f"unknown config {name_or_path!r}: not a file, and presets are {', '.join(preset_names())}")
     try:
-        cfg = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, RecursionError) as e:
+        cfg = load_yaml(text) or {}
+    except yaml.YAMLError as e:
         raise ConfigError(f"config {name_or_path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {name_or_path}: top level must be a mapping")
@@ -138,7 +206,7 @@ def parse_value(text: str):
     """A YAML value; numbers in exponent notation without a dot (``3e-4``, which YAML 1.1 reads as a
     string) are floats."""
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         return text
     if isinstance(value, str):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from imm.core import distributed
-from imm.core.config import ConfigError
+from imm.core.config import ConfigError, load_yaml
 from imm.core.distributed import full_state_dict
 from imm.io.checkpoint import (
     CheckpointError,
@@ -62,7 +62,7 @@ def _sampling_settings_of_run(run_dir: Path) -> dict | None:
     import yaml
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = load_yaml((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
     return sampling_settings(cfg)
