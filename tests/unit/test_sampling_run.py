@@ -61,7 +61,7 @@ def test_eval_section_is_declared_once():
     assert EvalSection.from_config({"seed": None, "batch_size": 8}) == EvalSection(seed=0, batch_size=8)
     with pytest.raises(ConfigError, match="did you mean 'eval.batch_size'"):
         EvalSection.from_config({"batchsize": 8})
-    with pytest.raises(ConfigError, match="eval.batch_size must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="eval.batch_size must be an integer from 1 to 65536, got 0"):
         EvalSection.from_config({"batch_size": 0})
     with pytest.raises(ConfigError, match="did you mean 'eval.seed'"):
         load_train_config("toy2d", ["+eval.sead=3"])

@@ -597,3 +597,32 @@ def test_file_that_cannot_be_opened(tmp_path, monkeypatch):
         monkeypatch.setattr("imm.io.checkpoint.open", refuse, raising=False)
     with pytest.raises(CheckpointError, match="cannot read"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("name, entry, eval_section, message", [
+    ("../../escaped", {"num_steps": 1}, {}, "sampling entry name '../../escaped'"),
+    ("/tmp/absolute", {"num_steps": 1}, {}, "sampling entry name '/tmp/absolute'"),
+    ("many", {"num_steps": 10**12}, {}, "num_steps must be an integer from 1 to 4096"),
+    ("text", {"num_steps": "3"}, {}, "num_steps must be an integer from 1 to 4096, got '3'"),
+    ("nan", {"mid_nt": [float("nan")]}, {}, "mid_nt must hold finite numbers"),
+    ("long", {"mid_nt": [1.0] * 5000}, {}, "mid_nt must be a list of at most 4095 numbers"),
+    ("scale", {"num_steps": 1, "cfg_scale": "x"}, {}, "cfg_scale must hold finite numbers"),
+    ("ok", {"num_steps": 1}, {"batch_size": 10**9}, "eval.batch_size must be an integer from 1 to 65536"),
+    ("ok", {"num_steps": 1}, {"seed": -1}, "eval.seed must be an integer from 0 to"),
+])
+def test_a_checkpoints_recorded_settings_are_checked_before_use(tmp_path, capsys, name, entry, eval_section, message):
+    """Settings recorded in a network file (which imm generate / imm eval fid use without --config) are typed
+    and bounded like a config's: one line naming the file and the key, nothing sampled, nothing written."""
+    from imm.io.checkpoint import save_network
+
+    net = imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1)
+    path = tmp_path / "net.safetensors"
+    save_network(net, path, {"encoder": {"kind": "identity"}, "sampling": {name: entry}, "eval": eval_section})
+    out = tmp_path / "deep" / "out"
+    for command in (["generate", "--checkpoint", str(path), "--out", str(out)],
+                    ["eval", "fid", "--checkpoint", str(path), "--ref", "mnist", "--num-images", "4", "--out", str(out)]):
+        capsys.readouterr()
+        assert main([*command, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and f"recorded in {path}" in err, err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["net.safetensors"]

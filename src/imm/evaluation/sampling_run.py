@@ -9,6 +9,7 @@ section keeps the release's keys (``eval.resume``/``seed``/``batch_size``; lumal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,9 @@ PRESET_SHAPES = {"cifar10": (3, 32, 0), "imagenet256": (4, 32, 1000), "mnist": (
 DEFAULT_CONFIG = "cifar10"  # for files that record no settings (the released cifar10.pt among them)
 
 
+EVAL_BOUNDS = {"seed": (0, 2**63 - 1), "batch_size": (1, 65536)}
+
+
 @dataclass(frozen=True)
 class EvalSection:
     """The ``eval:`` section: which checkpoint (``resume``, when ``--checkpoint`` is not given), the seed of
@@ -51,9 +55,9 @@ class EvalSection:
         for key in ("seed", "batch_size"):
             if values[key] is None:  # eval.seed=null: the default, as in the release's configs
                 values[key] = getattr(defaults, key)
-            value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
-                raise ConfigError(f"eval.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}")
+            value, (low, high) = values[key], EVAL_BOUNDS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"eval.{key} must be an integer from {low} to {high}, got {value!r:.40}")
         return cls(**values)
 
 
@@ -73,7 +77,19 @@ def sampling_entries(cfg: Mapping) -> dict[str, SamplingEntry]:
     section = cfg.get("sampling") or {}
     if not isinstance(section, Mapping) or not section:
         raise ConfigError("the config has no sampling entries (a `sampling:` section of named entries)")
-    return {str(name): sampling_entry(str(name), entry) for name, entry in section.items()}
+    return {check_entry_name(name): sampling_entry(name, entry) for name, entry in section.items()}
+
+
+ENTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,63}")
+
+
+def check_entry_name(name) -> str:
+    """An entry's name, which names the files ``imm generate`` writes: letters, digits and ``_ . = + -``,
+    not starting with a dot, at most 64 characters (no path separator, so it stays inside ``--out``)."""
+    if not isinstance(name, str) or not ENTRY_NAME.fullmatch(name):
+        raise ConfigError(f"sampling entry name {str(name)[:40]!a}: use letters, digits and _ . = + - "
+                          "(at most 64, not starting with a dot)")
+    return name
 
 
 def step_entries(steps, cfg_scale: float | None = None, cfg_interval=None) -> dict[str, SamplingEntry]:
@@ -166,7 +182,11 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
     ``precision`` and ``memory_format`` (``auto``: :func:`imm.core.fastpath.choose`) what it samples in. Every
     check (entries, eval settings, the network against the encoder and the guidance) runs before the encoder
     is loaded."""
-    settings = EvalSection.from_config(cfg.get("eval"))
+    try:  # the settings may come from a file (a checkpoint records them): errors name where they came from
+        settings = EvalSection.from_config(cfg.get("eval"))
+        entries = None if steps else sampling_entries(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     settings = EvalSection(resume=settings.resume, seed=settings.seed if seed is None else int(seed),
                            batch_size=settings.batch_size if batch_size is None else int(batch_size))
     checkpoint = checkpoint or settings.resume
@@ -174,13 +194,11 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
         raise CheckpointError("no checkpoint given: pass --checkpoint PATH (or eval.resume=PATH)")
     if steps:
         entries = step_entries(steps)
-    else:
-        entries = sampling_entries(cfg)
-        if names:
-            missing = [n for n in names if n not in entries]
-            if missing:
-                raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(entries)}")
-            entries = {n: entries[n] for n in names}
+    elif names:
+        missing = [n for n in names if n not in entries]
+        if missing:
+            raise ConfigError(f"unknown sampling entries {missing}; the config has {', '.join(entries)}")
+        entries = {n: entries[n] for n in names}
     entries = {n: e.with_guidance(cfg_scale, cfg_interval) for n, e in entries.items()}
     method = training_method(cfg)
     if method:  # refused before the checkpoint is read

@@ -15,6 +15,7 @@ The loop runs in float64 like the release; the network itself runs in float32 (o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -25,6 +26,15 @@ from imm.model import schedules
 
 SAMPLERS = ("pushforward", "restart")
 DISCRETIZATIONS = ("uniform", "edm")
+
+
+MAX_SAMPLING_STEPS = 4096  # the most steps an entry may take (a file's entry may ask for anything)
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must hold finite numbers, got {value!r:.40}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -44,12 +54,28 @@ class SamplingEntry:
     solver: str | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        for name in ("mid_nt", "cfg_interval"):  # hashable and immutable like the rest of the entry
+        """Every field typed and bounded (an entry may come from a file someone else wrote): at most
+        :data:`MAX_SAMPLING_STEPS` steps, finite numbers, names as strings."""
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r:.40}; choose one of {', '.join(SAMPLERS)}")
+        steps = self.num_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or not 1 <= steps <= MAX_SAMPLING_STEPS):
+            raise InputError(f"num_steps must be an integer from 1 to {MAX_SAMPLING_STEPS}, got {steps!r:.40}")
+        for name in ("discretization", "solver"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a name, got {getattr(self, name)!r:.40}")
+        if self.cfg_scale is not None:
+            object.__setattr__(self, "cfg_scale", _finite("cfg_scale", self.cfg_scale))
+        for name, most in (("mid_nt", MAX_SAMPLING_STEPS - 1), ("cfg_interval", 2)):  # hashable, like the rest
             value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) > most:
+                raise InputError(f"{name} must be a list of at most {most} numbers, got {value!r:.60}")
+            object.__setattr__(self, name, tuple(_finite(name, v) for v in value))
+        if self.cfg_interval is not None and len(self.cfg_interval) != 2:
+            raise InputError(f"cfg_interval must be two times [lo, hi], got {list(self.cfg_interval)}")
 
     def kwargs(self) -> dict:
         """The fields that are set, as keyword arguments of the entry's sampler (lists for the sequences)."""
