@@ -13,9 +13,9 @@ from PIL import Image
 
 from imm.cli import main
 from imm.core.config import ConfigError, apply_overrides, load_config
+from imm.core.files import atomic_write
 from imm.data.datasets import ImageFolderDataset
 from imm.data.loader import make_loader
-from imm.io.checkpoint import atomic_write
 from imm.training.checkpoints import checkpoint_paths, load_latest_state
 from imm.training.config import load_train_config, resolve_config
 from imm.training.loop import TrainingError, train

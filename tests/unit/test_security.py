@@ -626,3 +626,28 @@ def test_a_checkpoints_recorded_settings_are_checked_before_use(tmp_path, capsys
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and f"recorded in {path}" in err, err
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["net.safetensors"]
+
+
+def test_planted_symlinks_in_output_folders_are_replaced_not_written_through(tmp_path):
+    """A symlink at a name a command writes (a sample grid, fid.json, a run's config.yaml and metrics.jsonl)
+    points at a victim file: the command replaces the link with its own file and the victim is unchanged."""
+    from imm.evaluation.evaluate import write_results
+    from imm.io.images import save_grid
+    from imm.training.loop import train
+    from tests.helpers import toy_cfg
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    out, run = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    run.mkdir()
+    planted = [out / "1_step_samples.png", out / "fid.json", out / "fid.csv", run / "config.yaml",
+               run / "metrics.jsonl"]
+    for link in planted:
+        link.symlink_to(victim)
+    save_grid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), out / "1_step_samples.png")
+    write_results([{"steps": 1, "nfe": 1, "fid": 3.0, "num_images": 4, "seconds": 0.1}], out)
+    train(toy_cfg("training.total_steps=2", "logging.log_every=1"), run, device="cpu")
+    assert victim.read_text() == "keep me\n"
+    for path in planted:
+        assert not path.is_symlink() and path.stat().st_size > 0, path

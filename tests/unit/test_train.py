@@ -7,7 +7,8 @@ import torch
 
 import imm
 from imm.core.config import ConfigError
-from imm.io.checkpoint import CheckpointError, atomic_write
+from imm.core.files import atomic_write
+from imm.io.checkpoint import CheckpointError
 from imm.training.checkpoints import checkpoint_paths, load_latest_state
 from imm.training.config import load_train_config
 from imm.training.loop import EXIT_STOPPED, TrainingError, train

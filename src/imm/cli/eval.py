@@ -20,6 +20,7 @@ from imm.cli.options import (
     warnings_to_stderr,
 )
 from imm.core.errors import InputError
+from imm.core.files import write_text
 
 EXAMPLES_REF = """examples:
   imm eval ref --data mnist --out mnist-ref.npz
@@ -68,7 +69,7 @@ def fid_of_samples(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_text(out / "fid.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
 

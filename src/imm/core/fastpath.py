@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from imm.core.errors import InputError
+from imm.core.files import write_text
 
 PRECISIONS = ("auto", "fp32", "bf16")  # what a sampling command may ask for (training: imm.training.config)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -167,10 +168,7 @@ def record(timings: dict) -> dict:
               "threads": torch.get_num_threads(), "timings": timings}
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(result, indent=1) + "\n")
     except OSError:
         pass  # a read-only home: probe again next time
     return result

@@ -38,8 +38,8 @@ import torch
 
 from imm.core import distributed
 from imm.core.errors import InputError, MissingError, StateError
+from imm.core.files import atomic_write
 from imm.data.encoders import SD_VAE_NAME, SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder
-from imm.io.checkpoint import atomic_write
 
 SHARD_META = ".shard.json"
 RUN_META = ".latents.json"

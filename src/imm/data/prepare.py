@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from imm.core.errors import InputError
+from imm.core.files import atomic_write
 from imm.data import scan
 from imm.data.source import Source
-from imm.io.checkpoint import atomic_write
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
 ITEMS_PER_FOLDER = 1000

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import torch
 from imm.core import distributed, threads
 from imm.core.config import ConfigError
 from imm.core.errors import InputError, MissingError, MissingPackageError
+from imm.core.files import atomic_write, write_text
 from imm.evaluation import fid as fidlib
 from imm.evaluation.inception import load_inception
 from imm.model.sampling import SamplingEntry
@@ -489,13 +491,11 @@ def fid_sweep(cfg: dict, checkpoints: list, ref, out, **kwargs) -> list[dict]:
         rows += [{"checkpoint": str(checkpoint), "sigma_rel": ema_width(checkpoint), **r} for r in part]
     if distributed.is_main():
         metrics = row_metrics(rows)
-        (out / "fid_sweep.json").write_text(json.dumps({"ref": str(ref), "results": rows}, indent=2) + "\n")
-        with open(out / "fid_sweep.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["checkpoint", "sigma_rel", "entry", "steps", "nfe", *metrics, "num_images"])
-            for r in rows:
-                w.writerow([r["checkpoint"], r["sigma_rel"], r["entry"], r["steps"], r["nfe"],
-                            *(f"{r[m]:.6g}" for m in metrics), r["num_images"]])
+        write_text(out / "fid_sweep.json", json.dumps({"ref": str(ref), "results": rows}, indent=2) + "\n")
+        write_text(out / "fid_sweep.csv", csv_text(
+            ["checkpoint", "sigma_rel", "entry", "steps", "nfe", *metrics, "num_images"],
+            [[r["checkpoint"], r["sigma_rel"], r["entry"], r["steps"], r["nfe"], *(f"{r[m]:.6g}" for m in metrics),
+              r["num_images"]] for r in rows]))
         plot_sweep(rows, out)
     return rows
 
@@ -527,10 +527,19 @@ def plot_sweep(rows: list[dict], out: Path) -> Path:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
     return path
+
+
+def csv_text(header: list, rows: list[list]) -> str:
+    """A CSV document of ``header`` and ``rows``."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def row_metrics(rows: list[dict]) -> list[str]:
@@ -544,13 +553,11 @@ def write_results(rows: list[dict], out, **meta) -> dict[str, Path]:
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "fid.json", "csv": out / "fid.csv", "png": out / "fid_vs_steps.png"}
-    paths["json"].write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    write_text(paths["json"], json.dumps({**meta, "results": rows}, indent=2) + "\n")
     metrics = row_metrics(rows)
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["steps", "nfe", *metrics, "num_images", "seconds"])
-        for r in rows:
-            w.writerow([r["steps"], r["nfe"], *(f"{r[m]:.6g}" for m in metrics), r["num_images"], r["seconds"]])
+    write_text(paths["csv"], csv_text(["steps", "nfe", *metrics, "num_images", "seconds"],
+                                      [[r["steps"], r["nfe"], *(f"{r[m]:.6g}" for m in metrics), r["num_images"],
+                                        r["seconds"]] for r in rows]))
     plot_fid_vs_steps(rows, paths["png"])
     return paths
 
@@ -594,7 +601,7 @@ def plot_fid_vs_steps(rows: list[dict], path) -> Path:
         ax.set_title(f"{' / '.join(names) or 'FID'} vs steps ({rows[0]['num_images'] if rows else 0} images)")
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
     return Path(path)

@@ -25,7 +25,6 @@ Needs scipy (``pip install scipy``) for :func:`frechet_distance`.
 
 from __future__ import annotations
 
-import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from imm.core.errors import InputError, MissingError, MissingPackageError
+from imm.core.files import atomic_write
 
 __all__ = [
     "feature_statistics",
@@ -221,11 +221,12 @@ def save_statistics(path, mu=None, sigma=None, **extra) -> Path:
                 raise InputError(f"{key!r} given twice")
         arrays["mu"], arrays["sigma"] = check_statistics(mu, sigma, "")
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
     return path
 
 

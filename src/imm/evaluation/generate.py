@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from imm.core import distributed, threads
 from imm.core.config import ConfigError
+from imm.core.files import atomic_write
 from imm.core.release import canonical
 from imm.evaluation.sampling_run import SamplingRun, resolve_sampling_run
 from imm.evaluation.toy_metrics import toy2d_sliced_w2
-from imm.io.checkpoint import atomic_write
 from imm.io.images import load_png, save_grid, save_png, save_scatter, to_hwc
 from imm.model.sampling import SamplingEntry
 

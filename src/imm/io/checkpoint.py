@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import pickle
 import struct
 import zipfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from imm.core.errors import InputError
+from imm.core.files import atomic_write
 from imm.core.release import NETWORK_CLASSES, canonical
 from imm.io import hub, safe_pickle
 from imm.model.network import IMM_NETWORK_KEYS, MIXED_PRECISION, IMMNetwork
@@ -354,32 +354,6 @@ def load_network(path, device: str | torch.device = "cpu", **overrides) -> IMMNe
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)``, fsync it, then rename over ``path``: a crash leaves the old file intact.
-
-    The temporary file is ``.NAME.<16 hex digits>.tmp`` next to ``path`` (the trainer removes orphans of
-    a kill at its next start), created like ``open()`` creates files: mode 0o666 less the umask, not
-    ``mkstemp``'s 0o600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.urandom(8).hex()}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_network(net: IMMNetwork, path, settings: dict | None = None) -> None:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from imm.core.errors import InputError
+from imm.core.files import atomic_write
 
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
@@ -35,12 +36,11 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         y, x = divmod(i, nrow)
         top, left = padding + y * (h + padding), padding + x * (w + padding)
         grid[top:top + h, left:left + w] = arr[i]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _pil(grid).save(path)
+    atomic_write(path, lambda tmp: _pil(grid).save(tmp, format="PNG"))
 
 
 def save_png(image_hwc: np.ndarray, path) -> None:
-    _pil(image_hwc).save(path, format="PNG")
+    atomic_write(path, lambda tmp: _pil(image_hwc).save(tmp, format="PNG"))
 
 
 def load_png(path) -> np.ndarray:
@@ -78,8 +78,7 @@ def save_scatter(panels: dict[str, torch.Tensor], path, target: torch.Tensor | N
             ax.set_ylim(-limit, limit)
         if target is not None:
             axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)

@@ -16,8 +16,8 @@ import torch
 
 from imm.core import distributed
 from imm.core.fastpath import FastPath
+from imm.core.files import atomic_write, open_append
 from imm.evaluation.sampling_run import step_entries
-from imm.io.checkpoint import atomic_write
 from imm.io.images import save_grid
 from imm.methods.registry import entry_sampler
 from imm.model.precision import sampling_network
@@ -55,7 +55,7 @@ class Logger:
         if not self.enabled:
             return
         drop_metrics_after(run_dir / "metrics.jsonl", start_step)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open_append(run_dir / "metrics.jsonl")
         if log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

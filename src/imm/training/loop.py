@@ -43,6 +43,7 @@ import torch
 from imm.core import distributed, threads
 from imm.core.config import ConfigError, flatten
 from imm.core.distributed import full_state_dict
+from imm.core.files import write_text
 from imm.core.release import canonical
 from imm.data.datasets import build_dataset
 from imm.data.encoders import build_encoder
@@ -164,7 +165,7 @@ def keep_earlier_config(run_dir: Path, text: str, start_step: int) -> None:
     path = run_dir / "config.yaml"
     if path.is_file() and path.read_text() != text:
         os.replace(path, run_dir / f"config-until-{start_step:08d}.yaml")
-    path.write_text(text)
+    write_text(path, text)
 
 
 def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, net_cfg: dict, run_dir: Path,

@@ -23,7 +23,8 @@ import torch
 from imm.core import distributed
 from imm.core.config import ConfigError
 from imm.core.distributed import full_state_dict
-from imm.io.checkpoint import TRAINING_STATE_FORMAT, atomic_write, check_state_dict
+from imm.core.files import atomic_write
+from imm.io.checkpoint import TRAINING_STATE_FORMAT, check_state_dict
 from imm.model.network import IMMNetwork
 from imm.model.precision import working_copy
 from imm.training import phema
