@@ -125,3 +125,12 @@ def test_vae_hub_id_not_cached_offline_is_one_line_at_once(hub_cache, monkeypatc
     with pytest.raises(hub.HubError, match="VAE 'stabilityai/sd-vae-ft-ema' is not in the Hugging Face cache") as e:
         StabilityVAEEncoder(vae_name="stabilityai/sd-vae-ft-ema").init("cpu")
     assert "\n" not in str(e.value) and "vae_name=/path/to/folder" in str(e.value)
+
+
+def test_a_suggested_download_command_quotes_the_path_for_the_shell(hub_cache):
+    import shlex
+
+    with pytest.raises(CheckpointError) as e:
+        imm.load_network("hf://lumaai/imm/x;touch pwned.pt@v1")
+    command = str(e.value).split("(hf download", 1)[1].split(") and copy", 1)[0]
+    assert shlex.split("hf download" + command) == ["hf", "download", "lumaai/imm", "x;touch pwned.pt", "--revision", "v1"]

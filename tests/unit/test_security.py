@@ -651,3 +651,17 @@ def test_planted_symlinks_in_output_folders_are_replaced_not_written_through(tmp
     assert victim.read_text() == "keep me\n"
     for path in planted:
         assert not path.is_symlink() and path.stat().st_size > 0, path
+
+
+def test_text_from_files_reaches_the_terminal_escaped(tmp_path, capsys):
+    """An error quoting a file's text (here a config key with a terminal escape and a newline) prints as one
+    line with the control characters shown, not sent to the terminal."""
+    from imm.io.checkpoint import save_network
+
+    net = tmp_path / "net.safetensors"
+    save_network(imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1), net)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text('base: toy2d\neval:\n  "seed\\e[2J\\nfake: line": 1\n')
+    assert main(["generate", "--checkpoint", str(net), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\nfake" in err, err

@@ -14,7 +14,7 @@ import sys
 from imm import __version__
 from imm.cli import checkpoint, ema, generate, prepare, train
 from imm.cli import eval as evaluation  # the module imm.cli.eval, not Python's eval
-from imm.core.errors import ImmError
+from imm.core.errors import ImmError, printable
 
 # in the order `imm --help` lists their subcommands
 COMMAND_MODULES = (generate, train, checkpoint, evaluation, prepare, ema)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         from imm.core import distributed
 
         distributed.shutdown()
-        print(f"imm {args.command}: error: {e}", file=sys.stderr)
+        print(f"imm {args.command}: error: {printable(e)}", file=sys.stderr)  # one line, whatever a file held
         return 2
     except KeyboardInterrupt as e:
         print(f"imm {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)

@@ -38,3 +38,10 @@ def did_you_mean(key: str, candidates, prefix: str = "") -> str:
     """``"; did you mean 'PREFIX.NEAREST'?"`` for the nearest candidate, or ``""`` when none is close."""
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def printable(text) -> str:
+    """``text`` with its control characters (terminal escapes, newlines, carriage returns) shown as ``\\xNN``
+    escapes: text that came from a file (an entry name, a member name, a config value) printed as it is could
+    move the cursor, recolour or rewrite the terminal, or fake a second line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))

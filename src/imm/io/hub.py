@@ -11,6 +11,7 @@ instead of ``huggingface_hub``'s retries (about 30 s on a machine without intern
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from imm.core.errors import MissingError
@@ -68,8 +69,9 @@ def hub_file(path: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
     except Exception:  # not cached (huggingface_hub's LocalEntryNotFoundError and kin)
         pass
-    check_reachable(path, f"download it where there is internet (hf download {repo_id} {filename}) and copy the "
-                          "cache ($HF_HOME), or pass the file's local path", repo_id)
+    command = shlex.join(["hf", "download", repo_id, filename, *(["--revision", revision] if revision else [])])
+    check_reachable(path, f"download it where there is internet ({command}) and copy the cache ($HF_HOME), or "
+                          "pass the file's local path", repo_id)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as e:
