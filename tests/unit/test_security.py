@@ -19,6 +19,7 @@ import tracemalloc
 import types
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -665,3 +666,47 @@ def test_text_from_files_reaches_the_terminal_escaped(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(net), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\nfake" in err, err
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (the header is all a bound needs to refuse it)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_images_open_only_as_the_formats_promised_and_within_a_pixel_bound(tmp_path, monkeypatch):
+    """A PostScript file named .png is not handed to Pillow's EPS plugin (it would start Ghostscript), and a
+    PNG whose header claims 13000 x 13000 pixels is refused before it is decoded: one line each."""
+    from PIL import EpsImagePlugin
+
+    from imm.core.errors import InputError
+
+    def never(self):
+        raise AssertionError("the EPS plugin read the file")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    from imm.data.datasets import ImageFolderDataset
+    from imm.io.images import load_png
+
+    eps = tmp_path / "eps" / "a.png"
+    eps.parent.mkdir()
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    huge = tmp_path / "huge" / "a.png"
+    huge.parent.mkdir()
+    huge.write_bytes(_png_claiming(13000, 13000))
+    with pytest.raises(InputError, match="not a readable image"):
+        load_png(eps)
+    with pytest.raises(InputError, match="13000 x 13000 pixels, more than the 64,000,000"):
+        load_png(huge)
+    for folder, message in ((eps.parent, "not a readable image"), (huge.parent, "13000 x 13000 pixels")):
+        with pytest.raises(InputError, match=message) as info:
+            ImageFolderDataset(folder)
+        assert "\n" not in str(info.value)

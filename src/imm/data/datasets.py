@@ -76,6 +76,7 @@ from imm.core.config import ConfigError, check_keys, check_kind, declared_keys
 from imm.core.errors import InputError, MissingError, StateError
 from imm.data import scan
 from imm.data.source import Source, class_ids
+from imm.io.images import open_image
 
 __all__ = [
     "RawDataset", "ImageFolderDataset", "NpzDataset", "MNISTDataset", "Toy2DDataset", "TOY2D_NAMES",
@@ -306,11 +307,8 @@ class ImageFolderDataset(RawDataset):
                 if not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
                     raise InputError(f"array {fname} has dtype {dtype}; expected a float or uint8 array")
                 return _npy_chw(shape, fname), ("uint8" if dtype == np.uint8 else "float")
-            try:
-                with Image.open(f) as im:
-                    mode, (w, h) = im.mode, im.size
-            except Exception as exc:
-                raise InputError(f"cannot read image {fname} in {self.path}: {exc}") from exc
+            with open_image(f, f"image {fname} in {self.path}") as im:
+                mode, (w, h) = im.mode, im.size
             decode_mode, c = _mode_channels(mode, fname)
             return (c, h, w), decode_mode
 
@@ -344,7 +342,7 @@ class ImageFolderDataset(RawDataset):
             arr = np.load(io.BytesIO(data), allow_pickle=False)
             arr = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim >= 2 else arr
             return arr.astype(np.float32 if self.dtype == torch.float32 else np.uint8, copy=False)
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data), f"image {fname} in {self.path}") as im:
             mode, _ = _mode_channels(im.mode, fname)
             if im.mode != mode:
                 im = im.convert(mode)

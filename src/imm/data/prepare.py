@@ -38,6 +38,7 @@ from imm.core.errors import InputError
 from imm.core.files import atomic_write
 from imm.data import scan
 from imm.data.source import Source
+from imm.io.images import open_image
 
 TRANSFORMS = ("center-crop", "center-crop-dhariwal", "center-crop-wide")
 ITEMS_PER_FOLDER = 1000
@@ -105,13 +106,13 @@ def scale_16bit(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def decode_image(data: bytes) -> Image.Image | None:
+def decode_image(data: bytes, name: str = "image") -> Image.Image | None:
     """An encoded image, decoded completely, as an 8-bit Pillow image; None for a bit depth with no
     exact 8-bit scaling here. 16-bit samples are scaled with :func:`scale_16bit`: grayscale (Pillow's
     ``I;16*`` modes, or ``I`` holding 0..65535) and 16-bit RGB/RGBA PNGs (both bytes of each sample).
     Other images with more than 8 bits per sample (16-bit gray+alpha PNGs, other formats' 16-bit
     colour, float or 32-bit images) give None. Truncated or corrupt data raise."""
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(io.BytesIO(data), name) as im:
         rawmode = im.tile[0][3] if im.tile else None
         im.load()
         if im.mode.startswith("I"):
@@ -121,7 +122,7 @@ def decode_image(data: bytes) -> Image.Image | None:
             return Image.fromarray(scale_16bit(values), "L")
         if im.format == "PNG" and rawmode in _LOW_BYTES:
             high = np.asarray(im).astype(np.uint16)
-            with Image.open(io.BytesIO(data)) as low:
+            with open_image(io.BytesIO(data), name) as low:
                 low.tile = [(t[0], t[1], t[2], _LOW_BYTES[rawmode]) for t in low.tile]
                 low.load()
                 return Image.fromarray(scale_16bit(high * 256 + np.asarray(low)), im.mode)
@@ -166,7 +167,7 @@ SKIP_REASONS = ("not a regular file", "unreadable", "unsupported bit depth", "to
 def _process(source: Source, name: str, transform: str | None, resolution: int, min_size: int):
     """One source file -> ``(png bytes, None)`` or ``(None, skip reason)``; wrong size raises."""
     try:
-        img = decode_image(source.read(name))  # decoded now: truncated and corrupt files fail here
+        img = decode_image(source.read(name), name)  # decoded now: truncated and corrupt files fail here
         if img is None:
             return None, "unsupported bit depth"
         img = to_rgb(img)

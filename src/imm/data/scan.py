@@ -27,9 +27,7 @@ import zipfile
 
 from PIL import Image
 
-# File name endings read as images (those of them that the installed Pillow can open: image_extensions()).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
-                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+from imm.io.images import IMAGE_EXTENSIONS
 
 
 def image_extensions() -> tuple[str, ...]:

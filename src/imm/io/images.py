@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,37 @@ from PIL import Image
 
 from imm.core.errors import InputError
 from imm.core.files import atomic_write
+
+# File name endings read as images, and the Pillow formats they name: the only decoders an image file is
+# offered to (a file is not opened by whatever its content claims to be: a PostScript file named .png would
+# start Ghostscript).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+MAX_IMAGE_PIXELS = 64_000_000  # above this an image is refused before it is decoded (8000 x 8000)
+
+
+def image_formats() -> tuple[str, ...]:
+    """The Pillow formats of :data:`IMAGE_EXTENSIONS` that this Pillow opens."""
+    Image.init()
+    registered = Image.registered_extensions()
+    return tuple(dict.fromkeys(registered[e] for e in IMAGE_EXTENSIONS if registered.get(e) in Image.OPEN))
+
+
+def open_image(source, name) -> Image.Image:
+    """``source`` (a path or a binary file) opened as an image of one of :func:`image_formats`, its header
+    read and its size checked against :data:`MAX_IMAGE_PIXELS`, not yet decoded; anything else is one
+    InputError naming ``name``. Use it as a context manager, as ``Image.open``'s result."""
+    try:
+        with warnings.catch_warnings():  # Pillow's own, larger bound warns; the bound below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source, formats=image_formats())
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InputError(f"{name}: not a readable image ({e})") from None
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise InputError(f"{name}: {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have")
+    return im
 
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
@@ -49,12 +81,12 @@ def load_png(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
-    try:
-        with Image.open(path) as im:
+    with open_image(path, path) as im:
+        try:
             im.load()
-            arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: not a readable image ({e})") from None
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise InputError(f"{path}: not a readable image ({e})") from None
+        arr = np.asarray(im)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
