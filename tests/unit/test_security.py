@@ -710,3 +710,23 @@ def test_images_open_only_as_the_formats_promised_and_within_a_pixel_bound(tmp_p
         with pytest.raises(InputError, match=message) as info:
             ImageFolderDataset(folder)
         assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_cannot_choose_which_vae_is_loaded(tmp_path, capsys):
+    """A recorded encoder.vae_name that is a folder or an unknown Hub id is refused before anything is read
+    from it, unless the user chooses the VAE (encoder.vae_name=...)."""
+    from imm.io.checkpoint import save_network
+
+    path = tmp_path / "net.safetensors"
+    net = imm.IMMNetwork(img_resolution=1, img_channels=4, model_type="MLP", hidden=16, depth=1)
+    for named in (str(tmp_path / "planted-vae"), "someone/else-vae"):
+        save_network(net, path, {"encoder": {"kind": "sd_vae", "vae_name": named},
+                                 "sampling": {"1_step": {"num_steps": 1}}})
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not one of stabilityai/sd-vae-ft-ema" in err and named in err, err
+    from imm.evaluation.sampling_run import sampling_config
+
+    cfg, _ = sampling_config(None, path, [f"encoder.vae_name={tmp_path / 'mine'}"])  # the user's choice
+    assert cfg["encoder"]["vae_name"] == str(tmp_path / "mine")

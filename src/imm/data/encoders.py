@@ -68,6 +68,7 @@ __all__ = ["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder", "IdentityEnco
 
 # The release's ImageNet-256 settings (im256_generate_images.yaml), used as defaults below.
 SD_VAE_NAME = "stabilityai/sd-vae-ft-ema"
+KNOWN_VAES = (SD_VAE_NAME, "stabilityai/sd-vae-ft-mse")  # what a checkpoint's recorded settings may name
 SD_VAE_RAW_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 SD_VAE_RAW_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 
@@ -295,7 +296,7 @@ class StabilityVAEEncoder(Encoder):
             import diffusers
         except ImportError as exc:
             raise MissingPackageError(_INSTALL_HINT) from exc
-        kwargs = {"torch_dtype": dtype}
+        kwargs = {"torch_dtype": dtype, "use_safetensors": True}  # never a pickled .bin
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
 

@@ -17,8 +17,9 @@ import torch
 
 from imm.core import distributed, fastpath
 from imm.core.config import ConfigError, apply_overrides, check_keys, check_kind, fill_section, load_config
+from imm.core.errors import printable
 from imm.core.fastpath import FastPath
-from imm.data.encoders import build_encoder
+from imm.data.encoders import KNOWN_VAES, build_encoder
 from imm.io.checkpoint import (
     CheckpointError,
     network_from_tensors,
@@ -107,9 +108,22 @@ def sampling_config(config: str | None, checkpoint, overrides: list[str]) -> tup
         settings = read_sampling_settings(checkpoint)
         if settings and settings.get("sampling"):  # eval's keys stated, so that eval.KEY= overrides apply
             settings = {**settings, "eval": {**asdict(EvalSection()), **(settings.get("eval") or {})}}
+            check_recorded_vae(settings, overrides, checkpoint)
             return apply_overrides(settings, overrides), f"the settings recorded in {checkpoint}"
     config = config or DEFAULT_CONFIG
     return apply_overrides(load_config(config), overrides), f"--config {config}"
+
+
+def check_recorded_vae(recorded: Mapping, overrides: list[str], checkpoint) -> None:
+    """A VAE a checkpoint's recorded settings name is loaded only when it is one of
+    :data:`imm.data.encoders.KNOWN_VAES` or the user chooses one (an ``encoder.vae_name=`` override): a file
+    cannot choose which folder or Hub repository is read."""
+    named = (recorded.get("encoder") or {}).get("vae_name")
+    chosen = any(item.lstrip("+").split("=", 1)[0].strip() == "encoder.vae_name" for item in overrides)
+    if named is None or named in KNOWN_VAES or chosen:
+        return
+    raise ConfigError(f"the settings recorded in {checkpoint} name the VAE {printable(named)[:80]!r}, which is "
+                      f"not one of {', '.join(KNOWN_VAES)}; pass encoder.vae_name=... to choose the VAE yourself")
 
 
 def training_method(settings: Mapping | None) -> str | None:
