@@ -730,3 +730,47 @@ def test_a_checkpoint_cannot_choose_which_vae_is_loaded(tmp_path, capsys):
 
     cfg, _ = sampling_config(None, path, [f"encoder.vae_name={tmp_path / 'mine'}"])  # the user's choice
     assert cfg["encoder"]["vae_name"] == str(tmp_path / "mine")
+
+
+def test_hostile_zip_datasets_are_one_line_before_anything_is_inflated(tmp_path, monkeypatch):
+    """A corrupt central directory, a bzip2 member, a member declared larger than the bound, a member whose
+    bytes fail their CRC and a class id of 10^12 in dataset.json: each one InputError line naming the file."""
+    from PIL import Image
+
+    from imm.core.errors import InputError
+    from imm.data import source
+    from imm.data.source import Source
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+
+    def archive(name, method=zipfile.ZIP_STORED, members=None):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=method) as z:
+            for member, data in (members or {"a.png": png.getvalue()}).items():
+                z.writestr(member, data)
+        return path
+
+    corrupt = archive("corrupt.zip")
+    data = bytearray(corrupt.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 16:end + 20] = struct.pack("<I", 7)  # the central directory's offset points into the first member
+    corrupt.write_bytes(bytes(data))
+    bad_crc = archive("crc.zip")
+    data = bytearray(bad_crc.read_bytes())
+    at = data.index(png.getvalue()[:16]) + 20
+    data[at] ^= 0xFF
+    bad_crc.write_bytes(bytes(data))
+    cases = [(corrupt, "not (a )?readable"),
+             (archive("bzip2.zip", zipfile.ZIP_BZIP2), "compression method 12"),
+             (bad_crc, "not readable .Bad CRC-32"),
+             (archive("labels.zip", members={"a.png": png.getvalue(),
+                                             "dataset.json": '{"labels": [["a.png", 1000000000000]]}'}),
+              "class ids must be below 100,000")]
+    for path, message in cases:
+        with pytest.raises(InputError, match=message) as info:
+            Source(path).read("a.png")
+        assert "\n" not in str(info.value) and path.name in str(info.value)
+    monkeypatch.setattr(source, "MAX_MEMBER_BYTES", 64)
+    with pytest.raises(InputError, match=r"a.png in .*declares \d+ bytes, more than the 64"):
+        Source(archive("big.zip")).read("a.png")

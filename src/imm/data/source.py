@@ -28,6 +28,7 @@ import json
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,11 @@ from imm.core.errors import InputError, MissingError
 from imm.data import scan
 
 METADATA = "dataset.json"
+MAX_MEMBER_BYTES = 256 * 2**20  # the most a zip member may inflate to (its declared size is checked first)
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # what a dataset zip may use
+MAX_CLASSES = 100_000  # class ids are below this (a label of 10^12 would ask for an embedding of that many rows)
+ZIP_FAULTS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError, OSError,
+              RuntimeError, zlib.error)  # what a malformed archive or member raises inside zipfile
 
 
 def class_ids(values, what: str) -> np.ndarray:
@@ -54,6 +60,8 @@ def class_ids(values, what: str) -> np.ndarray:
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         raise InputError(f"{what}: labels must be >= 0, got {int(arr.min())}")
+    if arr.size and arr.max() >= MAX_CLASSES:
+        raise InputError(f"{what}: class ids must be below {MAX_CLASSES:,}, got {int(arr.max())}")
     return arr
 
 
@@ -84,7 +92,10 @@ class Source:
             listing, not_regular = scan.list_folder(p)
         elif p.is_file() and zipfile.is_zipfile(p):  # is_file first: never open a FIFO
             self.is_zip = True
-            listing, not_regular = scan.list_zip(self._zip()), []
+            try:
+                listing, not_regular = scan.list_zip(self._zip()), []
+            except ZIP_FAULTS as exc:
+                raise InputError(f"{what} {p}: not a readable zip archive ({exc})") from None
         else:
             raise InputError(f"{what} {p} is neither a folder nor a zip archive")
         self._not_regular = set(not_regular)
@@ -114,10 +125,33 @@ class Source:
             self._zipfile, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zipfile
 
+    def _member(self, name: str) -> zipfile.ZipInfo:
+        """The zip member ``name``, refused (InputError) when encrypted, compressed by a method other than
+        :data:`ZIP_METHODS` or declared larger than :data:`MAX_MEMBER_BYTES`, before anything is inflated."""
+        where = f"{name} in {self.path}"
+        try:
+            info = self._zip().getinfo(name)
+        except ZIP_FAULTS + (KeyError,) as exc:
+            raise InputError(f"{where}: not readable ({exc})") from None
+        if info.flag_bits & 0x1:
+            raise InputError(f"{where}: encrypted")
+        if info.compress_type not in ZIP_METHODS:
+            raise InputError(f"{where}: compression method {info.compress_type} (a dataset zip is "
+                             f"{' or '.join(ZIP_METHODS.values())})")
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise InputError(f"{where}: declares {info.file_size:,} bytes, more than the {MAX_MEMBER_BYTES:,} "
+                             "a member may hold")
+        return info
+
     def open(self, name: str):
-        """File ``name`` opened for reading in binary mode; InputError for one that is not a regular file."""
+        """File ``name`` opened for reading in binary mode; InputError for one that is not a regular file or
+        a zip member that :meth:`_member` refuses."""
         if self.is_zip:
-            return self._zip().open(name)
+            info = self._member(name)
+            try:
+                return self._zip().open(info)
+            except ZIP_FAULTS as exc:
+                raise InputError(f"{name} in {self.path}: not readable ({exc})") from None
         path = self.path / name
         if name in self._not_regular:
             raise InputError(f"{path}: not a regular file")
@@ -131,7 +165,16 @@ class Source:
     def read(self, name: str) -> bytes:
         """The bytes of file ``name`` (see :meth:`open`)."""
         if self.is_zip:
-            return self._zip().read(name)
+            size = self._member(name).file_size
+            f = self.open(name)
+            try:
+                with f:
+                    data = f.read(size + 1)  # zipfile stops at the declared size and checks the CRC there
+            except ZIP_FAULTS as exc:
+                raise InputError(f"{name} in {self.path}: not readable ({exc})") from None
+            if len(data) != size:
+                raise InputError(f"{name} in {self.path}: holds {len(data):,} bytes, declares {size:,}")
+            return data
         with self.open(name) as f:
             return f.read()
 

@@ -122,7 +122,7 @@ def check_recorded_vae(recorded: Mapping, overrides: list[str], checkpoint) -> N
     chosen = any(item.lstrip("+").split("=", 1)[0].strip() == "encoder.vae_name" for item in overrides)
     if named is None or named in KNOWN_VAES or chosen:
         return
-    raise ConfigError(f"the settings recorded in {checkpoint} name the VAE {printable(named)[:80]!r}, which is "
+    raise ConfigError(f"the settings recorded in {checkpoint} name the VAE {printable(named)[:200]!r}, which is "
                       f"not one of {', '.join(KNOWN_VAES)}; pass encoder.vae_name=... to choose the VAE yourself")
 
 
