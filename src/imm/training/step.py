@@ -16,6 +16,10 @@ fp16, and bf16 with FSDP2, is the network's autocast (``IMMNetwork(mixed_precisi
 state's GradScaler, used here only. tf32 allows TF32 matmuls and convolutions on CUDA
 (``imm.core.distributed.set_tf32``). With ``training.memory_format=channels_last`` the inputs are handed
 to the network in that layout, as its weights are.
+
+Processes: DDP averages the gradients in the backward pass of the last chunk; a loss whose gradient pass runs on
+the unwrapped network (``unwrapped_gradients``: MeanFlow's forward-mode JVP cannot run through DDP) has them averaged
+here after the last chunk instead (:func:`imm.core.distributed.average_gradients`).
 """
 
 from __future__ import annotations
