@@ -38,6 +38,7 @@ there on another machine.
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import shutil
 import statistics
@@ -268,34 +269,34 @@ def warm_start_plan(out: Path, budget: int, fraction: float, seed: int, setup: l
     return [f"training.init_from={ckpt}"], budget - round(fraction * budget)
 
 
-def state_file(task: dict) -> Path:
-    return task["states"] / f"{run_id(task['run'], task['seed'])}.pt"
+def kept_states(task: dict) -> list[Path]:
+    """The run's states under ``--states``, ``RUN.training-state-STEP.pt`` (the checkpoint's own name after the
+    run's): read by name, never unpickled here."""
+    return sorted(task["states"].glob(f"{glob.escape(run_id(task['run'], task['seed']))}.training-state-*.pt"))
 
 
 def restore_state(task: dict) -> None:
     """A run whose folder has no checkpoint resumes from its state under ``--states``, if one is kept there."""
-    saved = state_file(task) if task.get("states") else None
+    kept = kept_states(task) if task.get("states") else []
     folder = task["out"] / "runs" / run_id(task["run"], task["seed"]) / "checkpoints"
-    if saved is not None and saved.exists() and not any(folder.glob("training-state-*.pt")):
+    if kept and not any(folder.glob("training-state-*.pt")):
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(saved, folder / saved.name.replace(saved.stem, f"training-state-{_step_of(saved):08d}"))
-        print(f"{task['name']} seed {task['seed']}: resuming from {saved}", flush=True)
-
-
-def _step_of(state: Path) -> int:
-    return int(torch.load(state, map_location="cpu", weights_only=False)["step"])
+        shutil.copy2(kept[-1], folder / kept[-1].name[len(run_id(task["run"], task["seed"])) + 1:])
+        print(f"{task['name']} seed {task['seed']}: resuming from {kept[-1]}", flush=True)
 
 
 def save_states(tasks: list[dict]) -> None:
     """Keep the newest checkpoint of each unfinished run under ``--states`` and drop the finished runs'."""
     for task in tasks:
-        target = state_file(task)
         finished = len(cached_rows(task)) == len(task["budgets"]) * len(task["nfes"])
         newest = sorted((task["out"] / "runs" / run_id(task["run"], task["seed"]) / "checkpoints")
                         .glob("training-state-*.pt"))
-        if finished:
-            target.unlink(missing_ok=True)
-        elif newest:
+        if not finished and not newest:
+            continue
+        for old in kept_states(task):
+            old.unlink()
+        if not finished:
+            target = task["states"] / f"{run_id(task['run'], task['seed'])}.{newest[-1].name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(newest[-1], target)
             print(f"kept {newest[-1].name} of {task['name']} seed {task['seed']} as {target}")

@@ -249,10 +249,10 @@ def test_mnist_compare_keeps_unfinished_runs_states_and_resumes_from_them(tmp_pa
             torch.save({"step": step}, folder / f"training-state-{step:08d}.pt")
     S.add_to_record(fm_task, {f"{s}/{n}": 1.0 for s in (160, 320) for n in fm_task["nfes"]})  # finished
     (tmp_path / "states").mkdir()
-    torch.save({"step": 1}, tmp_path / "states" / "flow_matching-seed0.pt")  # kept by an earlier session
+    torch.save({"step": 1}, tmp_path / "states" / "flow_matching-seed0.training-state-00000001.pt")  # kept earlier
     S.save_states([imm_task, fm_task])
-    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["imm-seed0.pt"]
-    assert torch.load(tmp_path / "states" / "imm-seed0.pt")["step"] == 160
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["imm-seed0.training-state-00000160.pt"]
+    assert torch.load(tmp_path / "states" / "imm-seed0.training-state-00000160.pt")["step"] == 160
     shutil.rmtree(tmp_path / "out")
     S.restore_state(imm_task)
     kept = tmp_path / "out" / "runs" / "imm-seed0" / "checkpoints"

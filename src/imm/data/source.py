@@ -143,15 +143,17 @@ class Source:
                              "a member may hold")
         return info
 
+    def _open_member(self, info: zipfile.ZipInfo):
+        try:
+            return self._zip().open(info)
+        except ZIP_FAULTS as exc:
+            raise InputError(f"{info.filename} in {self.path}: not readable ({exc})") from None
+
     def open(self, name: str):
         """File ``name`` opened for reading in binary mode; InputError for one that is not a regular file or
         a zip member that :meth:`_member` refuses."""
         if self.is_zip:
-            info = self._member(name)
-            try:
-                return self._zip().open(info)
-            except ZIP_FAULTS as exc:
-                raise InputError(f"{name} in {self.path}: not readable ({exc})") from None
+            return self._open_member(self._member(name))
         path = self.path / name
         if name in self._not_regular:
             raise InputError(f"{path}: not a regular file")
@@ -165,8 +167,8 @@ class Source:
     def read(self, name: str) -> bytes:
         """The bytes of file ``name`` (see :meth:`open`)."""
         if self.is_zip:
-            size = self._member(name).file_size
-            f = self.open(name)
+            info = self._member(name)
+            size, f = info.file_size, self._open_member(info)
             try:
                 with f:
                     data = f.read(size + 1)  # zipfile stops at the declared size and checks the CRC there

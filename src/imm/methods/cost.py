@@ -24,10 +24,10 @@ def count_flops(fn) -> int:
 def forward_equivalents(loss, net, images: torch.Tensor, labels=None, seed: int = 0) -> float:
     """One training step of ``loss`` (a ``TrainingLoss``) on ``net`` and ``images``, forward and backward, in
     forward passes of ``net`` on the same batch. The network's gradients are left cleared."""
-    meta_t = torch.full((images.shape[0],), 0.5)
+    t = torch.full((images.shape[0],), 0.5)
     onehot = net.one_hot(labels, images.shape[0], images.device) if labels is not None else None
     with torch.no_grad():
-        forward = count_flops(lambda: net(images, meta_t, meta_t * 0.5, class_labels=onehot))
+        forward = count_flops(lambda: net(images, t, t * 0.5, class_labels=onehot))
 
     def step():
         value, _ = loss(net, images, labels, target_net=net, generator=torch.Generator().manual_seed(seed))
