@@ -71,7 +71,7 @@ def torchrun(run_dir, steps, *overrides, launch=None):
 def finished(proc) -> str:
     """The output of a torchrun launch that succeeded."""
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out[-2000:]}\nstderr:\n{err[-3000:]}"
     return out
 
 

@@ -19,7 +19,6 @@ import tracemalloc
 import types
 import warnings
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
@@ -668,20 +667,6 @@ def test_text_from_files_reaches_the_terminal_escaped(tmp_path, capsys):
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\nfake" in err, err
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header claims ``width`` x ``height`` (the header is all a bound needs to refuse it)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
-    return bytes(data)
-
-
 def test_images_open_only_as_the_formats_promised_and_within_a_pixel_bound(tmp_path, monkeypatch):
     """A PostScript file named .png is not handed to Pillow's EPS plugin (it would start Ghostscript), and a
     PNG whose header claims 13000 x 13000 pixels is refused before it is decoded: one line each."""
@@ -695,13 +680,9 @@ def test_images_open_only_as_the_formats_promised_and_within_a_pixel_bound(tmp_p
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
     from imm.data.datasets import ImageFolderDataset
     from imm.io.images import load_png
+    from tests import hostile_files
 
-    eps = tmp_path / "eps" / "a.png"
-    eps.parent.mkdir()
-    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
-    huge = tmp_path / "huge" / "a.png"
-    huge.parent.mkdir()
-    huge.write_bytes(_png_claiming(13000, 13000))
+    eps, huge = hostile_files.postscript_png(tmp_path) / "a.png", hostile_files.huge_png(tmp_path) / "a.png"
     with pytest.raises(InputError, match="not a readable image"):
         load_png(eps)
     with pytest.raises(InputError, match="13000 x 13000 pixels, more than the 64,000,000"):
@@ -774,3 +755,101 @@ def test_hostile_zip_datasets_are_one_line_before_anything_is_inflated(tmp_path,
     monkeypatch.setattr(source, "MAX_MEMBER_BYTES", 64)
     with pytest.raises(InputError, match=r"a.png in .*declares \d+ bytes, more than the 64"):
         Source(archive("big.zip")).read("a.png")
+
+
+# --- .npz and .npy: shapes and sizes checked before anything is allocated ------------------------------
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _raises_one_line(fn, message: str, name: str) -> int:
+    """Calls ``fn`` expecting one InputError line holding ``message`` and the file ``name``; returns the
+    peak of memory traced meanwhile."""
+    from imm.core.errors import InputError
+
+    def call():
+        with pytest.raises(InputError, match=message) as info:
+            fn()
+        assert "\n" not in str(info.value) and name in str(info.value), str(info.value)
+
+    return _peak_bytes(call)
+
+
+def test_hostile_npz_and_npy_files_are_one_line_before_any_allocation(tmp_path, monkeypatch):
+    """An .npz whose header declares 10^12 images, a member larger than the bound (deflated zeros), object
+    arrays, format 3.0, a sigma declared 10^5 x 10^5 for a 4-d mu, a bzip2 member, 10^9 labels for 4 images,
+    a latent whose header claims 4 x 10^6 x 10^6 values: one line each, in a few megabytes (the bomb inflates
+    to 64 MiB)."""
+    from imm.data.datasets import ImageFolderDataset, NpzDataset
+    from imm.evaluation.evaluate import load_images
+    from imm.evaluation.fid import load_statistics
+    from imm.io import arrays
+    from tests import hostile_files
+
+    monkeypatch.setattr(arrays, "MAX_ARRAY_BYTES", 2**20)
+    latents = hostile_files.npy_latent_lie(tmp_path)
+    (latents / "a.npy").unlink()  # the lying array alone: its header sets the dataset's shape
+    cases = [
+        (load_images, hostile_files.npz_shape_lie, r"declares shape \(1000000000000, 32, 32, 3\) of uint8 "
+         r"\(3,072,000,000,000,000 bytes\) but 3,072 bytes follow"),
+        (load_images, hostile_files.npz_bomb, r"member arr_0.npy: declares 67,108,992 bytes, more than the 1,114,112"),
+        (load_statistics, hostile_files.npz_objects, "mu.npy: an array of Python objects"),
+        (load_images, hostile_files.npz_version_3, r"format version 3.0"),
+        (load_statistics, hostile_files.npz_sigma_mismatch, r"malformed statistics: mu has shape \(4,\) and sigma "
+         r"\(100000, 100000\)"),
+        (load_images, hostile_files.npz_bzip2, "compression method 12"),
+        (NpzDataset, hostile_files.npz_labels_mismatch, "1000000000 labels for 4 images"),
+        (lambda path: ImageFolderDataset(path.parent)[0], lambda _: latents / "b.npy",
+         r"declares shape \(4, 1000000, 1000000\)"),
+    ]
+    for read, build, message in cases:
+        path = build(tmp_path)
+        assert _raises_one_line(lambda: read(path), message, path.name) < 8 * 2**20, path.name
+
+
+def test_npz_and_npy_files_read_as_numpy_writes_them(tmp_path):
+    """Honest files read exactly as numpy.load reads them: stored and deflated, C and Fortran order, each
+    dtype, format 1.0 and 2.0 headers."""
+    from imm.io.arrays import NpzFile, read_npy_file
+
+    gen = np.random.default_rng(0)
+    arrays = {"u8": gen.integers(0, 255, (3, 5, 4, 3), dtype=np.uint8), "f32": gen.standard_normal((4, 6), np.float32),
+              "fortran": np.asfortranarray(gen.standard_normal((5, 7))), "i64": np.arange(9, dtype=np.int64),
+              "scalar": np.array(2.5), "empty": np.zeros((0, 3), np.float16), "bool": gen.random(6) > 0.5}
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        with NpzFile(path) as f, np.load(path) as expected:
+            assert f.keys == list(expected.keys())
+            for key in f.keys:
+                got = f.read(key)
+                assert f.header(key) == (got.shape, got.dtype)
+                assert got.dtype == expected[key].dtype and np.array_equal(got, expected[key]), key
+    big_header = tmp_path / "v2.npy"
+    with open(big_header, "wb") as out:
+        np.lib.format.write_array(out, arrays["f32"], version=(2, 0))
+    assert np.array_equal(read_npy_file(big_header), arrays["f32"])
+
+
+def test_images_larger_than_the_distances_read_are_refused_in_one_line(tmp_path, capsys):
+    """Reference data and samples of 1100 x 1100 (a folder of PNGs, the same as an .npz) are refused before
+    any network is loaded, naming the size and how to resize."""
+    from tests import hostile_files
+
+    folder = hostile_files.oversized_pngs(tmp_path)
+    images = np.zeros((2, 1100, 1100, 3), np.uint8)
+    np.savez_compressed(tmp_path / "oversized.npz", arr_0=images)
+    for command in (["eval", "ref", "--data", str(folder), "--out", str(tmp_path / "ref.npz")],
+                    ["eval", "fid", "--samples", str(folder), "--ref", "mnist"],
+                    ["eval", "fid", "--samples", str(tmp_path / "oversized.npz"), "--ref", "mnist"]):
+        capsys.readouterr()
+        assert main([*command, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "images of 1100 x 1100 pixels, larger than the 1024 x 1024" in err, err
+    assert not (tmp_path / "ref.npz").exists()

@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         return stopped(args, stop)
     if distributed.is_main():
         print(f"wrote {path}")
-    distributed.shutdown()
+    distributed.shutdown(synchronize=True)
     return 0
 
 
@@ -59,7 +59,7 @@ def cmd_demo(args) -> int:
         return stopped(args, stop)
     if distributed.is_main():
         print_demo(result)
-    distributed.shutdown()
+    distributed.shutdown(synchronize=True)
     return 0
 
 

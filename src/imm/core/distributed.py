@@ -72,8 +72,12 @@ def average_gradients(params) -> None:
         p.grad = part.view_as(p).to(p.dtype)
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
+    """Leave the process group. ``synchronize``: first wait for every process (a command that ended normally
+    everywhere), so that no process tears its connections down while another still uses them."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

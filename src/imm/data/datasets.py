@@ -76,6 +76,7 @@ from imm.core.config import ConfigError, check_keys, check_kind, declared_keys
 from imm.core.errors import InputError, MissingError, StateError
 from imm.data import scan
 from imm.data.source import Source, class_ids
+from imm.io.arrays import NpzFile, npy_header, read_npy
 from imm.io.images import open_image
 
 __all__ = [
@@ -236,19 +237,6 @@ def _mode_channels(mode: str, name: str) -> tuple[str, int]:
                          "(optionally with alpha) are supported") from None
 
 
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    else:  # rare (3.0: utf-8 field names): read the whole array
-        f.seek(0)
-        arr = np.load(f, allow_pickle=False)
-        shape, dtype = arr.shape, arr.dtype
-    return tuple(int(v) for v in shape), np.dtype(dtype)
-
-
 def _npy_chw(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
     if len(shape) < 2 or any(v < 1 for v in shape):
         raise InputError(f"array {name} has shape {shape}; expected CHW (or HW)")
@@ -303,7 +291,7 @@ class ImageFolderDataset(RawDataset):
         """(C, H, W) and dtype (numpy dtype for .npy, decode mode for images) without decoding."""
         with self._source.open(fname) as f:
             if self._npy:
-                shape, dtype = _npy_header(f)
+                shape, dtype, _ = npy_header(f, f"array {fname} in {self.path}")
                 if not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
                     raise InputError(f"array {fname} has dtype {dtype}; expected a float or uint8 array")
                 return _npy_chw(shape, fname), ("uint8" if dtype == np.uint8 else "float")
@@ -339,7 +327,7 @@ class ImageFolderDataset(RawDataset):
         fname = self._files[raw_index]
         data = self._source.read(fname)
         if self._npy:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = read_npy(io.BytesIO(data), len(data), f"array {fname} in {self.path}")
             arr = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim >= 2 else arr
             return arr.astype(np.float32 if self.dtype == torch.float32 else np.uint8, copy=False)
         with open_image(io.BytesIO(data), f"image {fname} in {self.path}") as im:
@@ -392,8 +380,6 @@ class NpzDataset(RawDataset):
         if len(images) == 0:
             raise InputError(f"dataset {p} has no images")
         if labels is not None:
-            if len(labels) != len(images):
-                raise InputError(f"dataset {p}: {len(labels)} labels for {len(images)} images")
             labels = class_ids(labels.reshape(len(labels), -1)[:, 0] if labels.ndim == 2 and labels.shape[1] == 1
                                  else labels, f"dataset {p}")
         c, h, w = (images.shape[3], images.shape[1], images.shape[2]) if self._layout == "NHWC" else images.shape[1:]
@@ -405,12 +391,8 @@ class NpzDataset(RawDataset):
 
     def _read_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         image_key, label_key = self._keys
-        try:
-            npz = np.load(self.path, allow_pickle=False)
-        except Exception as exc:
-            raise InputError(f"cannot read {self.path} as a .npz file: {exc}") from exc
-        with npz:
-            keys = list(npz.keys())
+        with NpzFile(self.path, "dataset .npz") as npz:
+            keys = npz.keys
             ikey = image_key or next((k for k in _NPZ_IMAGE_KEYS if k in keys), None)
             if ikey is None or ikey not in keys:
                 raise InputError(f"{self.path} has no image array (looked for {image_key or _NPZ_IMAGE_KEYS}; "
@@ -418,17 +400,23 @@ class NpzDataset(RawDataset):
             lkey = label_key or next((k for k in _NPZ_LABEL_KEYS if k in keys and k != ikey), None)
             if label_key is not None and label_key not in keys:
                 raise InputError(f"{self.path} has no array {label_key!r} (it holds {keys})")
-            images = npz[ikey]
-            labels = npz[lkey] if lkey is not None else None
-        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-            raise InputError(f"{self.path}: images must be uint8 (or float raw latents), got {images.dtype}")
+            shape, dtype = npz.header(ikey)  # checked before reading
+            if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+                raise InputError(f"{self.path}: images must be uint8 (or float raw latents), got {dtype}")
+            if len(shape) not in (3, 4):
+                raise InputError(f"{self.path}: image array has shape {shape}; expected NHWC, NCHW or NHW")
+            if lkey is not None:
+                label_shape, _ = npz.header(lkey)
+                if not label_shape or label_shape[0] != shape[0]:
+                    raise InputError(f"dataset {self.path}: {label_shape[0] if label_shape else 0} labels for "
+                                     f"{shape[0]} images")
+            images = npz.read(ikey)
+            labels = npz.read(lkey) if lkey is not None else None
         if images.ndim == 3:
             images = images[:, None]
             self._layout = "NCHW"
-        elif images.ndim == 4:
-            self._layout = self._layout_arg or self._guess_layout(images)
         else:
-            raise InputError(f"{self.path}: image array has shape {images.shape}; expected NHWC, NCHW or NHW")
+            self._layout = self._layout_arg or self._guess_layout(images)
         return images, labels
 
     def _guess_layout(self, images: np.ndarray) -> str:

@@ -28,20 +28,17 @@ import json
 import os
 import stat
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from imm.core.errors import InputError, MissingError
 from imm.data import scan
+from imm.io import zips
 
 METADATA = "dataset.json"
 MAX_MEMBER_BYTES = 256 * 2**20  # the most a zip member may inflate to (its declared size is checked first)
-ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # what a dataset zip may use
 MAX_CLASSES = 100_000  # class ids are below this (a label of 10^12 would ask for an embedding of that many rows)
-ZIP_FAULTS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError, OSError,
-              RuntimeError, zlib.error)  # what a malformed archive or member raises inside zipfile
 
 
 def class_ids(values, what: str) -> np.ndarray:
@@ -94,7 +91,7 @@ class Source:
             self.is_zip = True
             try:
                 listing, not_regular = scan.list_zip(self._zip()), []
-            except ZIP_FAULTS as exc:
+            except zips.ZIP_FAULTS as exc:
                 raise InputError(f"{what} {p}: not a readable zip archive ({exc})") from None
         else:
             raise InputError(f"{what} {p} is neither a folder nor a zip archive")
@@ -126,34 +123,13 @@ class Source:
         return self._zipfile
 
     def _member(self, name: str) -> zipfile.ZipInfo:
-        """The zip member ``name``, refused (InputError) when encrypted, compressed by a method other than
-        :data:`ZIP_METHODS` or declared larger than :data:`MAX_MEMBER_BYTES`, before anything is inflated."""
-        where = f"{name} in {self.path}"
-        try:
-            info = self._zip().getinfo(name)
-        except ZIP_FAULTS + (KeyError,) as exc:
-            raise InputError(f"{where}: not readable ({exc})") from None
-        if info.flag_bits & 0x1:
-            raise InputError(f"{where}: encrypted")
-        if info.compress_type not in ZIP_METHODS:
-            raise InputError(f"{where}: compression method {info.compress_type} (a dataset zip is "
-                             f"{' or '.join(ZIP_METHODS.values())})")
-        if info.file_size > MAX_MEMBER_BYTES:
-            raise InputError(f"{where}: declares {info.file_size:,} bytes, more than the {MAX_MEMBER_BYTES:,} "
-                             "a member may hold")
-        return info
-
-    def _open_member(self, info: zipfile.ZipInfo):
-        try:
-            return self._zip().open(info)
-        except ZIP_FAULTS as exc:
-            raise InputError(f"{info.filename} in {self.path}: not readable ({exc})") from None
+        return zips.checked_member(self._zip(), name, f"{name} in {self.path}", MAX_MEMBER_BYTES)
 
     def open(self, name: str):
         """File ``name`` opened for reading in binary mode; InputError for one that is not a regular file or
         a zip member that :meth:`_member` refuses."""
         if self.is_zip:
-            return self._open_member(self._member(name))
+            return zips.open_member(self._zip(), self._member(name), f"{name} in {self.path}")
         path = self.path / name
         if name in self._not_regular:
             raise InputError(f"{path}: not a regular file")
@@ -167,16 +143,7 @@ class Source:
     def read(self, name: str) -> bytes:
         """The bytes of file ``name`` (see :meth:`open`)."""
         if self.is_zip:
-            info = self._member(name)
-            size, f = info.file_size, self._open_member(info)
-            try:
-                with f:
-                    data = f.read(size + 1)  # zipfile stops at the declared size and checks the CRC there
-            except ZIP_FAULTS as exc:
-                raise InputError(f"{name} in {self.path}: not readable ({exc})") from None
-            if len(data) != size:
-                raise InputError(f"{name} in {self.path}: holds {len(data):,} bytes, declares {size:,}")
-            return data
+            return zips.read_member(self._zip(), self._member(name), f"{name} in {self.path}")
         with self.open(name) as f:
             return f.read()
 

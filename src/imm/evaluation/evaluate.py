@@ -44,6 +44,7 @@ from imm.core.errors import InputError, MissingError, MissingPackageError
 from imm.core.files import atomic_write, write_text
 from imm.evaluation import fid as fidlib
 from imm.evaluation.inception import load_inception
+from imm.io.arrays import NpzFile
 from imm.model.sampling import SamplingEntry
 
 FEATURE_DIM = 2048
@@ -93,20 +94,39 @@ def metric_networks(ref, refs: dict, device, inception_path=None, dinov2=None) -
     return sets
 
 
+MAX_IMAGE_SIDE = 1024  # the largest images the distances read (Inception and DINOv2 look at 299 and 224 pixels)
+
+
+def check_image_side(height: int, width: int, what: str) -> None:
+    """InputError for images larger than :data:`MAX_IMAGE_SIDE` on a side (a batch of 8000 x 8000 images
+    would take tens of gigabytes on its way to a 299-pixel network)."""
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise InputError(f"{what}: images of {height} x {width} pixels, larger than the {MAX_IMAGE_SIDE} x "
+                         f"{MAX_IMAGE_SIDE} the distances read: resize them first (imm prepare images --source "
+                         "DIR --dest OUT.zip --resolution 256)")
+
+
+def check_image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str = "samples") -> None:
+    """InputError unless ``shape`` and ``dtype`` are uint8 N[H]W[C] images (1 or 3 channels, at least 2, at
+    most :data:`MAX_IMAGE_SIDE` pixels a side)."""
+    if dtype != np.uint8:
+        hint = (" (float images: convert x in [-1, 1] with (x * 127.5 + 128).clip(0, 255).astype(np.uint8); "
+                "latents must be decoded first)" if dtype.kind == "f" else "")
+        raise InputError(f"{what}: images must be uint8, got dtype {dtype}{hint}")
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise InputError(f"{what}: images must be uint8 NHWC with 1 or 3 channels, got shape {tuple(shape)}")
+    if shape[0] < 2:
+        raise InputError(f"{what}: need at least 2 images for a covariance, got {shape[0]}")
+    check_image_side(shape[1], shape[2], what)
+
+
 def check_images(images, what: str = "samples") -> np.ndarray:
     """A uint8 NHWC array with 1 or 3 channels and at least 2 images (grayscale NHW gets a channel axis)."""
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        hint = (" (float images: convert x in [-1, 1] with (x * 127.5 + 128).clip(0, 255).astype(np.uint8); "
-                "latents must be decoded first)" if images.dtype.kind == "f" else "")
-        raise InputError(f"{what}: images must be uint8, got dtype {images.dtype}{hint}")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise InputError(f"{what}: images must be uint8 NHWC with 1 or 3 channels, got shape {tuple(images.shape)}")
-    if images.shape[0] < 2:
-        raise InputError(f"{what}: need at least 2 images for a covariance, got {images.shape[0]}")
-    return images
+    check_image_layout(images.shape, images.dtype, what)
+    return images[..., None] if images.ndim == 3 else images
 
 
 def load_images(path) -> np.ndarray:
@@ -122,7 +142,10 @@ def load_images(path) -> np.ndarray:
         files = sorted(f for f in path.rglob("*.png") if not f.is_dir())
         if not files:
             raise InputError(f"samples: no .png files in {path}")
-        arrays = [load_png(f) for f in files]
+        arrays = []
+        for f in files:
+            arrays.append(load_png(f))
+            check_image_side(*arrays[-1].shape[:2], f"samples {f}")
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise InputError(f"samples: the PNGs in {path} have different shapes {sorted(shapes)}")
@@ -130,23 +153,12 @@ def load_images(path) -> np.ndarray:
             if a.dtype != np.uint8:
                 raise InputError(f"samples: {f} is not an 8-bit image (dtype {a.dtype})")
         return check_images(np.stack(arrays), f"samples {path}")
-    unreadable = f"samples: {path} is neither a folder of PNGs nor a readable .npz"
-    if not path.is_file():  # a FIFO or device: reading could block forever
-        raise InputError(f"{unreadable} (not a regular file)")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
-        raise InputError(f"{unreadable} ({e})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InputError(f"samples: {path} is a .npy array, not an .npz with images under arr_0")
-    with archive:
-        if "arr_0" not in archive:
-            raise InputError(f"samples: {path} has no 'arr_0' entry (keys {list(archive.keys())}); expected uint8 "
+    with NpzFile(path, "samples .npz") as archive:
+        if "arr_0" not in archive.keys:
+            raise InputError(f"samples: {path} has no 'arr_0' entry (keys {archive.keys}); expected uint8 "
                              "NHWC images under arr_0")
-        try:
-            images = archive["arr_0"]
-        except Exception as e:  # a corrupt member
-            raise InputError(f"{unreadable} ({e})") from None
+        check_image_layout(*archive.header("arr_0"), f"samples {path}")  # before reading
+        images = archive.read("arr_0")
     return check_images(images, f"samples {path}")
 
 
@@ -168,6 +180,7 @@ def open_dataset(data: str, max_images: int | None = None):
                          "to pixels first (FID statistics are computed on images)")
     if ds.num_channels not in (1, 3):
         raise InputError(f"{data} has {ds.num_channels}-channel images; FID needs 1 (grayscale) or 3 (RGB)")
+    check_image_side(ds.resolution, ds.resolution, str(data))
     if max_images is not None and max_images < 2:
         raise InputError(f"--max-images must be at least 2, got {max_images}")
     n = len(ds) if max_images is None else min(len(ds), max_images)

@@ -26,7 +26,6 @@ Needs scipy (``pip install scipy``) for :func:`frechet_distance`.
 from __future__ import annotations
 
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch
 
 from imm.core.errors import InputError, MissingError, MissingPackageError
 from imm.core.files import atomic_write
+from imm.io.arrays import NpzFile
 
 __all__ = [
     "feature_statistics",
@@ -178,7 +178,8 @@ def load_statistics(path, keys: tuple[str, str] = ("mu", "sigma"), missing_hint:
     ``missing_hint`` ends the message when the keys are missing.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything else that is not
-    such a file (not an npz, pickled objects, missing keys, wrong shapes or dtypes).
+    such a file (not an npz, pickled objects, missing keys, wrong shapes or dtypes), read within the
+    bounds of :class:`imm.io.arrays.NpzFile`.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -186,24 +187,17 @@ def load_statistics(path, keys: tuple[str, str] = ("mu", "sigma"), missing_hint:
             f"reference statistics not found: {path} (make them with `imm eval ref --data DATA --out {path}`, use "
             "EDM's or ADM's reference files, e.g. https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, "
             "or --ref mnist for the bundled MNIST digits)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise InputError(f"{path} is a single .npy array, not an .npz with {keys[0]!r} and {keys[1]!r}")
-        with loaded as f:
-            found = list(f.keys())
-            missing = [k for k in keys if k not in found]
-            if missing:
-                hint = " (it holds images in 'arr_0': compute their statistics first)" if "arr_0" in found else ""
-                raise InputError(f"{path} has no {' / '.join(repr(k) for k in missing)} entry; "
-                                 f"keys are {found}{hint}{missing_hint}")
-            mu, sigma = f[keys[0]], f[keys[1]]
-    except ValueError as e:
-        if str(path) in str(e):
-            raise
-        raise InputError(f"{path}: not a readable statistics .npz ({e})") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: not a readable statistics .npz ({e})") from e
+    with NpzFile(path, "statistics .npz") as f:
+        missing = [k for k in keys if k not in f.keys]
+        if missing:
+            hint = " (it holds images in 'arr_0': compute their statistics first)" if "arr_0" in f.keys else ""
+            raise InputError(f"{path} has no {' / '.join(repr(k) for k in missing)} entry; "
+                             f"keys are {f.keys}{hint}{missing_hint}")
+        (mu_shape, _), (sigma_shape, _) = f.header(keys[0]), f.header(keys[1])
+        if len(mu_shape) != 1 or sigma_shape != mu_shape * 2:  # before reading: sigma is [D, D] for mu's D
+            raise InputError(f"{path}: malformed statistics: {keys[0]} has shape {mu_shape} and {keys[1]} "
+                             f"{sigma_shape}; expected [D] and [D, D]")
+        mu, sigma = f.read(keys[0]), f.read(keys[1])
     try:
         return check_statistics(mu, sigma, "")
     except ValueError as e:
