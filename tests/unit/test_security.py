@@ -853,3 +853,33 @@ def test_images_larger_than_the_distances_read_are_refused_in_one_line(tmp_path,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "images of 1100 x 1100 pixels, larger than the 1024 x 1024" in err, err
     assert not (tmp_path / "ref.npz").exists()
+
+
+def test_a_linked_subfolder_of_an_output_folder_is_refused(tmp_path, capsys):
+    """A symlink planted at a subfolder a command writes into (imm generate's OUT/<entry>/, the trainer's
+    RUN/checkpoints/, whose old files it deletes) is refused in one line; the folder it points to is untouched."""
+    from imm.io.checkpoint import save_network
+    from tests.helpers import TOY_FAST
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "000000.png").write_bytes(b"keep me")
+    (victim / ".kept.tmp").write_bytes(b"keep me too")
+    net = tmp_path / "net.safetensors"
+    save_network(imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1), net,
+                 {"encoder": {"kind": "identity"}, "sampling": {"1_step": {"num_steps": 1}}})
+    out, run = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    run.mkdir()
+    (out / "1_step").symlink_to(victim, target_is_directory=True)
+    (run / "checkpoints").symlink_to(victim, target_is_directory=True)
+    for command, link in (
+            (["generate", "--checkpoint", str(net), "--out", str(out), "--num-images", "2"], out / "1_step"),
+            (["train", "--config", "toy2d", "--run-dir", str(run), *TOY_FAST, "training.total_steps=2"],
+             run / "checkpoints")):
+        capsys.readouterr()
+        assert main([*command, "--device", "cpu"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and f"{link} is a symlink" in errors[0], errors
+    assert sorted(p.name for p in victim.iterdir()) == [".kept.tmp", "000000.png"]
+    assert (victim / "000000.png").read_bytes() == b"keep me"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from imm.core.errors import InputError
+
 
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)``, fsync it, then rename over ``path``: a crash leaves the old file intact, and a
@@ -50,3 +52,14 @@ def open_append(path):
 def write_text(path, text: str) -> None:
     """``text`` into ``path`` by :func:`atomic_write`."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_subfolders(root, names) -> None:
+    """InputError when ``root/NAME``, for a name of ``names``, exists as a symlink or as anything but a folder:
+    the files a command writes into its subfolders stay inside ``root`` (a link planted at a subfolder's
+    name would send them, and the trainer's deletion of old checkpoints, elsewhere)."""
+    for name in names:
+        path = Path(root) / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            what = "a symlink" if path.is_symlink() else "not a folder"
+            raise InputError(f"{path} is {what}: imm writes into real folders inside {root} only (remove it)")

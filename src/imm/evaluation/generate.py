@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from imm.core import distributed, threads
 from imm.core.config import ConfigError
-from imm.core.files import atomic_write
+from imm.core.files import atomic_write, check_subfolders
 from imm.core.release import canonical
 from imm.evaluation.sampling_run import SamplingRun, resolve_sampling_run
 from imm.evaluation.toy_metrics import toy2d_sliced_w2
@@ -178,6 +177,7 @@ def generate_images(run: SamplingRun, out: Path, num_images: int, progress: bool
     digest = weights_digest(net)
     npz_paths = []
     for name, entry in run.entries.items():
+        check_subfolders(out, [name])
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         claim_folder(folder, image_settings(net, digest, entry, seed, encoder_cfg, run.method, run.fast.precision))
@@ -187,9 +187,7 @@ def generate_images(run: SamplingRun, out: Path, num_images: int, progress: bool
         for indices in bar:
             threads.tick()
             for i, img in zip(indices, to_hwc(draw(run, entry, indices).cpu())):
-                tmp = folder / f".{i:06d}.png.tmp"
-                save_png(img, tmp)
-                os.replace(tmp, folder / f"{i:06d}.png")
+                save_png(img, folder / f"{i:06d}.png")  # complete or absent (imm.core.files.atomic_write)
         distributed.barrier()
         npz = out / f"{name}.npz"
         if distributed.is_main():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from imm.core import distributed
 from imm.core.errors import StateError
+from imm.core.files import check_subfolders
 from imm.io.checkpoint import read_training_state
 
 
@@ -47,11 +48,16 @@ def set_aside(paths: list[Path], suffix: str) -> None:
     distributed.barrier()
 
 
-def remove_orphans(run_dir: Path) -> None:
-    """Delete the temporary files (``.NAME.*.tmp``) that a kill during :func:`imm.io.checkpoint.atomic_write`
+RUN_SUBFOLDERS = ("checkpoints", "samples", "phema", "tensorboard")  # what the trainer writes into under RUN/
+
+
+def tidy_run_folder(run_dir: Path) -> None:
+    """Refuse a run folder whose subfolders are links or files (:func:`imm.core.files.check_subfolders`), then
+    delete the temporary files (``.NAME.*.tmp``) that a kill during :func:`imm.core.files.atomic_write`
     left behind."""
+    check_subfolders(run_dir, RUN_SUBFOLDERS)
     if distributed.is_main():
-        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples", run_dir / "phema"):
+        for folder in (run_dir, *(run_dir / name for name in RUN_SUBFOLDERS)):
             for path in folder.glob(".*.tmp"):
                 if path.is_file():
                     path.unlink(missing_ok=True)

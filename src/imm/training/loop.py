@@ -52,7 +52,7 @@ from imm.io.checkpoint import sampling_settings, save_network
 from imm.methods.registry import build_loss
 from imm.model.backbones import set_activation_checkpointing
 from imm.model.network import IMMNetwork
-from imm.training.checkpoints import Rotation, TrainingError, remove_orphans, resume_state, set_aside_diverged
+from imm.training.checkpoints import Rotation, TrainingError, resume_state, set_aside_diverged, tidy_run_folder
 from imm.training.config import (
     OptimizerSection,
     TrainingSection,
@@ -182,7 +182,7 @@ def set_up_state(cfg: dict, training: TrainingSection, opt: OptimizerSection, ne
     state = TrainingState.create(net, training)
     if training.activation_checkpointing and not set_activation_checkpointing(net, True):
         raise ConfigError(f"training.activation_checkpointing needs a DiT or SongUNet network, not {net_cfg.get('model_type')}")
-    remove_orphans(run_dir)
+    tidy_run_folder(run_dir)
     source, saved = resume_state(run_dir, start_over)
     if saved is not None:
         check_resumed_config(source, saved.get("config") or {}, cfg, allow_changes)
