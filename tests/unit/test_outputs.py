@@ -262,13 +262,10 @@ def test_training_and_prepare_refuse_a_fifo_unopened(tmp_path):
     unreadable sample (which the loader skips); neither opens it."""
     from imm.data.datasets import ImageFolderDataset, UnreadableSample
     from imm.data.loader import make_loader
+    from tests.hostile_files import dataset_with_fifo
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(src / f"{i}.png")
+    src = dataset_with_fifo(tmp_path)
     fifo = src / "1b.png"
-    os.mkfifo(fifo)
     info = finishes(lambda: prepare_images(src, tmp_path / "out.zip", 8, progress=False), fifo)
     assert info["count"] == 3 and info["skipped"] == {"not a regular file": ["1b.png"]}
     dataset = finishes(lambda: ImageFolderDataset(src), fifo)

@@ -541,16 +541,13 @@ def test_config_base_loops_and_deep_yaml_give_one_line(tmp_path, monkeypatch):
 def test_hostile_yaml_is_one_line_within_bounds(tmp_path):
     """An alias bomb (9 levels of 9 aliases: 387 million values once expanded), 450-deep nesting and a
     5,000-digit integer are refused while loading, in one line; the same bounds hold for override values."""
-    letters = "abcdefghij"
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip(letters, letters[1:]))
-    cases = {"bomb.yaml": (bomb, "more than 100,000 values once its aliases are expanded"),
-             "deep.yaml": ("x: " + "[" * 450 + "]" * 450 + "\n", "nested deeper than 64 levels"),
-             "digits.yaml": ("training:\n  seed: 1" + "0" * 5000 + "\n", "an integer of 5001 digits at line 2")}
-    for name, (text, message) in cases.items():
-        (tmp_path / name).write_text(text)
+    from tests import hostile_files
+
+    for build, message in ((hostile_files.yaml_alias_bomb, "more than 100,000 values once its aliases are expanded"),
+                           (hostile_files.yaml_deep, "nested deeper than 64 levels"),
+                           (hostile_files.yaml_long_integer, "an integer of 5001 digits at line 2")):
         with pytest.raises(ConfigError, match=message) as info:
-            load_config(str(tmp_path / name))
+            load_config(str(build(tmp_path)))
         assert "\n" not in str(info.value)
     assert parse_value("[1, [2, 3]]") == [1, [2, 3]] and parse_value("1" + "0" * 5000) == "1" + "0" * 5000
 
@@ -558,16 +555,16 @@ def test_hostile_yaml_is_one_line_within_bounds(tmp_path):
 def test_config_base_is_read_from_the_configs_folder_and_never_quoted(tmp_path, monkeypatch):
     """base: names a preset or a file in the folder of the config that names it (not the working directory's);
     a base that is no config is refused without a word of its contents."""
+    from tests import hostile_files
+
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "parent.yaml").write_text("training: {batch_size: 7}\n")
     (tmp_path / "cfgs" / "child.yaml").write_text("base: parent.yaml\n")
     (tmp_path / "parent.yaml").write_text("training: {batch_size: 99}\n")  # the working directory's: not used
     monkeypatch.chdir(tmp_path)
     assert load_config("cfgs/child.yaml")["training"]["batch_size"] == 7
-    (tmp_path / "credentials").write_text("[default]\naws_secret_access_key = SECRETVALUE123\n")
-    (tmp_path / "cfgs" / "steal.yaml").write_text("base: ../credentials\n")
     with pytest.raises(ConfigError, match="invalid YAML") as info:
-        load_config("cfgs/steal.yaml")
+        load_config(str(hostile_files.yaml_base_credentials(tmp_path).relative_to(tmp_path)))
     assert "SECRET" not in str(info.value) and "default" not in str(info.value)
 
 
@@ -613,11 +610,9 @@ def test_file_that_cannot_be_opened(tmp_path, monkeypatch):
 def test_a_checkpoints_recorded_settings_are_checked_before_use(tmp_path, capsys, name, entry, eval_section, message):
     """Settings recorded in a network file (which imm generate / imm eval fid use without --config) are typed
     and bounded like a config's: one line naming the file and the key, nothing sampled, nothing written."""
-    from imm.io.checkpoint import save_network
+    from tests.hostile_files import network_recording
 
-    net = imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1)
-    path = tmp_path / "net.safetensors"
-    save_network(net, path, {"encoder": {"kind": "identity"}, "sampling": {name: entry}, "eval": eval_section})
+    path = network_recording(tmp_path, {"encoder": {"kind": "identity"}, "sampling": {name: entry}, "eval": eval_section})
     out = tmp_path / "deep" / "out"
     for command in (["generate", "--checkpoint", str(path), "--out", str(out)],
                     ["eval", "fid", "--checkpoint", str(path), "--ref", "mnist", "--num-images", "4", "--out", str(out)]):
@@ -635,16 +630,12 @@ def test_planted_symlinks_in_output_folders_are_replaced_not_written_through(tmp
     from imm.io.images import save_grid
     from imm.training.loop import train
     from tests.helpers import toy_cfg
+    from tests.hostile_files import planted_links
 
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me\n")
+    names = ["out/1_step_samples.png", "out/fid.json", "out/fid.csv", "run/config.yaml", "run/metrics.jsonl"]
+    victim = planted_links(tmp_path, names)
     out, run = tmp_path / "out", tmp_path / "run"
-    out.mkdir()
-    run.mkdir()
-    planted = [out / "1_step_samples.png", out / "fid.json", out / "fid.csv", run / "config.yaml",
-               run / "metrics.jsonl"]
-    for link in planted:
-        link.symlink_to(victim)
+    planted = [tmp_path / name for name in names]
     save_grid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), out / "1_step_samples.png")
     write_results([{"steps": 1, "nfe": 1, "fid": 3.0, "num_images": 4, "seconds": 0.1}], out)
     train(toy_cfg("training.total_steps=2", "logging.log_every=1"), run, device="cpu")
@@ -656,13 +647,10 @@ def test_planted_symlinks_in_output_folders_are_replaced_not_written_through(tmp
 def test_text_from_files_reaches_the_terminal_escaped(tmp_path, capsys):
     """An error quoting a file's text (here a config key with a terminal escape and a newline) prints as one
     line with the control characters shown, not sent to the terminal."""
-    from imm.io.checkpoint import save_network
+    from tests.hostile_files import network_recording, yaml_escapes
 
-    net = tmp_path / "net.safetensors"
-    save_network(imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1), net)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text('base: toy2d\neval:\n  "seed\\e[2J\\nfake: line": 1\n')
-    assert main(["generate", "--checkpoint", str(net), "--config", str(cfg)]) == 2
+    net = network_recording(tmp_path, {})
+    assert main(["generate", "--checkpoint", str(net), "--config", str(yaml_escapes(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\nfake" in err, err
 
@@ -696,13 +684,11 @@ def test_images_open_only_as_the_formats_promised_and_within_a_pixel_bound(tmp_p
 def test_a_checkpoint_cannot_choose_which_vae_is_loaded(tmp_path, capsys):
     """A recorded encoder.vae_name that is a folder or an unknown Hub id is refused before anything is read
     from it, unless the user chooses the VAE (encoder.vae_name=...)."""
-    from imm.io.checkpoint import save_network
+    from tests.hostile_files import network_planted_vae, network_recording
 
-    path = tmp_path / "net.safetensors"
-    net = imm.IMMNetwork(img_resolution=1, img_channels=4, model_type="MLP", hidden=16, depth=1)
-    for named in (str(tmp_path / "planted-vae"), "someone/else-vae"):
-        save_network(net, path, {"encoder": {"kind": "sd_vae", "vae_name": named},
-                                 "sampling": {"1_step": {"num_steps": 1}}})
+    hub_id = network_recording(tmp_path, {"encoder": {"kind": "sd_vae", "vae_name": "someone/else-vae"},
+                                          "sampling": {"1_step": {"num_steps": 1}}}, "hub-vae.safetensors", 4)
+    for path, named in ((network_planted_vae(tmp_path), str(tmp_path / "planted-vae")), (hub_id, "someone/else-vae")):
         capsys.readouterr()
         assert main(["generate", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
         err = capsys.readouterr().err
@@ -716,45 +702,22 @@ def test_a_checkpoint_cannot_choose_which_vae_is_loaded(tmp_path, capsys):
 def test_hostile_zip_datasets_are_one_line_before_anything_is_inflated(tmp_path, monkeypatch):
     """A corrupt central directory, a bzip2 member, a member declared larger than the bound, a member whose
     bytes fail their CRC and a class id of 10^12 in dataset.json: each one InputError line naming the file."""
-    from PIL import Image
-
     from imm.core.errors import InputError
     from imm.data import source
     from imm.data.source import Source
+    from tests import hostile_files
 
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, format="PNG")
-
-    def archive(name, method=zipfile.ZIP_STORED, members=None):
-        path = tmp_path / name
-        with zipfile.ZipFile(path, "w", compression=method) as z:
-            for member, data in (members or {"a.png": png.getvalue()}).items():
-                z.writestr(member, data)
-        return path
-
-    corrupt = archive("corrupt.zip")
-    data = bytearray(corrupt.read_bytes())
-    end = data.rindex(b"PK\x05\x06")
-    data[end + 16:end + 20] = struct.pack("<I", 7)  # the central directory's offset points into the first member
-    corrupt.write_bytes(bytes(data))
-    bad_crc = archive("crc.zip")
-    data = bytearray(bad_crc.read_bytes())
-    at = data.index(png.getvalue()[:16]) + 20
-    data[at] ^= 0xFF
-    bad_crc.write_bytes(bytes(data))
-    cases = [(corrupt, "not (a )?readable"),
-             (archive("bzip2.zip", zipfile.ZIP_BZIP2), "compression method 12"),
-             (bad_crc, "not readable .Bad CRC-32"),
-             (archive("labels.zip", members={"a.png": png.getvalue(),
-                                             "dataset.json": '{"labels": [["a.png", 1000000000000]]}'}),
-              "class ids must be below 100,000")]
+    cases = [(hostile_files.zip_corrupt_directory(tmp_path), "not (a )?readable"),
+             (hostile_files.zip_bzip2(tmp_path), "compression method 12"),
+             (hostile_files.zip_bad_crc(tmp_path), "not readable .Bad CRC-32"),
+             (hostile_files.zip_huge_label(tmp_path), "class ids must be below 100,000")]
     for path, message in cases:
         with pytest.raises(InputError, match=message) as info:
             Source(path).read("a.png")
         assert "\n" not in str(info.value) and path.name in str(info.value)
     monkeypatch.setattr(source, "MAX_MEMBER_BYTES", 64)
     with pytest.raises(InputError, match=r"a.png in .*declares \d+ bytes, more than the 64"):
-        Source(archive("big.zip")).read("a.png")
+        Source(hostile_files.zip_dataset(tmp_path)).read("a.png")
 
 
 # --- .npz and .npy: shapes and sizes checked before anything is allocated ------------------------------
@@ -837,42 +800,32 @@ def test_npz_and_npy_files_read_as_numpy_writes_them(tmp_path):
     assert np.array_equal(read_npy_file(big_header), arrays["f32"])
 
 
-def test_images_larger_than_the_distances_read_are_refused_in_one_line(tmp_path, capsys):
-    """Reference data and samples of 1100 x 1100 (a folder of PNGs, the same as an .npz) are refused before
-    any network is loaded, naming the size and how to resize."""
+def test_large_images_reach_the_distances_in_bounded_batches(tmp_path, monkeypatch):
+    """Reference data and samples of 1100 x 1100 (within Pillow's pixel bound) are read in batches of at most
+    MAX_BATCH_VALUES pixel values (here one image), whatever --batch-size asks: the same images, in order."""
+    from imm.evaluation import evaluate
+    from imm.io import images as image_files
     from tests import hostile_files
 
+    monkeypatch.setattr(image_files, "MAX_BATCH_VALUES", 1100 * 1100 * 3 * 3 // 2)
     folder = hostile_files.oversized_pngs(tmp_path)
-    images = np.zeros((2, 1100, 1100, 3), np.uint8)
-    np.savez_compressed(tmp_path / "oversized.npz", arr_0=images)
-    for command in (["eval", "ref", "--data", str(folder), "--out", str(tmp_path / "ref.npz")],
-                    ["eval", "fid", "--samples", str(folder), "--ref", "mnist"],
-                    ["eval", "fid", "--samples", str(tmp_path / "oversized.npz"), "--ref", "mnist"]):
-        capsys.readouterr()
-        assert main([*command, "--device", "cpu"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "images of 1100 x 1100 pixels, larger than the 1024 x 1024" in err, err
-    assert not (tmp_path / "ref.npz").exists()
+    ds, n = evaluate.open_dataset(str(folder))
+    samples = evaluate.load_images(folder)
+    for batches in (list(evaluate._dataset_batches(ds, n, 64)), list(evaluate._nchw_batches(samples, 64))):
+        assert [tuple(b.shape) for b in batches] == [(1, 3, 1100, 1100)] * 2
+        assert torch.equal(torch.cat(batches), torch.from_numpy(samples).permute(0, 3, 1, 2))
 
 
 def test_a_linked_subfolder_of_an_output_folder_is_refused(tmp_path, capsys):
     """A symlink planted at a subfolder a command writes into (imm generate's OUT/<entry>/, the trainer's
     RUN/checkpoints/, whose old files it deletes) is refused in one line; the folder it points to is untouched."""
-    from imm.io.checkpoint import save_network
     from tests.helpers import TOY_FAST
+    from tests.hostile_files import network_recording, planted_folder_link
 
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "000000.png").write_bytes(b"keep me")
-    (victim / ".kept.tmp").write_bytes(b"keep me too")
-    net = tmp_path / "net.safetensors"
-    save_network(imm.IMMNetwork(img_resolution=1, img_channels=2, model_type="MLP", hidden=16, depth=1), net,
-                 {"encoder": {"kind": "identity"}, "sampling": {"1_step": {"num_steps": 1}}})
+    net = network_recording(tmp_path, {"encoder": {"kind": "identity"}, "sampling": {"1_step": {"num_steps": 1}}})
+    victim = planted_folder_link(tmp_path, "out/1_step")
+    planted_folder_link(tmp_path, "run/checkpoints")
     out, run = tmp_path / "out", tmp_path / "run"
-    out.mkdir()
-    run.mkdir()
-    (out / "1_step").symlink_to(victim, target_is_directory=True)
-    (run / "checkpoints").symlink_to(victim, target_is_directory=True)
     for command, link in (
             (["generate", "--checkpoint", str(net), "--out", str(out), "--num-images", "2"], out / "1_step"),
             (["train", "--config", "toy2d", "--run-dir", str(run), *TOY_FAST, "training.total_steps=2"],

@@ -35,6 +35,7 @@ from torch import nn
 from imm.core.errors import InputError, MissingError, MissingPackageError
 from imm.io import hub
 from imm.io.checkpoint import CheckpointError
+from imm.io.images import images_per_batch
 
 DEFAULT_MODEL = "facebook/dinov2-large"
 RESOLUTION = 224
@@ -102,8 +103,9 @@ class DINOv2Features(nn.Module):
         with tqdm(total=images.shape[0] if single else None, disable=not progress, unit="img", desc="dinov2") as bar:
             for batch in [images] if single else images:
                 batch = _as_nchw(batch)
-                for i in range(0, batch.shape[0], batch_size):
-                    chunk = batch[i:i + batch_size]
+                step = images_per_batch(batch_size, batch.shape[1:])
+                for i in range(0, batch.shape[0], step):
+                    chunk = batch[i:i + step]
                     feats.append(self(chunk).float().cpu().numpy())
                     bar.update(chunk.shape[0])
         return np.concatenate(feats) if feats else np.zeros((0, self.feature_dim), np.float32)

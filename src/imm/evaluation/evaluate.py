@@ -45,6 +45,7 @@ from imm.core.files import atomic_write, write_text
 from imm.evaluation import fid as fidlib
 from imm.evaluation.inception import load_inception
 from imm.io.arrays import NpzFile
+from imm.io.images import images_per_batch
 from imm.model.sampling import SamplingEntry
 
 FEATURE_DIM = 2048
@@ -94,21 +95,8 @@ def metric_networks(ref, refs: dict, device, inception_path=None, dinov2=None) -
     return sets
 
 
-MAX_IMAGE_SIDE = 1024  # the largest images the distances read (Inception and DINOv2 look at 299 and 224 pixels)
-
-
-def check_image_side(height: int, width: int, what: str) -> None:
-    """InputError for images larger than :data:`MAX_IMAGE_SIDE` on a side (a batch of 8000 x 8000 images
-    would take tens of gigabytes on its way to a 299-pixel network)."""
-    if max(height, width) > MAX_IMAGE_SIDE:
-        raise InputError(f"{what}: images of {height} x {width} pixels, larger than the {MAX_IMAGE_SIDE} x "
-                         f"{MAX_IMAGE_SIDE} the distances read: resize them first (imm prepare images --source "
-                         "DIR --dest OUT.zip --resolution 256)")
-
-
 def check_image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str = "samples") -> None:
-    """InputError unless ``shape`` and ``dtype`` are uint8 N[H]W[C] images (1 or 3 channels, at least 2, at
-    most :data:`MAX_IMAGE_SIDE` pixels a side)."""
+    """InputError unless ``shape`` and ``dtype`` are uint8 N[H]W[C] images (1 or 3 channels, at least 2)."""
     if dtype != np.uint8:
         hint = (" (float images: convert x in [-1, 1] with (x * 127.5 + 128).clip(0, 255).astype(np.uint8); "
                 "latents must be decoded first)" if dtype.kind == "f" else "")
@@ -119,7 +107,6 @@ def check_image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str = "sam
         raise InputError(f"{what}: images must be uint8 NHWC with 1 or 3 channels, got shape {tuple(shape)}")
     if shape[0] < 2:
         raise InputError(f"{what}: need at least 2 images for a covariance, got {shape[0]}")
-    check_image_side(shape[1], shape[2], what)
 
 
 def check_images(images, what: str = "samples") -> np.ndarray:
@@ -142,10 +129,7 @@ def load_images(path) -> np.ndarray:
         files = sorted(f for f in path.rglob("*.png") if not f.is_dir())
         if not files:
             raise InputError(f"samples: no .png files in {path}")
-        arrays = []
-        for f in files:
-            arrays.append(load_png(f))
-            check_image_side(*arrays[-1].shape[:2], f"samples {f}")
+        arrays = [load_png(f) for f in files]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise InputError(f"samples: the PNGs in {path} have different shapes {sorted(shapes)}")
@@ -163,8 +147,9 @@ def load_images(path) -> np.ndarray:
 
 
 def _nchw_batches(images_nhwc: np.ndarray, batch_size: int):
-    for i in range(0, images_nhwc.shape[0], batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size].transpose(0, 3, 1, 2)))
+    step = images_per_batch(batch_size, images_nhwc.shape[1:])
+    for i in range(0, images_nhwc.shape[0], step):
+        yield torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + step].transpose(0, 3, 1, 2)))
 
 
 def open_dataset(data: str, max_images: int | None = None):
@@ -180,7 +165,6 @@ def open_dataset(data: str, max_images: int | None = None):
                          "to pixels first (FID statistics are computed on images)")
     if ds.num_channels not in (1, 3):
         raise InputError(f"{data} has {ds.num_channels}-channel images; FID needs 1 (grayscale) or 3 (RGB)")
-    check_image_side(ds.resolution, ds.resolution, str(data))
     if max_images is not None and max_images < 2:
         raise InputError(f"--max-images must be at least 2, got {max_images}")
     n = len(ds) if max_images is None else min(len(ds), max_images)
@@ -190,8 +174,9 @@ def open_dataset(data: str, max_images: int | None = None):
 
 
 def _dataset_batches(ds, n: int, batch_size: int):
-    for i in range(0, n, batch_size):
-        yield torch.stack([ds[j][0] for j in range(i, min(n, i + batch_size))])
+    step = images_per_batch(batch_size, ds.raw_shape)
+    for i in range(0, n, step):
+        yield torch.stack([ds[j][0] for j in range(i, min(n, i + step))])
 
 
 def dataset_features(data: str, max_images: int | None = None, batch_size: int = 64, inception=None,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imm.core.errors import InputError, MissingError, StateError
+from imm.io.images import images_per_batch
 
 __all__ = [
     "CACHE_FILENAME",
@@ -344,8 +345,9 @@ class InceptionV3(nn.Module):
             for batch in batches:
                 if isinstance(batch, np.ndarray):
                     batch = torch.from_numpy(np.ascontiguousarray(batch))
-                for i in range(0, batch.shape[0], batch_size):  # iterables may yield large batches
-                    chunk = batch[i:i + batch_size]
+                step = images_per_batch(batch_size, batch.shape[1:])  # iterables may yield large batches
+                for i in range(0, batch.shape[0], step):
+                    chunk = batch[i:i + step]
                     out = network(chunk, return_logits=return_logits, logits_bias=logits_bias)
                     if return_logits:
                         feats.append(out[0].float().cpu().numpy())

@@ -20,6 +20,13 @@ from imm.core.files import atomic_write
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 MAX_IMAGE_PIXELS = 64_000_000  # above this an image is refused before it is decoded (8000 x 8000)
+MAX_BATCH_VALUES = 2**28  # the most pixel values a batch of images handed to a network holds (1 GiB as float32)
+
+
+def images_per_batch(batch_size: int, image_shape) -> int:
+    """``batch_size``, or fewer for large images (at least 1): a batch of ``image_shape`` images (any
+    order of C, H, W) holds at most :data:`MAX_BATCH_VALUES` values."""
+    return max(1, min(int(batch_size), MAX_BATCH_VALUES // max(1, math.prod(image_shape))))
 
 
 def image_formats() -> tuple[str, ...]:
