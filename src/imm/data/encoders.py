@@ -283,6 +283,18 @@ class StabilityVAEEncoder(Encoder):
         if not same_device or p.dtype != dtype:
             self._vae.to(device=device, dtype=dtype)
 
+    @property
+    def vae(self):
+        """The diffusers ``AutoencoderKL``, loaded on the CPU first if it is not loaded yet."""
+        if self._vae is None:
+            self.init("cpu")
+        return self._vae
+
+    def use_vae(self, vae) -> None:
+        """Decode and encode with ``vae``, a loaded diffusers ``AutoencoderKL`` (a pipeline's ``vae``
+        component), instead of loading ``vae_name``."""
+        self._vae = vae.eval().requires_grad_(False)
+
     def _load(self, dtype: torch.dtype):
         name = self.vae_name
         folder = os.path.expanduser(name)

@@ -189,13 +189,13 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
                          source: str = "the config", names: list[str] | None = None, steps=None,
                          cfg_scale: float | None = None, cfg_interval=None, seed: int | None = None,
                          batch_size: int | None = None, precision: str = "fp32",
-                         memory_format: str = "contiguous") -> SamplingRun:
+                         memory_format: str = "contiguous", load_encoder: bool = True) -> SamplingRun:
     """The sampling run of ``cfg`` for ``checkpoint`` (else ``eval.resume``): the config's sampling entries
     (only ``names`` when given), or a uniform-grid entry per step count of ``steps``; ``cfg_scale`` and
     ``cfg_interval`` replace the entries' guidance, ``seed`` and ``batch_size`` the ``eval`` section's;
     ``precision`` and ``memory_format`` (``auto``: :func:`imm.core.fastpath.choose`) what it samples in. Every
     check (entries, eval settings, the network against the encoder and the guidance) runs before the encoder
-    is loaded."""
+    is loaded (``load_encoder=False``: not at all, for a run that only reads the settings)."""
     try:  # the settings may come from a file (a checkpoint records them): errors name where they came from
         settings = EvalSection.from_config(cfg.get("eval"))
         entries = None if steps else sampling_entries(cfg)
@@ -226,7 +226,8 @@ def resolve_sampling_run(cfg: Mapping, checkpoint, device, *, network_overrides:
         raise ConfigError("--cfg-scale needs a class-conditional network (label_dim > 0)")
     encoder = build_encoder(cfg.get("encoder"))
     check_fits(net, encoder, entries, source)
-    encoder.init(device)
+    if load_encoder:
+        encoder.init(device)
     family = backbone_family(net.config["model_type"])
     fast = distributed.from_main(fastpath.choose(family, device, precision, memory_format)
                                  if distributed.is_main() else None)  # one choice for every process

@@ -1,0 +1,172 @@
+"""``imm export diffusers`` and ``IMMPipeline``: the release-format fixtures sample their stored release outputs
+through diffusers, a trained run samples what ``imm generate`` writes, and the folder round-trips."""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import imm
+from imm.cli import main
+from imm.evaluation.generate import seeded_inputs
+from imm.interop.export import export_diffusers
+from imm.training.loop import train
+from tests.helpers import FIXTURES, image_cfg, npz_images, toy_cfg
+
+pytest.importorskip("diffusers")
+RELEASE = {"unet_cifar_like": "cifar10", "dit_imagenet_like": "imagenet256"}
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((FIXTURES / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", RELEASE)
+def test_release_fixtures_sample_their_release_outputs_through_diffusers(tmp_path, manifest, name):
+    """Each official-format fixture, exported and reloaded, gives the stored outputs of the release's sampler
+    for each of its entries (``pipe(**entry, latents=noise, class_labels=labels, output_type="latent")``)
+    to 1e-4, and a perturbed weight moves them past it."""
+    out = export_diffusers(FIXTURES / f"{name}.pkl", tmp_path / "pipe", config=RELEASE[name])
+    pipe = imm.IMMPipeline.from_pretrained(out)
+    data = np.load(FIXTURES / f"{name}.npz")
+    labels = torch.from_numpy(data["labels"]) if data["labels"].size else None
+    for entry, values in manifest[name]["sampling"].items():
+        got = pipe(**values, latents=torch.from_numpy(data["noise"]), class_labels=labels, output_type="latent").images
+        assert got.shape == data[entry].shape and (got - torch.from_numpy(data[entry])).abs().max() < 1e-4, entry
+    with torch.no_grad():
+        for parameter in pipe.network.parameters():
+            parameter.add_(1e-3)
+    got = pipe(**values, latents=torch.from_numpy(data["noise"]), class_labels=labels, output_type="latent").images
+    assert (got - torch.from_numpy(data[entry])).abs().max() > 1e-4
+
+
+def _generated(checkpoint, out, num_images: int = 4) -> np.ndarray:
+    """What ``imm generate --num-images`` writes for each entry of ``checkpoint``: {entry: uint8 NHWC}."""
+    assert main(["generate", "--checkpoint", str(checkpoint), "--out", str(out), "--num-images", str(num_images),
+                 "--device", "cpu", "--no-progress", "--precision", "fp32"]) == 0
+    return {p.stem: np.load(p)["arr_0"] for p in out.glob("*.npz")}
+
+
+def test_a_trained_image_run_samples_what_imm_generate_writes(tmp_path):
+    """An MNIST-shaped run (1-channel, class-conditional) exported from its run folder: each recorded entry,
+    on imm generate's noise and labels, gives its PNGs' pixels exactly (``output_type="np"`` times 255)."""
+    npz = npz_images(tmp_path / "digits.npz", n=8, res=8, channels=1, labels=True)
+    run = tmp_path / "run"
+    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2"), run, device="cpu")
+    pipe = imm.IMMPipeline.from_pretrained(export_diffusers(run, tmp_path / "pipe"))
+    net = pipe.network.network
+    assert net.label_dim == 3 and set(pipe.scheduler.entries) == {"1_step", "2_steps", "4_steps"}
+    noise, labels = seeded_inputs(net, range(4), 0)
+    generated = _generated(run / "network.safetensors", tmp_path / "gen")
+    for entry, pixels in generated.items():
+        images = pipe(entry=entry, latents=noise, class_labels=labels, output_type="np").images
+        assert images.shape == (4, 8, 8, 1) and np.array_equal(np.rint(images * 255).astype(np.uint8), pixels), entry
+    pil = pipe(entry="1_step", latents=noise, class_labels=labels).images
+    assert [im.mode for im in pil] == ["L"] * 4
+    assert np.array_equal(np.stack([np.asarray(im) for im in pil]), generated["1_step"][..., 0])
+
+
+def test_a_toy_run_exports_and_samples_its_points(tmp_path):
+    """A toy2d run (2-D points, identity encoder) samples what imm generate would from the same noise, as
+    points; "pil" is refused in one line."""
+    run = tmp_path / "run"
+    train(toy_cfg("training.total_steps=3", "logging.log_every=1"), run, device="cpu")
+    assert main(["export", "diffusers", str(run), str(tmp_path / "pipe")]) == 0
+    pipe = imm.IMMPipeline.from_pretrained(tmp_path / "pipe")
+    net = imm.load_network(run / "network.safetensors")
+    noise, _ = seeded_inputs(net, range(16), 0)
+    for steps in (1, 2):
+        points = pipe(num_inference_steps=steps, latents=noise, output_type="pt").images
+        expected = imm.sample(net, noise, num_steps=steps, discretization="uniform")
+        assert torch.equal(points, expected)
+    with pytest.raises(ValueError, match="2-D points, not images"):
+        pipe(latents=noise)
+
+
+def test_save_pretrained_round_trip_dtype_and_device(tmp_path):
+    """save_pretrained -> from_pretrained keeps every weight and the scheduler's settings; torch_dtype and .to()
+    behave as for a diffusers model."""
+    out = export_diffusers(FIXTURES / "dit_imagenet_like.pkl", tmp_path / "a", config="imagenet256")
+    pipe = imm.IMMPipeline.from_pretrained(out)
+    pipe.save_pretrained(tmp_path / "b")
+    again = imm.IMMPipeline.from_pretrained(tmp_path / "b")
+    assert again.scheduler.config == pipe.scheduler.config and again.scheduler.config.method == "imm"
+    for (k, v), (k2, v2) in zip(pipe.network.state_dict().items(), again.network.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert json.loads((out / "model_index.json").read_text())["network"] == ["imm.interop.diffusers_pipeline",
+                                                                             "IMMNetworkModel"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # diffusers >= 0.37 prefers dtype= (older ones know only this)
+        half = imm.IMMPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    assert next(half.network.parameters()).dtype == torch.bfloat16
+    assert half.to(torch.float32).network.dtype == torch.float32
+    release = imm.load_network(FIXTURES / "dit_imagenet_like.pkl")
+    assert again.network.network.config == json.loads(json.dumps(release.config))
+
+
+def test_bad_arguments_are_one_value_error(tmp_path):
+    out = export_diffusers(FIXTURES / "dit_imagenet_like.pkl", tmp_path / "pipe", config="imagenet256")
+    pipe = imm.IMMPipeline.from_pretrained(out)
+    noise = torch.zeros(2, 4, 8, 8)
+    cases = [(dict(output_type="jpeg"), "output_type must be one of"),
+             (dict(class_labels=[0, 1000]), r"class_labels must lie in \[0, 10\)"),
+             (dict(class_labels=[0]), "class_labels must be 2 integer class ids"),
+             (dict(entry="nope"), "unknown sampling entry 'nope'"),
+             (dict(num_steps=2, mid_nt=[0.5, 0.7]), "disagrees with mid_nt"),
+             (dict(guidance_scale=2.0, cfg_scale=3.0), "differ"),
+             (dict(latents=torch.zeros(2, 3, 8, 8)), r"latents must be a tensor \[B, 4, 8, 8\]"),
+             (dict(num_steps=10**6), "num_steps must be an integer from 1 to 4096")]
+    for kwargs, message in cases:
+        kwargs = {"latents": noise, "output_type": "latent", **kwargs}
+        with pytest.raises(ValueError, match=message) as info:
+            pipe(**kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_export_refuses_to_overwrite_and_names_the_missing_extra(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    command = ["export", "diffusers", str(FIXTURES / "unet_cifar_like.pkl"), str(out)]
+    assert main(command) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert main([*command, "--overwrite"]) == 0 and not (out / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary folder left
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "imm.interop.diffusers_pipeline")
+    capsys.readouterr()
+    assert main([*command, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "imm[diffusers]"' in err, err
+
+
+def test_a_latent_network_decodes_with_the_vae_it_carries_or_is_given(tmp_path, tiny_vae_dir):
+    """The DiT fixture with a (tiny, local) VAE: the export copies it into the folder's vae component, and the
+    pipeline decodes as imm generate does. A folder whose encoder names a VAE that is not a known Hub id and
+    carries none is refused in one line, until the user passes the VAE."""
+    from diffusers import AutoencoderKL
+
+    checkpoint, vae = FIXTURES / "dit_imagenet_like.pkl", f"encoder.vae_name={tiny_vae_dir}"
+    entry = "1_steps_cfg1.5_pushforward_uniform"
+    assert main(["export", "diffusers", str(checkpoint), str(tmp_path / "pipe"), "--config", "imagenet256", vae]) == 0
+    assert (tmp_path / "pipe" / "vae" / "config.json").is_file()
+    assert main(["generate", "--checkpoint", str(checkpoint), "--config", "imagenet256", vae, "--entries", entry,
+                 "--num-images", "2", "--out", str(tmp_path / "gen"), "--device", "cpu", "--no-progress",
+                 "--precision", "fp32"]) == 0
+    pixels = np.load(tmp_path / "gen" / f"{entry}.npz")["arr_0"]
+    noise, labels = seeded_inputs(imm.load_network(checkpoint), range(2), 0)
+    pipe = imm.IMMPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.vae).__name__ == "AutoencoderKL"
+    images = pipe(entry=entry, latents=noise, class_labels=labels, output_type="np").images
+    assert np.array_equal(np.rint(images * 255).astype(np.uint8), pixels)
+    without = imm.IMMPipeline(network=pipe.network, scheduler=pipe.scheduler)
+    with pytest.raises(ValueError, match="names the VAE .*tiny_vae.*not one of stabilityai/sd-vae-ft-ema") as info:
+        without(entry=entry, latents=noise, class_labels=labels)
+    assert "\n" not in str(info.value)
+    given = imm.IMMPipeline.from_pretrained(tmp_path / "pipe", vae=AutoencoderKL.from_pretrained(tiny_vae_dir))
+    images = given(entry=entry, latents=noise, class_labels=labels, output_type="np").images
+    assert np.array_equal(np.rint(images * 255).astype(np.uint8), pixels)
