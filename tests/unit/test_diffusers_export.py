@@ -170,3 +170,96 @@ def test_a_latent_network_decodes_with_the_vae_it_carries_or_is_given(tmp_path, 
     given = imm.IMMPipeline.from_pretrained(tmp_path / "pipe", vae=AutoencoderKL.from_pretrained(tiny_vae_dir))
     images = given(entry=entry, latents=noise, class_labels=labels, output_type="np").images
     assert np.array_equal(np.rint(images * 255).astype(np.uint8), pixels)
+
+
+# --- imm push ----------------------------------------------------------------------------------------------
+
+def _pushed_run(tmp_path):
+    """An MNIST-shaped run with the FIDs imm demo and the trainer's periodic FID write."""
+    from imm.evaluation.evaluate import write_results
+    from imm.training.config import LoggingSection
+    from imm.training.logs import Logger
+
+    npz = npz_images(tmp_path / "digits.npz", n=8, res=8, channels=1, labels=True)
+    run = tmp_path / "run"
+    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2",
+                    "logging.fid_num_images=64"), run, device="cpu")
+    write_results([{"steps": 1, "nfe": 1, "fid": 123.4, "num_images": 256, "seconds": 1.0}], run / "fid", ref="mnist")
+    logger = Logger(run, LoggingSection(tensorboard=False), start_step=2)
+    logger.scalars(2, {"fid/2step": 99.0})
+    logger.close()
+    return run
+
+
+def test_push_dry_run_builds_the_repository_its_card_and_a_hub_cache_loads_it(tmp_path, capsys):
+    """`imm push --dry-run` writes the network, the diffusers folder, config.yaml and a model card that parses
+    back with its metadata and the run's FIDs; that folder, as a Hub cache snapshot, samples offline through
+    `imm generate --checkpoint hf://OWNER/REPO` and `IMMPipeline.from_pretrained("OWNER/REPO")`."""
+    import subprocess
+
+    from huggingface_hub import ModelCard
+
+    run = _pushed_run(tmp_path)
+    repo = tmp_path / "repo"
+    assert main(["push", str(run), "hf://me/imm-digits", "--dry-run", "--out", str(repo)]) == 0
+    files = ["README.md", "config.yaml", "model_index.json", "network.safetensors", "network/config.json",
+             "network/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == files
+    out = capsys.readouterr().out
+    assert all(f"  {name}\n" in out for name in files) and "dry run: wrote" in out
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.library_name == "imm" and card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "unconditional-image-generation" and {"imm", "diffusers"} <= set(card.data.tags)
+    for text in ("| 1 | 123.40 | 256 | `mnist` | fid/fid.json |", "| 2 | 99.00 | 64 |", "3 classes",
+                 "imm generate --checkpoint hf://me/imm-digits", 'IMMPipeline.from_pretrained("me/imm-digits")',
+                 "`training.total_steps`: 2"):
+        assert text in card.text, text
+    assert imm.load_network(repo / "network.safetensors").config == imm.load_network(run / "network.safetensors").config
+    import shutil
+
+    snapshot = tmp_path / "hf" / "hub" / "models--me--imm-digits"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("c" * 40)
+    shutil.copytree(repo, snapshot / "snapshots" / ("c" * 40))
+    script = ("import sys, numpy as np, torch; from imm import IMMPipeline; from imm.cli import main; "
+              "assert main(['generate', '--checkpoint', 'hf://me/imm-digits', '--out', sys.argv[1], '--device', 'cpu',"
+              " '--precision', 'fp32']) == 0; "
+              "pipe = IMMPipeline.from_pretrained('me/imm-digits'); "
+              "x = pipe(entry='1_step', latents=torch.zeros(2, 1, 8, 8), class_labels=[0, 1], output_type='np').images; "
+              "print(x.shape)")
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "samples")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(2, 8, 8, 1)" in done.stdout and (tmp_path / "samples" / "1_step_samples.png").is_file()
+
+
+def test_push_uploads_one_commit_and_a_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    """Without --dry-run: create_repo, then one upload_folder of the same files (huggingface_hub's HfApi, its
+    calls recorded here); a refused upload is one line naming the repository."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(
+        ("create_repo", repo_id, kw["private"])))
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        calls.append(("upload_folder", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    checkpoint = FIXTURES / "unet_cifar_like.pkl"
+    assert main(["push", str(checkpoint), "hf://me/cifar", "--private", "--config", "cifar10"]) == 0
+    assert calls == [("create_repo", "me/cifar", True),
+                     ("upload_folder", "me/cifar", ["README.md", "model_index.json", "network", "network.safetensors",
+                                                    "scheduler"])]
+    assert "pushed to https://huggingface.co/me/cifar in one commit" in capsys.readouterr().out
+
+    def refuse(self, repo_id, **kw):
+        raise PermissionError("401 Client Error: Unauthorized\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    assert main(["push", str(checkpoint), "hf://me/cifar", "--config", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pushing to hf://me/cifar failed (401 Client Error: Unauthorized)" in err, err
+    assert main(["push", str(checkpoint), "me/cifar/extra"]) == 2
+    assert "name the repository as hf://OWNER/REPO" in capsys.readouterr().err

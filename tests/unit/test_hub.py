@@ -55,8 +55,10 @@ def test_missing_hub_file_offline_is_one_line_at_once(hub_cache, monkeypatch):
     with pytest.raises(CheckpointError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE is set") as e:
         imm.load_network("hf://lumaai/imm/imagenet256_ts_a2.pkl")
     assert "\n" not in str(e.value) and "hf://lumaai/imm/imagenet256_ts_a2.pkl" in str(e.value)
-    with pytest.raises(CheckpointError, match="hf://OWNER/REPO/PATH"):
-        imm.load_network("hf://lumaai/imm")
+    with pytest.raises(CheckpointError, match="hf://lumaai/imm is not in the Hugging Face cache.*hf download lumaai/imm network.safetensors"):
+        imm.load_network("hf://lumaai/imm")  # its network.safetensors (an imm push repository)
+    with pytest.raises(CheckpointError, match=r"hf://OWNER/REPO\[/PATH\]"):
+        imm.load_network("hf://lumaai")
 
 
 def test_unreachable_hub_is_one_request(hub_cache, monkeypatch):
@@ -83,7 +85,9 @@ def test_unreachable_hub_is_one_request(hub_cache, monkeypatch):
 def test_parse_hub_path():
     assert hub.parse_hub_path("hf://lumaai/imm/cifar10.pt") == ("lumaai/imm", "cifar10.pt", None)
     assert hub.parse_hub_path("hf://o/r/sub/dir/f.pkl@v1.0") == ("o/r", "sub/dir/f.pkl", "v1.0")
-    for bad in ("hf://o/r", "hf://o//f.pt", "hf://o/r/f.pt@"):
+    assert hub.parse_hub_path("hf://o/r") == ("o/r", "network.safetensors", None)  # what imm push uploads
+    assert hub.parse_hub_path("hf://o/r@v2") == ("o/r", "network.safetensors", "v2")
+    for bad in ("hf://o", "hf://o//f.pt", "hf://o/r/f.pt@", "hf:///r"):
         with pytest.raises(hub.HubError):
             hub.parse_hub_path(bad)
 

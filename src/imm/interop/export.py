@@ -12,11 +12,12 @@ import importlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from imm.core.errors import InputError, MissingPackageError
 from imm.data.encoders import KNOWN_VAES, StabilityVAEEncoder
-from imm.evaluation.sampling_run import resolve_sampling_run, sampling_config
+from imm.evaluation.sampling_run import SamplingRun, resolve_sampling_run, sampling_config
 from imm.training.checkpoints import checkpoint_paths
 
 DIFFUSERS_HINT = 'pip install "imm[diffusers]" (diffusers >= 0.27)'
@@ -51,46 +52,61 @@ def checkpoint_file(checkpoint) -> str:
     return str(states[-1])
 
 
-def build_pipeline(checkpoint, config: str | None = None, overrides=(), network_overrides=None,
-                   copy_vae: bool | None = None):
-    """The :class:`IMMPipeline` of ``checkpoint`` (:func:`checkpoint_file`; on the CPU, fp32), with its
-    recorded (or ``config``'s) sampling entries, method and encoder; ``network_overrides`` as ``imm
-    generate``'s ``network.KEY=VALUE``. ``copy_vae``: a latent network's VAE is loaded now and becomes the
-    ``vae`` component; else the encoder names it and the pipeline loads it when it decodes, which it does
-    only for a Hub id of :data:`imm.data.encoders.KNOWN_VAES` (None, the default: copy any other VAE)."""
-    classes = load_pipeline_classes()
-    checkpoint = checkpoint_file(checkpoint)
-    cfg, source = sampling_config(config, checkpoint, list(overrides))
-    run = resolve_sampling_run(cfg, checkpoint, "cpu", source=source, network_overrides=network_overrides,
+@dataclass
+class Source:
+    """A checkpoint read as ``imm generate`` reads it: the file (:func:`checkpoint_file`), the sampling config
+    (its recorded settings, else ``--config``) and the resolved sampling run (network on the CPU, method,
+    entries, encoder not loaded)."""
+
+    path: str
+    config: dict
+    run: SamplingRun
+
+
+def read_source(checkpoint, config: str | None = None, overrides=(), network_overrides=None) -> Source:
+    """:class:`Source` of ``checkpoint``; ``network_overrides`` as ``imm generate``'s ``network.KEY=VALUE``."""
+    path = checkpoint_file(checkpoint)
+    cfg, described = sampling_config(config, path, list(overrides))
+    run = resolve_sampling_run(cfg, path, "cpu", source=described, network_overrides=network_overrides,
                                load_encoder=False)
-    net = run.net
+    return Source(path, cfg, run)
+
+
+def build_pipeline(source: Source, copy_vae: bool | None = None):
+    """The :class:`IMMPipeline` of ``source`` (fp32, on the CPU), with its sampling entries, method and
+    encoder. ``copy_vae``: a latent network's VAE is loaded now and becomes the ``vae`` component; else the
+    encoder names it and the pipeline loads it when it decodes, which it does only for a Hub id of
+    :data:`imm.data.encoders.KNOWN_VAES` (None, the default: copy any other VAE)."""
+    classes = load_pipeline_classes()
+    run, net = source.run, source.run.net
     network = classes.IMMNetworkModel(network_config=_plain(net.config))
     network.network.load_state_dict(net.state_dict())
     network.eval()
     scheduler = classes.IMMScheduler(
         method=run.method, entries={name: _plain(entry.kwargs()) for name, entry in run.entries.items()},
-        encoder=_plain(dict(cfg.get("encoder") or {})), noise_schedule=net.noise_schedule, f_type=net.f_type,
-        temb_type=net.temb_type, T=float(net.T), eps=float(net.eps), sigma_data=float(net.sigma_data))
+        encoder=_plain(dict(source.config.get("encoder") or {})), noise_schedule=net.noise_schedule,
+        f_type=net.f_type, temb_type=net.temb_type, T=float(net.T), eps=float(net.eps),
+        sigma_data=float(net.sigma_data))
     latent = isinstance(run.encoder, StabilityVAEEncoder)
     if copy_vae and not latent:
-        raise InputError(f"--copy-vae: {checkpoint} is a pixel-space network (encoder {run.encoder!r}); it has no VAE")
+        raise InputError(f"--copy-vae: {source.path} is a pixel-space network (encoder {run.encoder!r}); it has no VAE")
     if copy_vae is None:
         copy_vae = latent and run.encoder.vae_name not in KNOWN_VAES
     vae = run.encoder.vae if copy_vae else None
     return classes.IMMPipeline(network=network, scheduler=scheduler, vae=vae)
 
 
-def export_diffusers(checkpoint, out, config: str | None = None, overrides=(), network_overrides=None,
-                     overwrite: bool = False, copy_vae: bool | None = None) -> Path:
-    """Write the pipeline of ``checkpoint`` (:func:`build_pipeline`) as a diffusers folder ``out``; returns it."""
+def write_folder(out, fill, overwrite: bool = False) -> Path:
+    """``fill(folder)`` into a temporary folder next to ``out``, renamed to ``out`` when complete (an existing
+    ``out`` only with ``overwrite``, or when it is an empty folder); returns ``out``."""
     out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
-    pipe = build_pipeline(checkpoint, config, overrides, network_overrides, copy_vae)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.{os.urandom(8).hex()}.tmp"
     try:
-        pipe.save_pretrained(work, safe_serialization=True)
+        work.mkdir()
+        fill(work)
         if out.is_symlink() or out.is_file():
             out.unlink()
         elif out.exists():
@@ -99,3 +115,11 @@ def export_diffusers(checkpoint, out, config: str | None = None, overrides=(), n
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def export_diffusers(checkpoint, out, config: str | None = None, overrides=(), network_overrides=None,
+                     overwrite: bool = False, copy_vae: bool | None = None) -> Path:
+    """Write the pipeline of ``checkpoint`` (:func:`read_source`, :func:`build_pipeline`) as a diffusers
+    folder ``out``; returns it."""
+    pipe = build_pipeline(read_source(checkpoint, config, overrides, network_overrides), copy_vae)
+    return write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True), overwrite)

@@ -2,7 +2,7 @@
 
 A checkpoint path of the form ``hf://OWNER/REPO/PATH[@REVISION]`` (e.g. ``hf://lumaai/imm/cifar10.pt``)
 names the file ``PATH`` of the model repository ``OWNER/REPO`` at ``REVISION`` (a branch, tag or commit;
-default ``main``). :func:`hub_file` returns its local copy in the Hugging Face cache (``HF_HOME``,
+default ``main``); ``hf://OWNER/REPO`` names the ``network.safetensors`` that ``imm push`` uploads. :func:`hub_file` returns its local copy in the Hugging Face cache (``HF_HOME``,
 ``HF_HUB_CACHE``), read without any request when it is there, downloaded once (``huggingface_hub``'s
 ``hf_hub_download``) when it is not. Offline (``HF_HUB_OFFLINE=1``), or when one request to the Hub
 fails within :data:`REQUEST_TIMEOUT_S`, a file that is not cached is one :class:`HubError` line at once
@@ -18,6 +18,7 @@ from imm.core.errors import MissingError
 
 SCHEME = "hf://"
 REQUEST_TIMEOUT_S = 10
+REPO_NETWORK = "network.safetensors"  # the file hf://OWNER/REPO names: what imm push uploads
 
 
 class HubError(MissingError):
@@ -34,15 +35,16 @@ def is_hub_path(path) -> bool:
 
 
 def parse_hub_path(path: str) -> tuple[str, str, str | None]:
-    """``hf://OWNER/REPO/PATH[@REVISION]`` -> (``OWNER/REPO``, ``PATH``, ``REVISION`` or None)."""
+    """``hf://OWNER/REPO[/PATH][@REVISION]`` -> (``OWNER/REPO``, ``PATH``, ``REVISION`` or None); without a
+    ``PATH``, the network an ``imm push`` repository holds (:data:`REPO_NETWORK`)."""
     rest = path[len(SCHEME):]
     revision = None
     if "@" in rest.rsplit("/", 1)[-1]:
         rest, revision = rest.rsplit("@", 1)
     parts = rest.split("/")
-    if len(parts) < 3 or not all(parts) or revision == "":
-        raise HubError(f"{path}: a Hub path is hf://OWNER/REPO/PATH[@REVISION], e.g. hf://lumaai/imm/cifar10.pt")
-    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), revision
+    if len(parts) < 2 or not all(parts) or revision == "":
+        raise HubError(f"{path}: a Hub path is hf://OWNER/REPO[/PATH][@REVISION], e.g. hf://lumaai/imm/cifar10.pt")
+    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]) or REPO_NETWORK, revision
 
 
 def check_reachable(what: str, advice: str, repo_id: str | None = None) -> None:
