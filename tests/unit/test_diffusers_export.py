@@ -87,6 +87,25 @@ def test_a_toy_run_exports_and_samples_its_points(tmp_path):
         pipe(latents=noise)
 
 
+@pytest.mark.parametrize("method", ["flow_matching", "consistency", "meanflow"])
+def test_a_baseline_run_exports_with_its_own_sampler(tmp_path, method):
+    """A flow-matching, consistency or MeanFlow run's pipeline samples each recorded entry with that method's
+    sampler (imm generate's, imm.methods.registry.entry_sampler), the same draws from the same generator."""
+    from imm.methods.registry import entry_sampler
+    from imm.training.config import load_train_config
+    from tests.helpers import TOY_QUIET
+
+    path = train(load_train_config("toy2d", [*TOY_QUIET, f"loss.method={method}", "training.total_steps=2"]),
+                 tmp_path / "run", device="cpu")
+    pipe = imm.IMMPipeline.from_pretrained(export_diffusers(tmp_path / "run", tmp_path / "pipe"))
+    assert pipe.scheduler.config.method == method
+    net, noise = imm.load_network(path), torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(1))
+    for name, entry in pipe.scheduler.entries.items():
+        got = pipe(entry=name, latents=noise, generator=torch.Generator().manual_seed(5), output_type="latent").images
+        expected = entry_sampler(method)(net, noise, None, generator=torch.Generator().manual_seed(5), **entry.kwargs())
+        assert torch.equal(got, expected), name
+
+
 def test_save_pretrained_round_trip_dtype_and_device(tmp_path):
     """save_pretrained -> from_pretrained keeps every weight and the scheduler's settings; torch_dtype and .to()
     behave as for a diffusers model."""
@@ -225,13 +244,13 @@ def test_push_dry_run_builds_the_repository_its_card_and_a_hub_cache_loads_it(tm
               "assert main(['generate', '--checkpoint', 'hf://me/imm-digits', '--out', sys.argv[1], '--device', 'cpu',"
               " '--precision', 'fp32']) == 0; "
               "pipe = IMMPipeline.from_pretrained('me/imm-digits'); "
-              "x = pipe(entry='1_step', latents=torch.zeros(2, 1, 8, 8), class_labels=[0, 1], output_type='np').images; "
-              "print(x.shape)")
+              "images = pipe(batch_size=4, entry='1_step').images; "  # README's lines
+              "print(len(images), images[0].size)")
     env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "samples")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "(2, 8, 8, 1)" in done.stdout and (tmp_path / "samples" / "1_step_samples.png").is_file()
+    assert "4 (8, 8)" in done.stdout and (tmp_path / "samples" / "1_step_samples.png").is_file()
 
 
 def test_push_uploads_one_commit_and_a_failure_is_one_line(tmp_path, capsys, monkeypatch):
@@ -263,3 +282,10 @@ def test_push_uploads_one_commit_and_a_failure_is_one_line(tmp_path, capsys, mon
     assert err.count("\n") == 1 and "pushing to hf://me/cifar failed (401 Client Error: Unauthorized)" in err, err
     assert main(["push", str(checkpoint), "me/cifar/extra"]) == 2
     assert "name the repository as hf://OWNER/REPO" in capsys.readouterr().err
+
+
+def test_import_imm_does_not_import_diffusers():
+    import subprocess
+
+    script = "import sys, imm; assert 'diffusers' not in sys.modules; imm.IMMPipeline; assert 'diffusers' in sys.modules"
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 0
