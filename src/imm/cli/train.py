@@ -89,6 +89,7 @@ def print_demo(result) -> None:
           f"  imm generate --checkpoint {path} --config mnist --out {run / 'more-samples'}\n"
           f"  imm eval fid --checkpoint {path} --config mnist --steps 1,2,4,8 --num-images 1000 --ref mnist "
           f"--out {run / 'fid-1000'}\n"
+          f"  imm explore --checkpoint {run}   # a local web page: steps, middle time, guidance, classes\n"
           f"  imm demo --run-dir {run}-longer training.total_steps=3000   # a longer run: better digits")
 
 

@@ -64,8 +64,8 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
-    """Save uint8 NCHW images as one grid PNG, ``nrow`` images per row (default: square-ish)."""
+def grid_array(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 NCHW images as one uint8 HWC grid, ``nrow`` images per row (default: square-ish)."""
     arr = to_hwc(images)
     n, h, w, c = arr.shape
     nrow = nrow or max(1, int(math.sqrt(n)))
@@ -75,6 +75,12 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         y, x = divmod(i, nrow)
         top, left = padding + y * (h + padding), padding + x * (w + padding)
         grid[top:top + h, left:left + w] = arr[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """Save uint8 NCHW images as one grid PNG (:func:`grid_array`)."""
+    grid = grid_array(images, nrow, padding)
     atomic_write(path, lambda tmp: _pil(grid).save(tmp, format="PNG"))
 
 
@@ -98,8 +104,13 @@ def load_png(path) -> np.ndarray:
 
 
 def save_scatter(panels: dict[str, torch.Tensor], path, target: torch.Tensor | None = None, limit: float = 3.0) -> None:
-    """2-D points (toy runs) as one PNG of scatter plots side by side, one per ``{title: [N, 2] points}``,
-    each over the ``target`` points in grey when given."""
+    """2-D points (toy runs) as one PNG of scatter plots side by side (:func:`scatter_figure`) at ``path``."""
+    atomic_write(path, lambda tmp: scatter_figure(panels, tmp, target, limit))
+
+
+def scatter_figure(panels: dict[str, torch.Tensor], out, target: torch.Tensor | None = None, limit: float = 3.0) -> None:
+    """Scatter plots side by side, one per ``{title: [N, 2] points}``, each over the ``target`` points in grey
+    when given, written as PNG to ``out`` (a path or a binary file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +129,6 @@ def save_scatter(panels: dict[str, torch.Tensor], path, target: torch.Tensor | N
         if target is not None:
             axes[0][0].legend(fontsize=7, loc="lower left", markerscale=4)
         fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        fig.savefig(out, format="png", dpi=100)
     finally:
         plt.close(fig)
