@@ -111,3 +111,58 @@ def test_a_panel_shows_the_grid_enlarged_with_its_nfe_and_time(digits):
     exact = digits.sample(digits.entry(UNIFORM, 3), 0, 4).image  # 2 x 2 images of 8 px, 2 px apart: 22 px wide
     assert image.size == (22 * 17, 22 * 17) and np.array_equal(np.asarray(image)[::17, ::17], np.asarray(exact))
     assert caption.startswith("**3 NFE**, ") and "ms per image: 4 samples, 3 steps, classes" in caption
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_server_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, stop):
+    """`imm explore` serves on 127.0.0.1, answers, and a Ctrl-C (SIGINT) or SIGTERM closes it: exit 0, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imm", "explore", "--checkpoint", str(FIXTURES / "unet_cifar_like.pkl"),
+                             "--config", "cifar10", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == f"imm explore: serving http://127.0.0.1:{port}/ (Ctrl-C stops it)", line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as page:
+            assert page.status == 200 and b"<html" in page.read(2000)
+        proc.send_signal(getattr(signal, stop))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "imm explore: stopped" in out and "Traceback" not in err, err[-2000:]
+
+
+def test_a_latent_network_decodes_through_its_vae_and_the_network_is_held_once(tiny_vae_dir):
+    explorer = Explorer(FIXTURES / "dit_imagenet_like.pkl", config="imagenet256",
+                        overrides=[f"encoder.vae_name={tiny_vae_dir}"])
+    assert explorer.encoder_problem is None and explorer.run.sampling_net is explorer.net
+    got = explorer.sample(explorer.entry(UNIFORM, 1, cfg_scale=1.5), 0, 4, "1, 2")
+    assert got.image.mode == "RGB" and got.image.size == (2 + 2 * 18, 2 + 2 * 18)  # 8 x 8 latents, 16 x 16 pixels
+    assert got.nfe == 2 and "classes [1, 2, 1, 2]" in got.caption
+
+
+def test_a_baseline_checkpoint_samples_with_its_own_sampler(tmp_path):
+    from imm.methods.registry import entry_sampler
+    from imm.training.config import load_train_config
+    from tests.helpers import TOY_QUIET
+
+    train(load_train_config("toy2d", [*TOY_QUIET, "loss.method=flow_matching", "training.total_steps=2"]),
+          tmp_path / "run", device="cpu")
+    explorer = Explorer(tmp_path / "run")
+    assert explorer.method == "flow_matching"
+    entry = explorer.entry(UNIFORM, 2)
+    noise, _ = seeded_inputs(explorer.net, range(8), 3)
+    expected = entry_sampler("flow_matching")(explorer.net, noise, None, generator=torch.Generator().manual_seed(3),
+                                              **entry.kwargs())
+    calls = []
+    real = explorer._scatter
+    explorer._scatter = lambda points: calls.append(points) or real(points)
+    explorer.sample(entry, 3, 8)
+    assert torch.equal(calls[0], explorer.run.encoder.decode(expected))

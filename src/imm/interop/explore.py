@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def build_page(explorer: Explorer):
 
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve the page of ``explorer`` on ``host:port`` (the loopback address unless the user asks for
-    another); returns the URL. ``block``: until Ctrl-C."""
+    another); returns (the Gradio page, its URL). ``block``: until Ctrl-C or SIGTERM, then close it."""
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no requests to the outside
@@ -299,8 +300,17 @@ def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: 
                             quiet=True, footer_links=[], ssr_mode=False)
     if block:
         print(f"imm explore: serving {url} (Ctrl-C stops it)", flush=True)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a stop by SIGTERM is as clean as Ctrl-C's
         try:
-            page.block_thread()
+            while True:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("imm explore: stopped", flush=True)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             page.close()
     return page, url
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
