@@ -95,6 +95,28 @@ def test_two_processes_equal_one_process(tmp_path, parallel):
     assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
 
 
+def test_two_srun_tasks_equal_one_process(tmp_path):
+    """Two processes started as srun starts the tasks of a job step (SLURM_PROCID, SLURM_STEP_ID,
+    SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID; no torchrun) meet at the job's port
+    on the node list's first host and train as 1 process x 2 accumulated chunks."""
+    from imm.core.distributed import SLURM_PORT_BASE, SLURM_PORTS
+
+    train(toy_cfg("training.total_steps=4", *MULTI), tmp_path / "one", device="cpu")
+    port = next(p for p in iter(free_port, None) if SLURM_PORT_BASE <= p < SLURM_PORT_BASE + SLURM_PORTS)
+    job = {"SLURM_JOB_ID": str(port - SLURM_PORT_BASE + SLURM_PORTS), "SLURM_JOB_NODELIST": "127.0.0.1",
+           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    cmd = [sys.executable, "-m", "imm", "train", "--config", "toy2d", "--run-dir", str(tmp_path / "two"), "--device",
+           "cpu", *TOY_FAST, *MULTI, "training.total_steps=4"]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    tasks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**base, **job, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                                   "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    main_output = [finished(task) for task in tasks][0]
+    assert "2 process(es) on cpu" in main_output and "global batch 32 = 2 x 1 x 16" in main_output, main_output
+    assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_resume_on_another_number_of_processes(tmp_path, parallel):
     """A checkpoint of 2 processes resumes on 1, and one of 1 process on 2, and both train on like a run of
