@@ -81,6 +81,17 @@ def image_cfg(npz, *overrides):
     return apply_overrides(resolve_config(cfg), [*TOY_FAST, "training.batch_size=8", "training.xflip=true", *overrides])
 
 
+def digits_run(folder: Path, *overrides) -> Path:
+    """``folder/run``: a class-conditional (3 classes) 1-channel 8x8 SongUNet trained 2 steps on random images
+    (an MNIST-shaped run in miniature), then ``overrides``."""
+    from imm.training.loop import train
+
+    npz = npz_images(folder / "digits.npz", n=8, res=8, channels=1, labels=True)
+    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2", *overrides),
+          folder / "run", device="cpu")
+    return folder / "run"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that no socket holds now (the system's pick for port 0)."""
     with socket.socket() as s:

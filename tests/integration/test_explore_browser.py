@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, image_cfg, npz_images
+from tests.helpers import digits_run, free_port
 
 selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
 pytest.importorskip("gradio", reason="imm explore needs Gradio (pip install imm[explore])")
@@ -43,13 +43,9 @@ def set_number(driver, elem_id: str, value) -> None:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     from imm.interop.explore import Explorer, serve
-    from imm.training.loop import train
 
-    tmp = tmp_path_factory.mktemp("browser")
-    npz = npz_images(tmp / "digits.npz", n=8, res=8, channels=1, labels=True)
-    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2"), tmp / "run",
-          device="cpu")
-    server, url = serve(Explorer(tmp / "run"), "127.0.0.1", free_port(), block=False)
+    run = digits_run(tmp_path_factory.mktemp("browser"))
+    server, url = serve(Explorer(run), "127.0.0.1", free_port(), block=False)
     options = ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200"):
         options.add_argument(flag)

@@ -14,7 +14,7 @@ from imm.cli import main
 from imm.evaluation.generate import seeded_inputs
 from imm.interop.export import export_diffusers
 from imm.training.loop import train
-from tests.helpers import FIXTURES, image_cfg, npz_images, toy_cfg
+from tests.helpers import FIXTURES, digits_run, toy_cfg
 
 pytest.importorskip("diffusers")
 RELEASE = {"unet_cifar_like": "cifar10", "dit_imagenet_like": "imagenet256"}
@@ -54,9 +54,7 @@ def _generated(checkpoint, out, num_images: int = 4) -> np.ndarray:
 def test_a_trained_image_run_samples_what_imm_generate_writes(tmp_path):
     """An MNIST-shaped run (1-channel, class-conditional) exported from its run folder: each recorded entry,
     on imm generate's noise and labels, gives its PNGs' pixels exactly (``output_type="np"`` times 255)."""
-    npz = npz_images(tmp_path / "digits.npz", n=8, res=8, channels=1, labels=True)
-    run = tmp_path / "run"
-    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2"), run, device="cpu")
+    run = digits_run(tmp_path)
     pipe = imm.IMMPipeline.from_pretrained(export_diffusers(run, tmp_path / "pipe"))
     net = pipe.network.network
     assert net.label_dim == 3 and set(pipe.scheduler.entries) == {"1_step", "2_steps", "4_steps"}
@@ -199,10 +197,7 @@ def _pushed_run(tmp_path):
     from imm.training.config import LoggingSection
     from imm.training.logs import Logger
 
-    npz = npz_images(tmp_path / "digits.npz", n=8, res=8, channels=1, labels=True)
-    run = tmp_path / "run"
-    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2",
-                    "logging.fid_num_images=64"), run, device="cpu")
+    run = digits_run(tmp_path, "logging.fid_num_images=64")
     write_results([{"steps": 1, "nfe": 1, "fid": 123.4, "num_images": 256, "seconds": 1.0}], run / "fid", ref="mnist")
     logger = Logger(run, LoggingSection(tensorboard=False), start_step=2)
     logger.scalars(2, {"fid/2step": 99.0})

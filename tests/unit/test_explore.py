@@ -10,17 +10,13 @@ from imm.evaluation.generate import seeded_inputs
 from imm.interop.explore import LIMITS, UNIFORM, ExploreError, Explorer, panel_request
 from imm.io.images import grid_array
 from imm.training.loop import train
-from tests.helpers import FIXTURES, image_cfg, npz_images, toy_cfg
+from tests.helpers import FIXTURES, digits_run, toy_cfg
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A class-conditional, 1-channel 8 x 8 run (two steps of training) and its explorer."""
-    tmp = tmp_path_factory.mktemp("explore")
-    npz = npz_images(tmp / "digits.npz", n=8, res=8, channels=1, labels=True)
-    train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2"), tmp / "run",
-          device="cpu")
-    return Explorer(tmp / "run")
+    return Explorer(digits_run(tmp_path_factory.mktemp("explore")))
 
 
 def test_samples_are_imm_generates_draws(digits):
