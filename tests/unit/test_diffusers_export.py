@@ -123,6 +123,11 @@ def test_save_pretrained_round_trip_dtype_and_device(tmp_path):
     assert half.to(torch.float32).network.dtype == torch.float32
     release = imm.load_network(FIXTURES / "dit_imagenet_like.pkl")
     assert again.network.network.config == json.loads(json.dumps(release.config))
+    for kwargs, grid in (({"num_inference_steps": 4}, imm.time_grid(release, 4, "uniform")),
+                         ({"num_inference_steps": 3, "discretization": "edm"}, imm.time_grid(release, 3, "edm")),
+                         ({"mid_nt": [1.4]}, imm.time_grid(release, mid_nt=[1.4]))):
+        again.scheduler.set_timesteps(**kwargs)  # the scheduler's schedule is the network's
+        assert torch.equal(again.scheduler.timesteps, grid), kwargs
 
 
 def test_bad_arguments_are_one_value_error(tmp_path):

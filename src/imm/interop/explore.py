@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from imm.core.errors import InputError
+from imm.core.errors import ImmError, InputError
 from imm.evaluation.generate import seeded_inputs
 from imm.evaluation.sampling_run import resolve_sampling_run, sampling_config
 from imm.interop.export import checkpoint_file
@@ -65,7 +65,7 @@ class Explorer:
         self.encoder_problem = None  # why samples cannot be decoded (a VAE that is not available), else None
         try:
             self.run.encoder.init(self.run.device)
-        except (ImportError, OSError, ValueError) as e:  # MissingPackageError, HubError, StateError ...
+        except ImmError as e:  # no diffusers, a VAE neither cached nor reachable, a folder that holds none
             self.encoder_problem = str(e).splitlines()[0]
         self.lock = threading.Lock()
 
