@@ -48,3 +48,39 @@ def test_first_host_of_a_node_list(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: a range cannot be expanded
     with pytest.raises(StateError, match=r"cannot expand SLURM_JOB_NODELIST='node\[3-4\]' with scontrol"):
         first_host("node[3-4]")
+
+
+def test_launch_slurm_dry_run_writes_the_batch_script(tmp_path, capsys, monkeypatch):
+    """`imm launch slurm --dry-run` writes RUN/slurm/job.sbatch: one task per GPU, --requeue, the warning
+    signal, the log in the run folder, imm train under srun, and the bounded requeue on exit 75."""
+    from imm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "slurm", "--nodes", "4", "--gpus-per-node", "8", "--time", "04:00:00", "--partition", "gpu",
+                 "--max-requeues", "3", "--dry-run", "--", "train", "--config", "cifar10", "--run-dir", "runs/c10",
+                 "training.batch_size=512"]) == 0
+    script = (tmp_path / "runs" / "c10" / "slurm" / "job.sbatch").read_text()
+    assert capsys.readouterr().out.startswith(script)
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={tmp_path}/runs/c10/slurm/slurm-%j.out",
+                 f"#SBATCH --chdir={tmp_path}", "max_requeues=3", "trap stop USR1 TERM",
+                 "-m imm train --config cifar10 --run-dir runs/c10 training.batch_size=512 &",
+                 'if [ "$status" -eq 75 ]; then', 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in script, line
+    assert "OMP_NUM_THREADS" not in script  # GPU tasks: torch's own threads
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry-run", "--", "generate"], "imm launch slurm runs `imm train`"),
+    (["--time", "four hours", "--dry-run", "--", "train", "--config", "toy2d"], "--time 'four hours'"),
+    (["--nodes", "0", "--dry-run", "--", "train", "--config", "toy2d"], "--nodes must be an integer >= 1"),
+    (["--partition", "gpu;rm", "--dry-run", "--", "train", "--config", "toy2d"], "letters, digits"),
+])
+def test_launch_slurm_refuses_bad_options_in_one_line(tmp_path, capsys, monkeypatch, args, message):
+    from imm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "slurm", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -4,7 +4,7 @@ Each module here declares its subcommands' parsers and thin command functions ov
 :mod:`~imm.cli.generate`, :mod:`~imm.cli.train` (train, demo), :mod:`~imm.cli.checkpoint` (convert, info),
 :mod:`~imm.cli.eval` (eval ref, eval fid), :mod:`~imm.cli.prepare` (prepare images, latents, stats),
 :mod:`~imm.cli.ema` (ema reconstruct), :mod:`~imm.cli.share` (export diffusers, push) and
-:mod:`~imm.cli.explore` (explore);
+:mod:`~imm.cli.explore` (explore), :mod:`~imm.cli.launch` (launch slurm);
 :mod:`~imm.cli.options` holds the options they share.
 """
 
@@ -14,12 +14,12 @@ import argparse
 import sys
 
 from imm import __version__
-from imm.cli import checkpoint, ema, explore, generate, prepare, share, train
+from imm.cli import checkpoint, ema, explore, generate, launch, prepare, share, train
 from imm.cli import eval as evaluation  # the module imm.cli.eval, not Python's eval
 from imm.core.errors import ImmError, printable
 
 # in the order `imm --help` lists their subcommands
-COMMAND_MODULES = (generate, train, checkpoint, evaluation, prepare, ema, share, explore)
+COMMAND_MODULES = (generate, train, launch, checkpoint, evaluation, prepare, ema, share, explore)
 
 
 def build_parser() -> argparse.ArgumentParser:
