@@ -86,6 +86,7 @@ def digits_run(folder: Path, *overrides) -> Path:
     (an MNIST-shaped run in miniature), then ``overrides``."""
     from imm.training.loop import train
 
+    folder.mkdir(parents=True, exist_ok=True)
     npz = npz_images(folder / "digits.npz", n=8, res=8, channels=1, labels=True)
     train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2", *overrides),
           folder / "run", device="cpu")

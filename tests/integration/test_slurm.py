@@ -1,7 +1,10 @@
 """``imm launch slurm`` on a real one-node SLURM cluster (tests/slurm_cluster.py): a 2-task gloo job of the toy
 run trains like one process."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from imm.cli import main
 from tests import slurm_cluster
@@ -48,3 +51,48 @@ def test_a_two_task_job_trains_like_one_process(cluster, tmp_path, capsys, monke
     assert cluster.job_state(job) in ("COMPLETED", ""), text[-3000:]
     assert "2 process(es) on cpu" in text and "global batch 32 = 2 x 1 x 16" in text, text[-3000:]
     assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
+
+
+def launched(cluster, capsys, config, run_dir: str) -> tuple[str, object]:
+    """(job id, log path) of a 2-task `imm launch slurm` job of imm train with ``config`` into ``run_dir``."""
+    capsys.readouterr()
+    assert main(["launch", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--", "train", "--config",
+                 str(config), "--run-dir", run_dir, "--device", "cpu"]) == 0
+    job = submitted_job(capsys)
+    return job, Path(run_dir).resolve() / "slurm" / f"slurm-{job}.out"
+
+
+def ended(cluster, job: str, log) -> str:
+    cluster.wait(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
+                 f"job {job} to end", 300)
+    text = log.read_text()
+    assert cluster.job_state(job) in ("COMPLETED", ""), text[-3000:]
+    return text
+
+
+def test_a_job_requeued_mid_run_finishes_like_an_uninterrupted_one(cluster, tmp_path, capsys, monkeypatch):
+    """`scontrol requeue` of a running 2-task job: every task stops at a step, the run writes its training
+    state, the requeued job (started at once with `scontrol update StartTime=now`) resumes from the run folder,
+    and its final network equals, bit for bit, that of the same job left alone."""
+    from tests.helpers import digits_run, online_weights
+
+    settings = digits_run(tmp_path / "settings", "training.total_steps=100", "training.batch_size=8",
+                          "training.batch_per_device=4", "logging.log_every=5", "logging.checkpoint_every=1000")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.chdir(tmp_path)
+    config = settings / "config.yaml"
+    job, log = launched(cluster, capsys, config, "alone")
+    ended(cluster, job, log)
+    job, log = launched(cluster, capsys, config, "requeued")
+    metrics = tmp_path / "requeued" / "metrics.jsonl"
+    cluster.wait(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 4, "the job to train 20 steps", 300)
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    cluster.wait(lambda: "stopped by signal at step" in log.read_text(), "the stop at a checkpoint", 120)
+    cluster.wait(lambda: cluster.job_state(job) == "PENDING", "the requeued job to wait", 120)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    text = ended(cluster, job, log)
+    assert "restart 1" in text and "resuming at step" in text, text[-3000:]
+    (a, ema_a, step_a), (b, ema_b, step_b) = online_weights(tmp_path / "alone"), online_weights(tmp_path / "requeued")
+    assert step_a == step_b == 100
+    for key in a:
+        assert torch.equal(a[key], b[key]) and torch.equal(ema_a["0.995"][key], ema_b["0.995"][key]), key
