@@ -53,27 +53,40 @@ def test_a_two_task_job_trains_like_one_process(cluster, tmp_path, capsys, monke
     assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
 
 
-def launched(cluster, capsys, config, run_dir: str) -> tuple[str, object]:
+def launched(cluster, capsys, config, run_dir: str, *options: str) -> tuple[str, object]:
     """(job id, log path) of a 2-task `imm launch slurm` job of imm train with ``config`` into ``run_dir``."""
     capsys.readouterr()
-    assert main(["launch", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--", "train", "--config",
-                 str(config), "--run-dir", run_dir, "--device", "cpu"]) == 0
+    assert main(["launch", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", *options, "--", "train",
+                 "--config", str(config), "--run-dir", run_dir, "--device", "cpu"]) == 0
     job = submitted_job(capsys)
     return job, Path(run_dir).resolve() / "slurm" / f"slurm-{job}.out"
 
 
-def ended(cluster, job: str, log) -> str:
+def ended(cluster, job: str, log, state: str = "COMPLETED") -> str:
     cluster.wait(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
                  f"job {job} to end", 300)
     text = log.read_text()
-    assert cluster.job_state(job) in ("COMPLETED", ""), text[-3000:]
+    assert cluster.job_state(job) in (state, ""), text[-3000:]
     return text
 
 
+def trained(cluster, job: str, metrics, steps: int = 20) -> None:
+    cluster.wait(lambda: metrics.is_file() and metrics.read_text().count("\n") >= steps // 5,
+                 f"job {job} to train {steps} steps", 300)
+
+
+def restarted(cluster, job: str, log) -> None:
+    """Wait for the stop at a checkpoint and the requeued job, and start it now (not ~2 minutes later)."""
+    cluster.wait(lambda: "stopped by signal at step" in log.read_text(), "the stop at a checkpoint", 120)
+    cluster.wait(lambda: cluster.job_state(job) == "PENDING", "the requeued job to wait", 120)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def test_a_job_requeued_mid_run_finishes_like_an_uninterrupted_one(cluster, tmp_path, capsys, monkeypatch):
-    """`scontrol requeue` of a running 2-task job: every task stops at a step, the run writes its training
-    state, the requeued job (started at once with `scontrol update StartTime=now`) resumes from the run folder,
-    and its final network equals, bit for bit, that of the same job left alone."""
+    """A running 2-task job requeued by `scontrol requeue` (as a preemption in REQUEUE mode) and one sent the
+    time-limit warning (USR1 to the batch shell, which requeues the job itself): every task stops at a step, the
+    run writes its training state, the requeued job (started at once with `scontrol update StartTime=now`)
+    resumes from the run folder, and both final networks equal, bit for bit, that of the same job left alone."""
     from tests.helpers import digits_run, online_weights
 
     settings = digits_run(tmp_path / "settings", "training.total_steps=100", "training.batch_size=8",
@@ -84,15 +97,36 @@ def test_a_job_requeued_mid_run_finishes_like_an_uninterrupted_one(cluster, tmp_
     job, log = launched(cluster, capsys, config, "alone")
     ended(cluster, job, log)
     job, log = launched(cluster, capsys, config, "requeued")
-    metrics = tmp_path / "requeued" / "metrics.jsonl"
-    cluster.wait(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 4, "the job to train 20 steps", 300)
-    assert cluster.run("scontrol", "requeue", job).returncode == 0
-    cluster.wait(lambda: "stopped by signal at step" in log.read_text(), "the stop at a checkpoint", 120)
-    cluster.wait(lambda: cluster.job_state(job) == "PENDING", "the requeued job to wait", 120)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    trained(cluster, job, tmp_path / "requeued" / "metrics.jsonl")
+    assert cluster.run("scontrol", "requeue", job).returncode == 0  # as a preemption in REQUEUE mode does
+    restarted(cluster, job, log)
     text = ended(cluster, job, log)
     assert "restart 1" in text and "resuming at step" in text, text[-3000:]
-    (a, ema_a, step_a), (b, ema_b, step_b) = online_weights(tmp_path / "alone"), online_weights(tmp_path / "requeued")
-    assert step_a == step_b == 100
-    for key in a:
-        assert torch.equal(a[key], b[key]) and torch.equal(ema_a["0.995"][key], ema_b["0.995"][key]), key
+    job, log = launched(cluster, capsys, config, "warned")
+    trained(cluster, job, tmp_path / "warned" / "metrics.jsonl")
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0  # the time-limit warning
+    restarted(cluster, job, log)
+    text = ended(cluster, job, log)
+    assert "requeueing job" in text and "restart 1" in text and "resuming at step" in text, text[-3000:]
+    alone = online_weights(tmp_path / "alone")
+    for run in ("requeued", "warned"):
+        (a, ema_a, step_a), (b, ema_b, step_b) = alone, online_weights(tmp_path / run)
+        assert step_a == step_b == 100, run
+        for key in a:
+            assert torch.equal(a[key], b[key]) and torch.equal(ema_a["0.995"][key], ema_b["0.995"][key]), (run, key)
+
+
+def test_a_job_stops_requeueing_after_its_bound(cluster, tmp_path, capsys, monkeypatch):
+    """With --max-requeues 0 the warning stops the run at a checkpoint and the job ends there, saying why."""
+    from tests.helpers import digits_run
+
+    settings = digits_run(tmp_path / "settings", "training.total_steps=100", "training.batch_size=8",
+                          "training.batch_per_device=4", "logging.log_every=5")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.chdir(tmp_path)
+    job, log = launched(cluster, capsys, settings / "config.yaml", "bounded", "--max-requeues", "0")
+    trained(cluster, job, tmp_path / "bounded" / "metrics.jsonl")
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    text = ended(cluster, job, log, state="FAILED")  # the batch script exits with the run's 75
+    assert "stopped by signal at step" in text and "after 0 requeues; not requeued again" in text, text[-3000:]
+    assert list((tmp_path / "bounded" / "checkpoints").glob("training-state-*.pt"))

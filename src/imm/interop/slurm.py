@@ -2,10 +2,11 @@
 
 :func:`sbatch_script` writes a readable script (``man sbatch``): one task per GPU (or ``tasks_per_node`` CPU
 tasks with gloo), ``#SBATCH --requeue``, and ``#SBATCH --signal=B:USR1@SECONDS`` so the batch shell is warned
-before the time limit. On that warning, or on the SIGTERM of a preemption, the shell passes SIGTERM to the
-``srun`` step; every task finishes its step, the run writes its training state and exits with
+before the time limit. On that warning the shell sends SIGTERM to every task (``scancel --signal=TERM``; on
+a preemption or a requeue SLURM sends it to them itself); every task finishes its step, the run writes its training state and exits with
 :data:`imm.training.loop.EXIT_STOPPED` (75); the shell then requeues the job (``scontrol requeue``) while
-``SLURM_RESTART_COUNT`` is below the bound, and the requeued job resumes from the run folder with no flag.
+``SLURM_RESTART_COUNT`` is below the bound (also when the step ends otherwise after such a signal: ``srun``
+ends a step's other tasks once one has exited), and the requeued job resumes from the run folder with no flag.
 Any other exit ends the job as it is. Each task finds its rank from SLURM's environment
 (:func:`imm.core.distributed.launch`), so the script runs ``imm train`` itself under ``srun``, no torchrun.
 
@@ -81,8 +82,11 @@ def sbatch_script(job: SlurmJob, train_args: list[str], run_dir: Path, python: s
 {chr(10).join(f'#SBATCH {option}' for option in options)}
 
 max_requeues={job.max_requeues}
-{threads}stop() {{ [ -n "${{step:-}}" ] && kill -TERM "$step" 2>/dev/null; }}
-trap stop USR1 TERM
+stopped=0
+{threads}# the time-limit warning (USR1, to this shell only): SIGTERM to every task, which stops at a checkpoint
+trap 'stopped=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
+# a preemption or a requeue: SLURM sends SIGTERM to the tasks itself; this shell waits for them
+trap 'stopped=1' TERM
 echo "imm launch: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 {command} &
 step=$!
@@ -92,7 +96,9 @@ while kill -0 "$step" 2>/dev/null; do  # a trapped signal ends `wait` early: wai
     status=0
     wait "$step" || status=$?
 done
-if [ "$status" -eq {EXIT_STOPPED} ]; then
+# stopped at a checkpoint: the run's exit {EXIT_STOPPED}, or a signal to this job and any failure (srun ends the
+# other tasks of a step once one has exited)
+if [ "$status" -eq {EXIT_STOPPED} ] || {{ [ "$stopped" -eq 1 ] && [ "$status" -ne 0 ]; }}; then
     if [ "${{SLURM_RESTART_COUNT:-0}}" -lt "$max_requeues" ]; then
         echo "imm launch: the run stopped at a checkpoint; requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
