@@ -130,3 +130,19 @@ def test_a_job_stops_requeueing_after_its_bound(cluster, tmp_path, capsys, monke
     text = ended(cluster, job, log, state="FAILED")  # the batch script exits with the run's 75
     assert "stopped by signal at step" in text and "after 0 requeues; not requeued again" in text, text[-3000:]
     assert list((tmp_path / "bounded" / "checkpoints").glob("training-state-*.pt"))
+    # resubmitted by hand on another number of tasks, it resumes and ends
+    job, log = launched(cluster, capsys, settings / "config.yaml", "bounded", "--tasks-per-node", "1")
+    text = ended(cluster, job, log)
+    assert "resuming at step" in text and "1 process(es)" in text and (tmp_path / "bounded" / "network.safetensors").is_file()
+
+
+def test_a_failing_run_is_not_requeued(cluster, tmp_path, capsys, monkeypatch):
+    """A run that fails (here: no dataset) ends its job with the error line in the log; nothing requeues it."""
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["launch", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--", "train", "--config",
+                 "mnist", "--run-dir", "failing", "dataset.kind=folder", f"dataset.path={tmp_path / 'nowhere'}"]) == 0
+    job = submitted_job(capsys)
+    text = ended(cluster, job, tmp_path / "failing" / "slurm" / f"slurm-{job}.out", state="FAILED")
+    assert "error:" in text and "nowhere" in text and "requeueing" not in text and "restart 1" not in text, text[-3000:]

@@ -5,8 +5,9 @@ tasks with gloo), ``#SBATCH --requeue``, and ``#SBATCH --signal=B:USR1@SECONDS``
 before the time limit. On that warning the shell sends SIGTERM to every task (``scancel --signal=TERM``; on
 a preemption or a requeue SLURM sends it to them itself); every task finishes its step, the run writes its training state and exits with
 :data:`imm.training.loop.EXIT_STOPPED` (75); the shell then requeues the job (``scontrol requeue``) while
-``SLURM_RESTART_COUNT`` is below the bound (also when the step ends otherwise after such a signal: ``srun``
-ends a step's other tasks once one has exited), and the requeued job resumes from the run folder with no flag.
+``SLURM_RESTART_COUNT`` is below the bound and the stop wrote a newer training state than the job started
+from (a run that stops without progress is not requeued again; also when the step ends otherwise after such
+a signal: ``srun`` ends a step's other tasks once one has exited), and the requeued job resumes from the run folder with no flag.
 Any other exit ends the job as it is. Each task finds its rank from SLURM's environment
 (:func:`imm.core.distributed.launch`), so the script runs ``imm train`` itself under ``srun``, no torchrun.
 
@@ -87,6 +88,8 @@ stopped=0
 trap 'stopped=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
 # a preemption or a requeue: SLURM sends SIGTERM to the tasks itself; this shell waits for them
 trap 'stopped=1' TERM
+newest() {{ ls {shlex.quote(str(run_dir / 'checkpoints'))} 2>/dev/null | grep -E '^training-state-[0-9]+[.]pt$' | sort | tail -n 1; }}
+before=$(newest)
 echo "imm launch: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 {command} &
 step=$!
@@ -99,7 +102,9 @@ done
 # stopped at a checkpoint: the run's exit {EXIT_STOPPED}, or a signal to this job and any failure (srun ends the
 # other tasks of a step once one has exited)
 if [ "$status" -eq {EXIT_STOPPED} ] || {{ [ "$stopped" -eq 1 ] && [ "$status" -ne 0 ]; }}; then
-    if [ "${{SLURM_RESTART_COUNT:-0}}" -lt "$max_requeues" ]; then
+    if [ "$(newest)" = "$before" ]; then
+        echo "imm launch: the run stopped without a newer training state than at its start ($before): not requeued"
+    elif [ "${{SLURM_RESTART_COUNT:-0}}" -lt "$max_requeues" ]; then
         echo "imm launch: the run stopped at a checkpoint; requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
     else
