@@ -38,7 +38,7 @@ import torch
 
 from imm.core import distributed
 from imm.core.errors import InputError, MissingError, StateError
-from imm.core.files import atomic_write
+from imm.core.files import atomic_write, write_text
 from imm.data.encoders import SD_VAE_NAME, SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, StabilityVAEEncoder
 
 SHARD_META = ".shard.json"
@@ -58,7 +58,7 @@ def stats_path_for(dest) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _encode_shard(ds, encoder, work: Path, k: int, shard_size: int, batch_size: int, dtype: str,

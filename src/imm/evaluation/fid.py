@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from imm.core.errors import InputError, MissingError, MissingPackageError
-from imm.core.files import atomic_write
-from imm.io.arrays import NpzFile
+from imm.io.arrays import NpzFile, write_npz
 
 __all__ = [
     "feature_statistics",
@@ -215,12 +214,7 @@ def save_statistics(path, mu=None, sigma=None, **extra) -> Path:
                 raise InputError(f"{key!r} given twice")
         arrays["mu"], arrays["sigma"] = check_statistics(mu, sigma, "")
     path = Path(path).expanduser()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    write_npz(path, arrays)
     return path
 
 

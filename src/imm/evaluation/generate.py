@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from imm.core import distributed, threads
 from imm.core.config import ConfigError
-from imm.core.files import atomic_write, check_subfolders
+from imm.core.files import check_subfolders, write_text
 from imm.core.release import canonical
 from imm.evaluation.sampling_run import SamplingRun, resolve_sampling_run
 from imm.evaluation.toy_metrics import toy2d_sliced_w2
+from imm.io.arrays import write_npz
 from imm.io.images import load_png, save_grid, save_png, save_scatter, to_hwc
 from imm.model.sampling import SamplingEntry
 
@@ -158,7 +159,7 @@ def claim_folder(folder: Path, settings: dict) -> None:
                           f"{advice}")
     elif distributed.is_main():
         text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        write_text(path, text)
     distributed.barrier()  # no rank writes images before every rank has checked the folder
 
 
@@ -194,15 +195,10 @@ def generate_images(run: SamplingRun, out: Path, num_images: int, progress: bool
             arrays = {"arr_0": np.stack([load_png(folder / f"{i:06d}.png") for i in range(num_images)])}
             if net.label_dim:
                 arrays["arr_1"] = seeded_labels(net, range(num_images), seed)
-            atomic_write(npz, lambda tmp: _save_npz(tmp, arrays))
+            write_npz(npz, arrays)
         distributed.barrier()
         npz_paths.append(npz)
     return npz_paths
-
-
-def _save_npz(path, arrays: dict) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-        np.savez(f, **arrays)
 
 
 def seeded_labels(net, indices, seed: int) -> np.ndarray:

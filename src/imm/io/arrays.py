@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from imm.core.errors import InputError, MissingError
+from imm.core.files import atomic_write
 from imm.io import zips
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -58,21 +59,16 @@ def npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype, bool]:
     return tuple(int(v) for v in shape), dtype, bool(fortran)
 
 
-def declared_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-def read_npy(f, size: int, where: str, max_bytes: int | None = None) -> np.ndarray:
+def read_npy(f, size: int, where: str) -> np.ndarray:
     """The array of the ``.npy`` stream ``f`` that holds ``size`` bytes from its start: the header's shape
-    must account for exactly the bytes after it, at most ``max_bytes`` (default :data:`MAX_ARRAY_BYTES`)."""
+    must account for exactly the bytes after it, at most :data:`MAX_ARRAY_BYTES`."""
     shape, dtype, fortran = npy_header(f, where)
-    nbytes, data_bytes = declared_bytes(shape, dtype), size - f.tell()
-    limit = MAX_ARRAY_BYTES if max_bytes is None else max_bytes
+    nbytes, data_bytes = math.prod(shape) * dtype.itemsize, size - f.tell()
     if nbytes != data_bytes:
         raise InputError(f"{where}: the header declares shape {shape} of {dtype} ({nbytes:,} bytes) but "
                          f"{data_bytes:,} bytes follow it")
-    if nbytes > limit:
-        raise InputError(f"{where}: an array of {nbytes:,} bytes, more than the {limit:,} one may hold")
+    if nbytes > MAX_ARRAY_BYTES:
+        raise InputError(f"{where}: an array of {nbytes:,} bytes, more than the {MAX_ARRAY_BYTES:,} one may hold")
     buffer = np.empty(nbytes, np.uint8)
     view, filled = memoryview(buffer), 0
     try:
@@ -86,6 +82,16 @@ def read_npy(f, size: int, where: str, max_bytes: int | None = None) -> np.ndarr
     if filled != nbytes:
         raise InputError(f"{where}: holds {filled:,} of the {nbytes:,} bytes its header declares")
     return buffer.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def write_npz(path, arrays: dict) -> None:
+    """``arrays`` as an uncompressed ``.npz`` at exactly ``path`` (atomically: :func:`imm.core.files.atomic_write`)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def read_npy_file(path, where: str | None = None) -> np.ndarray:
@@ -137,11 +143,11 @@ class NpzFile:
             shape, dtype, _ = npy_header(f, where)
         return shape, dtype
 
-    def read(self, key: str, max_bytes: int | None = None) -> np.ndarray:
-        """Array ``key`` (at most ``max_bytes``; default :data:`MAX_ARRAY_BYTES`)."""
+    def read(self, key: str) -> np.ndarray:
+        """Array ``key`` (see :func:`read_npy`)."""
         info, f, where = self._open(key)
         with f:
-            return read_npy(f, info.file_size, where, max_bytes)
+            return read_npy(f, info.file_size, where)
 
     def close(self) -> None:
         self._zip.close()

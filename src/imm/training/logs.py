@@ -16,7 +16,7 @@ import torch
 
 from imm.core import distributed
 from imm.core.fastpath import FastPath
-from imm.core.files import atomic_write, open_append
+from imm.core.files import open_append, write_text
 from imm.evaluation.sampling_run import step_entries
 from imm.io.images import save_grid
 from imm.methods.registry import entry_sampler
@@ -34,7 +34,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
     lines = path.read_text(errors="replace").splitlines()
     keep = [line for line in lines if logged_step(line) <= step]
     if len(keep) < len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+        write_text(path, "".join(line + "\n" for line in keep))
 
 
 def logged_step(line: str) -> float:
