@@ -18,16 +18,17 @@ The repository holds, at its root:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-
+from imm.core.config import load_yaml
 from imm.core.errors import InputError
 from imm.interop.export import Source, build_pipeline, read_source, write_folder
 from imm.io import hub
 from imm.io.checkpoint import sampling_settings, save_network
+from imm.training.logs import logged_step
 
 METHOD_NAMES = {"imm": "Inductive Moment Matching (Zhou, Ermon, Song, ICML 2025)",
                 "flow_matching": "flow matching (Lipman et al., ICLR 2023), sampled with an ODE solver",
@@ -50,10 +51,19 @@ def run_folder(source) -> Path | None:
     return path if path.is_dir() else None
 
 
-def measured_fids(run: Path | None) -> list[dict]:
+def run_config(run: Path | None) -> dict | None:
+    """A run folder's training config (``RUN/config.yaml``, read within :func:`imm.core.config.load_yaml`'s
+    bounds), or None."""
+    if run is None or not (run / "config.yaml").is_file():
+        return None
+    return load_yaml((run / "config.yaml").read_text()) or {}
+
+
+def measured_fids(run: Path | None, cfg: dict | None) -> list[dict]:
     """The FIDs a run folder holds: ``RUN/fid/fid.json`` (``imm demo``, ``imm eval fid --out RUN/fid``) and
-    the last periodic FID of each step count in ``RUN/metrics.jsonl`` (``logging.fid_every``); each a row
-    with ``steps``, ``fid``, ``num_images``, ``ref`` and ``where``."""
+    the last periodic FID of each step count in ``RUN/metrics.jsonl`` (``logging.fid_every``, with the sample
+    count and reference of the run's config ``cfg``); each a row with ``steps``, ``fid``, ``num_images``,
+    ``ref`` and ``where``."""
     if run is None:
         return []
     rows = []
@@ -62,11 +72,13 @@ def measured_fids(run: Path | None) -> list[dict]:
         data = json.loads(table.read_text())
         rows += [{"steps": r["steps"], "fid": r["fid"], "num_images": r["num_images"], "ref": data.get("ref", "?"),
                   "where": "fid/fid.json"} for r in data.get("results", []) if "fid" in r]
-    metrics, config = run / "metrics.jsonl", run / "config.yaml"
-    if metrics.is_file() and config.is_file():
-        logging = (yaml.safe_load(config.read_text()) or {}).get("logging") or {}
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        logging = (cfg or {}).get("logging") or {}
         last = {}
         for line in metrics.read_text().splitlines():
+            if logged_step(line) == math.inf:  # a line torn by a kill
+                continue
             record = json.loads(line)
             for key, value in record.items():
                 if key.startswith("fid/") and key.endswith("step"):
@@ -77,14 +89,11 @@ def measured_fids(run: Path | None) -> list[dict]:
     return rows
 
 
-def _training(run: Path | None) -> tuple[dict | None, str]:
-    """(the run's training config or None, the dataset's Hub id or '')."""
-    if run is None or not (run / "config.yaml").is_file():
-        return None, ""
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    dataset = cfg.get("dataset") or {}
+def dataset_id(cfg: dict | None) -> str:
+    """The Hub dataset id of a training config's dataset when it is a known one, else ''."""
+    dataset = (cfg or {}).get("dataset") or {}
     named = str(dataset.get("name") or dataset.get("kind") or dataset.get("path") or "").lower()
-    return cfg, next((hub_id for key, hub_id in KNOWN_DATASETS.items() if key in named), "")
+    return next((hub_id for key, hub_id in KNOWN_DATASETS.items() if key in named), "")
 
 
 def model_card(repo_id: str, source: Source, run: Path | None, license: str):
@@ -92,7 +101,8 @@ def model_card(repo_id: str, source: Source, run: Path | None, license: str):
     from huggingface_hub import ModelCard, ModelCardData
 
     net, method = source.run.net, source.run.method
-    cfg, dataset = _training(run)
+    cfg = run_config(run)
+    dataset = dataset_id(cfg)
     encoder = dict(source.config.get("encoder") or {})
     tags = ["imm", "few-step-generation", method.replace("_", "-"), "diffusers"]
     data = ModelCardData(library_name="imm", pipeline_tag="unconditional-image-generation", tags=tags,
@@ -120,7 +130,7 @@ def model_card(repo_id: str, source: Source, run: Path | None, license: str):
     else:
         lines += [f"Not recorded: the source was a checkpoint file (`{Path(source.path).name}`), not a run folder."]
     lines += ["", "## Measured", ""]
-    fids = measured_fids(run)
+    fids = measured_fids(run, cfg)
     if fids:
         lines += ["| sampling steps | FID | samples | reference | from |", "|---|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['fid']:.2f} | {r['num_images']} | `{r['ref']}` | {r['where']} |" for r in fids]
