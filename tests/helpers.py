@@ -4,6 +4,7 @@ profiles, and a torchrun command line on a free port. Fixtures built from these 
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,17 @@ def digits_run(folder: Path, *overrides) -> Path:
     train(image_cfg(npz, "network.img_channels=1", "encoder.channels=1", "training.total_steps=2", *overrides),
           folder / "run", device="cpu")
     return folder / "run"
+
+
+def poll(condition, seconds: float, interval: float = 0.25):
+    """The first truthy value of ``condition()`` within ``seconds`` (polled every ``interval``), else None."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
 
 
 def free_port() -> int:

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import poll
+
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
 
 
@@ -85,12 +87,9 @@ PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
     def wait(self, condition, what: str, seconds: float):
         """Poll ``condition()`` until truthy (returned) or ``seconds`` pass (then AssertionError with the logs)."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.5)
+        value = poll(condition, seconds, 0.5)
+        if value:
+            return value
         logs = "".join(p.read_text()[-1500:] for p in self.folder.glob("slurm*.log"))
         raise AssertionError(f"waited {seconds} s for {what}; the daemons' logs end with:\n{logs}")
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import digits_run, free_port
+from tests.helpers import digits_run, free_port, poll
 
 selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
 pytest.importorskip("gradio", reason="imm explore needs Gradio (pip install imm[explore])")
@@ -24,12 +24,9 @@ WAIT_S = 120  # the longest a sample may take to show on a loaded 2-core machine
 
 def wait_for(condition, what: str, driver):
     """Poll ``condition()`` until it is truthy (returned) or WAIT_S pass (then fail with the page's text)."""
-    end = time.monotonic() + WAIT_S
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
+    value = poll(condition, WAIT_S)
+    if value:
+        return value
     pytest.fail(f"waited {WAIT_S} s for {what}; the page says: {driver.find_element(By.TAG_NAME, 'body').text[:2000]}")
 
 

@@ -31,13 +31,13 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from imm.core.errors import printable
 from imm.core.release import SAMPLER_NAMES
 from imm.data.encoders import KNOWN_VAES, StabilityVAEEncoder, build_encoder
+from imm.io.images import to_hwc, to_pil
 from imm.methods import registry as methods
 from imm.model import schedules
 from imm.model.network import IMMNetwork
 from imm.model.sampling import SamplingEntry, time_grid
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-ENTRY_KEYS = ("sampler", "num_steps", "discretization", "mid_nt", "cfg_scale", "cfg_interval", "solver")
 
 
 class IMMNetworkModel(ModelMixin, ConfigMixin):
@@ -100,7 +100,8 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
     def resolve(self, entry: str | None = None, num_inference_steps: int | None = None, whole: bool = False,
                 **keys) -> SamplingEntry:
         """The sampling entry to draw: the recorded entry ``entry`` with ``num_inference_steps`` (a uniform grid
-        of that many steps) and any of :data:`ENTRY_KEYS` replacing its values. Without ``entry``, a time grid
+        of that many steps) and any field of :class:`~imm.model.sampling.SamplingEntry` given in ``keys``
+        replacing its values. Without ``entry``, a time grid
         given (``num_inference_steps``, ``num_steps``, ``discretization`` or ``mid_nt``), or ``whole`` (a
         release entry, which names its sampler: its ``mid_nt: null`` is one step), is the whole entry
         (``pipe(**entry)`` draws that entry, unguided unless it says otherwise); else the first recorded
@@ -240,9 +241,6 @@ class IMMPipeline(DiffusionPipeline):
                 raise ValueError("this network makes 2-D points, not images: use output_type 'pt', 'np' or 'latent'")
             return decoded.cpu().numpy() if output_type == "np" else decoded
         if output_type == "pil":
-            from PIL import Image
-
-            hwc = decoded.permute(0, 2, 3, 1).cpu().numpy()
-            return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in hwc]
+            return [to_pil(a) for a in to_hwc(decoded)]
         images = decoded.float() / 255
         return images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images

@@ -18,14 +18,17 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+from PIL import Image
 
 from imm.core.errors import ImmError, InputError
+from imm.evaluation.evaluate import steps_and_nfe
 from imm.evaluation.generate import seeded_inputs
 from imm.evaluation.sampling_run import resolve_sampling_run, sampling_config
+from imm.evaluation.toy_metrics import toy2d_sliced_w2
 from imm.interop.export import checkpoint_file
-from imm.io.images import grid_array
+from imm.io.images import grid_array, scatter_figure, to_pil
+from imm.methods import registry as methods
 from imm.model.sampling import SamplingEntry
 
 LIMITS = {"images": 64, "steps": 8, "seed": 2**31 - 1}  # what one request may ask for
@@ -104,8 +107,6 @@ class Explorer:
                     raise ExploreError("a guidance interval needs a guidance scale")
             entry = entry.with_guidance(cfg_scale, cfg_interval)
         try:
-            from imm.methods import registry as methods
-
             methods.check_entry(self.method, entry)
         except ValueError as e:
             raise ExploreError(str(e)) from None
@@ -132,8 +133,6 @@ class Explorer:
     def sample(self, entry: SamplingEntry, seed, count, labels_text: str | None = None) -> Sample:
         """``count`` samples of ``entry`` from seed ``seed`` (image i from seed + i, as ``imm generate``),
         one request at a time."""
-        from imm.evaluation.evaluate import steps_and_nfe
-
         seed = _integer(seed, "the seed", 0, LIMITS["seed"])
         count = _integer(count, "the image count", 1, LIMITS["images"])
         if self.encoder_problem and not self.points:
@@ -152,16 +151,11 @@ class Explorer:
         caption = f"{count} sample{'s' * (count > 1)}, {steps} step{'s' * (steps > 1)}"
         if labels is not None:
             caption += f", classes {labels.tolist() if count <= 16 else labels[:16].tolist() + ['...']}"
-        image = self._scatter(decoded) if decoded.dtype != torch.uint8 else _pil(grid_array(decoded))
+        image = self._scatter(decoded) if decoded.dtype != torch.uint8 else to_pil(grid_array(decoded))
         return Sample(image, nfe, seconds, caption)
 
     def _scatter(self, points: torch.Tensor):
         """2-D points over the toy target (when the checkpoint names it), as a PIL image."""
-        from PIL import Image
-
-        from imm.evaluation.toy_metrics import toy2d_sliced_w2
-        from imm.io.images import scatter_figure
-
         points = points.reshape(points.shape[0], -1).float()
         target, title = None, f"{points.shape[0]} samples"
         if self.toy_target:
@@ -171,12 +165,6 @@ class Explorer:
         scatter_figure({title: points}, buffer, target)
         buffer.seek(0)
         return Image.open(buffer).convert("RGB")
-
-
-def _pil(grid: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(grid[:, :, 0], "L") if grid.shape[2] == 1 else Image.fromarray(grid, "RGB")
 
 
 def _integer(value, what: str, low: int, high: int) -> int:
@@ -230,8 +218,6 @@ def panel_request(explorer: Explorer, choice, steps, mid_t, use_mid_t, cfg_scale
 
 def _enlarged(image, width: int = DISPLAY_WIDTH):
     """A small grid scaled up by a whole factor (nearest neighbour: every pixel stays a square of one value)."""
-    from PIL import Image
-
     factor = max(1, width // image.size[0])
     return image if factor == 1 else image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST)
 

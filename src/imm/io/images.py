@@ -60,7 +60,8 @@ def to_hwc(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _pil(array: np.ndarray) -> Image.Image:
+def to_pil(array: np.ndarray) -> Image.Image:
+    """A uint8 HWC array (1 or 3 channels) as a PIL image (L or RGB)."""
     return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
 
 
@@ -81,11 +82,11 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
     """Save uint8 NCHW images as one grid PNG (:func:`grid_array`)."""
     grid = grid_array(images, nrow, padding)
-    atomic_write(path, lambda tmp: _pil(grid).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: to_pil(grid).save(tmp, format="PNG"))
 
 
 def save_png(image_hwc: np.ndarray, path) -> None:
-    atomic_write(path, lambda tmp: _pil(image_hwc).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: to_pil(image_hwc).save(tmp, format="PNG"))
 
 
 def load_png(path) -> np.ndarray:
