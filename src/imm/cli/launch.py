@@ -15,6 +15,7 @@ EXAMPLES = """examples:
 
 def cmd_launch_slurm(args) -> int:
     from imm.cli import build_parser, parse_command_line
+    from imm.cli.train import run_folder
     from imm.core.errors import InputError
     from imm.interop.slurm import SlurmJob, submit, write_script
 
@@ -24,8 +25,7 @@ def cmd_launch_slurm(args) -> int:
     train_args = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     if train_args[:1] != ["train"]:
         raise InputError("imm launch slurm runs `imm train`: end the options with -- train --config NAME ...")
-    parsed = parse_command_line(build_parser(), train_args)  # the run folder imm train will use
-    run_dir = parsed.run_dir or f"runs/{parsed.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
+    run_dir = run_folder(parse_command_line(build_parser(), train_args))  # the one imm train will use
     script = write_script(job, train_args[1:], run_dir)
     if args.dry_run:
         print(script.read_text(), end="")

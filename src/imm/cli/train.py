@@ -28,13 +28,18 @@ EXAMPLES_DEMO = """examples:
 ALLOW_CHANGES_HELP = "resume even when network/loss/dataset/encoder settings differ from the checkpoint's"
 
 
+def run_folder(args) -> str:
+    """The run folder of parsed ``imm train`` arguments: ``--run-dir``, else ``runs/CONFIG``."""
+    return args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
+
+
 def cmd_train(args) -> int:
     from imm.core import distributed
     from imm.training.config import load_train_config
     from imm.training.loop import TrainingStopped, train
 
     cfg = load_train_config(args.config, args.overrides)
-    run_dir = args.run_dir or f"runs/{args.config.rsplit('/', 1)[-1].removesuffix('.yaml')}"
+    run_dir = run_folder(args)
     try:
         path = train(cfg, run_dir, device=args.device, start_over=args.start_over, allow_changes=args.allow_changes)
     except TrainingStopped as stop:
