@@ -183,6 +183,7 @@ def test_a_latent_network_decodes_with_the_vae_it_carries_or_is_given(tmp_path, 
     noise, labels = seeded_inputs(imm.load_network(checkpoint), range(2), 0)
     pipe = imm.IMMPipeline.from_pretrained(tmp_path / "pipe")
     assert type(pipe.vae).__name__ == "AutoencoderKL"
+    assert pipe.encoder() is pipe.encoder()  # built once, not at every call
     images = pipe(entry=entry, latents=noise, class_labels=labels, output_type="np").images
     assert np.array_equal(np.rint(images * 255).astype(np.uint8), pixels)
     without = imm.IMMPipeline(network=pipe.network, scheduler=pipe.scheduler)

@@ -23,6 +23,8 @@ and the scheduler holds what they need.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
@@ -161,7 +163,12 @@ class IMMPipeline(DiffusionPipeline):
     def encoder(self):
         """The encoder that decodes samples (the scheduler's ``encoder`` section): with the ``vae`` component
         when there is one, else with the VAE the encoder names when that is a Hub id of
-        :data:`imm.data.encoders.KNOWN_VAES`."""
+        :data:`imm.data.encoders.KNOWN_VAES`. Built once and kept while the ``vae`` component and the encoder
+        section stay the same (a VAE named by the section is loaded once, not at every call)."""
+        key = (self.vae, json.dumps(self.scheduler.config.encoder, sort_keys=True))
+        kept = getattr(self, "_decoding", None)
+        if kept is not None and kept[0][0] is key[0] and kept[0][1] == key[1]:
+            return kept[1]
         encoder = build_encoder(self.scheduler.config.encoder)
         if isinstance(encoder, StabilityVAEEncoder):
             if self.vae is not None:
@@ -170,6 +177,7 @@ class IMMPipeline(DiffusionPipeline):
                 raise ValueError(f"the scheduler's encoder names the VAE {printable(encoder.vae_name)[:200]!r}, not "
                                  f"one of {', '.join(KNOWN_VAES)}: pass vae=AutoencoderKL.from_pretrained(...) to "
                                  "from_pretrained to choose it yourself")
+        self._decoding = (key, encoder)
         return encoder
 
     @torch.no_grad()
