@@ -1,6 +1,7 @@
 """``imm launch slurm`` on a real one-node SLURM cluster (tests/slurm_cluster.py): a 2-task gloo job of the toy
 run trains like one process."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,9 @@ def restarted(cluster, job: str, log) -> None:
     """Wait for the stop at a checkpoint and the requeued job, and start it now (not ~2 minutes later)."""
     cluster.wait(lambda: "stopped by signal at step" in log.read_text(), "the stop at a checkpoint", 120)
     cluster.wait(lambda: cluster.job_state(job) == "PENDING", "the requeued job to wait", 120)
+    # slurmd refuses a job credential issued in the same second as the one it revoked when the first run ended
+    # ("Job credential revoked"); SLURM's own delay before a requeued job starts again avoids that, so wait 2 s
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
