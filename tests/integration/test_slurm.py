@@ -76,10 +76,14 @@ def trained(cluster, job: str, metrics, steps: int = 20) -> None:
                  f"job {job} to train {steps} steps", 300)
 
 
-def restarted(cluster, job: str, log) -> None:
-    """Wait for the stop at a checkpoint and the requeued job, and start it now (not ~2 minutes later)."""
-    cluster.wait(lambda: "stopped by signal at step" in log.read_text(), "the stop at a checkpoint", 120)
+def restarted(cluster, job: str, log, while_pending=None) -> None:
+    """Wait for the stop at a checkpoint and the requeued job, call ``while_pending()``, and start the job now
+    (not ~2 minutes later)."""
+    cluster.wait(lambda: log.is_file() and "stopped by signal at step" in log.read_text(), "the stop at a checkpoint",
+                 180)
     cluster.wait(lambda: cluster.job_state(job) == "PENDING", "the requeued job to wait", 120)
+    if while_pending:
+        while_pending()
     # slurmd refuses a job credential issued in the same second as the one it revoked when the first run ended
     # ("Job credential revoked"); SLURM's own delay before a requeued job starts again avoids that, so wait 2 s
     time.sleep(2)
@@ -87,11 +91,11 @@ def restarted(cluster, job: str, log) -> None:
 
 
 def test_a_job_requeued_mid_run_finishes_like_an_uninterrupted_one(cluster, tmp_path, capsys, monkeypatch):
-    """A running 2-task job requeued by `scontrol requeue` (as a preemption in REQUEUE mode) and one sent the
-    time-limit warning (USR1 to the batch shell, which requeues the job itself): every task stops at a step, the
-    run writes its training state, the requeued job (started at once with `scontrol update StartTime=now`)
-    resumes from the run folder, and both final networks equal, bit for bit, that of the same job left alone."""
-    from tests.helpers import digits_run, online_weights
+    """A running 2-task job requeued by `scontrol requeue` (as a preemption in REQUEUE mode does): every task
+    stops at a step, the run writes its training state, the requeued job (started at once with `scontrol update
+    StartTime=now`) resumes from the run folder, and its final network equals, bit for bit, that of the same job
+    left alone."""
+    from tests.helpers import digits_run
 
     settings = digits_run(tmp_path / "settings", "training.total_steps=100", "training.batch_size=8",
                           "training.batch_per_device=4", "logging.log_every=5", "logging.checkpoint_every=1000")
@@ -106,18 +110,54 @@ def test_a_job_requeued_mid_run_finishes_like_an_uninterrupted_one(cluster, tmp_
     restarted(cluster, job, log)
     text = ended(cluster, job, log)
     assert "restart 1" in text and "resuming at step" in text, text[-3000:]
-    job, log = launched(cluster, capsys, config, "warned")
-    trained(cluster, job, tmp_path / "warned" / "metrics.jsonl")
-    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0  # the time-limit warning
-    restarted(cluster, job, log)
+    assert_equal_runs(tmp_path / "alone", tmp_path / "requeued", 100)
+
+
+def assert_equal_runs(alone, interrupted, steps: int) -> None:
+    """Both runs ended at ``steps`` with equal online and EMA weights, bit for bit."""
+    from tests.helpers import online_weights
+
+    (a, ema_a, step_a), (b, ema_b, step_b) = online_weights(alone), online_weights(interrupted)
+    assert step_a == step_b == steps
+    for key in a:
+        assert torch.equal(a[key], b[key]) and torch.equal(ema_a["0.995"][key], ema_b["0.995"][key]), key
+
+
+def test_a_job_at_its_time_limit_requeues_and_finishes_like_an_uninterrupted_one(cluster, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A 2-task job with a one-minute ``--time`` and ``--warning-seconds 15``: SLURM warns the batch shell at its
+    first time-limit check 15 s or more after the start (it checks every 30 s and may signal up to 30 s early),
+    every task stops at a step, the run writes its training state and the job requeues itself. While the job
+    waits, its config is edited to end 10 steps past that state, so the requeued run resumes and finishes before
+    its own warning; the final network equals, bit for bit, that of an uninterrupted job of the same steps."""
+    import yaml
+
+    from tests.helpers import digits_run
+
+    settings = digits_run(tmp_path / "settings", "training.batch_size=8", "training.batch_per_device=4",
+                          "logging.log_every=5", "logging.checkpoint_every=1000000")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.chdir(tmp_path)
+    cfg = yaml.safe_load((settings / "config.yaml").read_text())
+    cfg["training"]["total_steps"] = 1_000_000
+    config = tmp_path / "timed.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    job, log = launched(cluster, capsys, config, "timed", "--time", "1", "--warning-seconds", "15")
+
+    def end_ten_steps_later():
+        states = sorted((tmp_path / "timed" / "checkpoints").glob("training-state-*.pt"))
+        assert states, log.read_text()[-3000:]
+        cfg["training"]["total_steps"] = int(states[-1].stem.rsplit("-", 1)[1]) + 10
+        config.write_text(yaml.safe_dump(cfg))
+
+    restarted(cluster, job, log, while_pending=end_ten_steps_later)
+    steps = cfg["training"]["total_steps"]
     text = ended(cluster, job, log)
-    assert "requeueing job" in text and "restart 1" in text and "resuming at step" in text, text[-3000:]
-    alone = online_weights(tmp_path / "alone")
-    for run in ("requeued", "warned"):
-        (a, ema_a, step_a), (b, ema_b, step_b) = alone, online_weights(tmp_path / run)
-        assert step_a == step_b == 100, run
-        for key in a:
-            assert torch.equal(a[key], b[key]) and torch.equal(ema_a["0.995"][key], ema_b["0.995"][key]), (run, key)
+    assert "warned of the time limit" in text and "requeueing job" in text, text[-3000:]
+    assert f"resuming at step {steps - 10}" in text and "DUE TO TIME LIMIT" not in text, text[-3000:]
+    job, log = launched(cluster, capsys, config, "alone")
+    ended(cluster, job, log)
+    assert_equal_runs(tmp_path / "alone", tmp_path / "timed", steps)
 
 
 def test_a_job_stops_requeueing_after_its_bound(cluster, tmp_path, capsys, monkeypatch):

@@ -64,7 +64,9 @@ def test_launch_slurm_dry_run_writes_the_batch_script(tmp_path, capsys, monkeypa
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={tmp_path}/runs/c10/slurm/slurm-%j.out",
-                 f"#SBATCH --chdir={tmp_path}", "max_requeues=3", """trap 'stopped=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1""", "trap 'stopped=1' TERM",
+                 f"#SBATCH --chdir={tmp_path}", "max_requeues=3",
+                 "trap 'stopped=1; echo \"imm launch: warned of the time limit; stopping every task at a checkpoint\"",
+                 """      scancel --signal=TERM "$SLURM_JOB_ID"' USR1""", "trap 'stopped=1' TERM",
                  "-m imm train --config cifar10 --run-dir runs/c10 training.batch_size=512 &",
                  'if [ "$status" -eq 75 ] || { [ "$stopped" -eq 1 ] && [ "$status" -ne 0 ]; }; then',
                  'scontrol requeue "$SLURM_JOB_ID"'):

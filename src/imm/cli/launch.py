@@ -19,9 +19,8 @@ def cmd_launch_slurm(args) -> int:
     from imm.core.errors import InputError
     from imm.interop.slurm import SlurmJob, submit, write_script
 
-    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                   cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
-                   max_requeues=args.max_requeues)
+    job = SlurmJob(**{name: getattr(args, name) for name in SlurmJob.__dataclass_fields__
+                      if getattr(args, name) is not None})
     train_args = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     if train_args[:1] != ["train"]:
         raise InputError("imm launch slurm runs `imm train`: end the options with -- train --config NAME ...")
@@ -45,15 +44,17 @@ def add_parsers(sub) -> None:
                                 "On the warning or a preemption every task finishes its step, the run writes its "
                                 "training state, and the job requeues itself (at most --max-requeues times); the "
                                 "requeued job resumes from the run folder.", examples=EXAMPLES)
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each (default: 0, CPU)")
+    p.add_argument("--nodes", type=int, help="nodes (default: 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: 0, CPU)")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="tasks per node (default: one per GPU, else 1; CPU tasks train with gloo)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (sbatch --cpus-per-task)")
     p.add_argument("--partition", default=None, help="the partition (sbatch --partition)")
     p.add_argument("--time", default=None, help="the time limit, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
     p.add_argument("--account", default=None, help="the account to charge (sbatch --account)")
-    p.add_argument("--max-requeues", type=int, default=10, help="requeue at most this many times (default: 10)")
+    p.add_argument("--max-requeues", type=int, help="requeue at most this many times (default: 10)")
+    p.add_argument("--warning-seconds", type=int,
+                   help="warn the job this many seconds before its time limit (sbatch --signal; default: 120)")
     p.add_argument("--dry-run", action="store_true", help="write and print the script; submit nothing")
     p.add_argument("train_command", nargs=argparse.REMAINDER, metavar="-- train ...",
                    help="the imm train command line")

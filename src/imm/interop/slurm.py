@@ -85,7 +85,8 @@ def sbatch_script(job: SlurmJob, train_args: list[str], run_dir: Path, python: s
 max_requeues={job.max_requeues}
 stopped=0
 {threads}# the time-limit warning (USR1, to this shell only): SIGTERM to every task, which stops at a checkpoint
-trap 'stopped=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
+trap 'stopped=1; echo "imm launch: warned of the time limit; stopping every task at a checkpoint"
+      scancel --signal=TERM "$SLURM_JOB_ID"' USR1
 # a preemption or a requeue: SLURM sends SIGTERM to the tasks itself; this shell waits for them
 trap 'stopped=1' TERM
 newest() {{ ls {shlex.quote(str(run_dir / 'checkpoints'))} 2>/dev/null | grep -E '^training-state-[0-9]+[.]pt$' | sort | tail -n 1; }}
