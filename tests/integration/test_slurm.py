@@ -126,7 +126,7 @@ def assert_equal_runs(alone, interrupted, steps: int) -> None:
 def test_a_job_at_its_time_limit_requeues_and_finishes_like_an_uninterrupted_one(cluster, tmp_path, capsys,
                                                                                   monkeypatch):
     """A 2-task job with a one-minute ``--time`` and ``--warning-seconds 15``: SLURM warns the batch shell at its
-    first time-limit check 15 s or more after the start (it checks every 30 s and may signal up to 30 s early),
+    first time-limit check 15 s or more after the start (it checks every 30 s and signals up to 30 s early),
     every task stops at a step, the run writes its training state and the job requeues itself. While the job
     waits, its config is edited to end 10 steps past that state, so the requeued run resumes and finishes before
     its own warning; the final network equals, bit for bit, that of an uninterrupted job of the same steps."""
