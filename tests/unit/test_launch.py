@@ -74,8 +74,19 @@ def test_launch_slurm_dry_run_writes_the_batch_script(tmp_path, capsys, monkeypa
     assert "OMP_NUM_THREADS" not in script  # GPU tasks: torch's own threads
 
 
+def test_launch_slurm_warning_seconds_and_a_time_in_minutes_reach_the_script(tmp_path, capsys, monkeypatch):
+    from imm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "slurm", "--time", "90", "--warning-seconds", "600", "--dry-run", "--", "train",
+                 "--config", "toy2d"]) == 0
+    script = (tmp_path / "runs" / "toy2d" / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --time=90\n" in script and "#SBATCH --signal=B:USR1@600\n" in script
+
+
 @pytest.mark.parametrize("args, message", [
     (["--dry-run", "--", "generate"], "imm launch slurm runs `imm train`"),
+    (["--warning-seconds", "0", "--dry-run", "--", "train", "--config", "toy2d"], "--warning-seconds must be"),
     (["--time", "four hours", "--dry-run", "--", "train", "--config", "toy2d"], "--time 'four hours'"),
     (["--nodes", "0", "--dry-run", "--", "train", "--config", "toy2d"], "--nodes must be an integer >= 1"),
     (["--partition", "gpu;rm", "--dry-run", "--", "train", "--config", "toy2d"], "letters, digits"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from imm.cli.options import add_command, add_command_group
 
@@ -19,8 +20,8 @@ def cmd_launch_slurm(args) -> int:
     from imm.core.errors import InputError
     from imm.interop.slurm import SlurmJob, submit, write_script
 
-    job = SlurmJob(**{name: getattr(args, name) for name in SlurmJob.__dataclass_fields__
-                      if getattr(args, name) is not None})
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(SlurmJob)}
+    job = SlurmJob(**{name: value for name, value in given.items() if value is not None})  # else its defaults
     train_args = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     if train_args[:1] != ["train"]:
         raise InputError("imm launch slurm runs `imm train`: end the options with -- train --config NAME ...")
@@ -50,7 +51,7 @@ def add_parsers(sub) -> None:
                    help="tasks per node (default: one per GPU, else 1; CPU tasks train with gloo)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (sbatch --cpus-per-task)")
     p.add_argument("--partition", default=None, help="the partition (sbatch --partition)")
-    p.add_argument("--time", default=None, help="the time limit, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
+    p.add_argument("--time", default=None, help="the time limit: minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
     p.add_argument("--account", default=None, help="the account to charge (sbatch --account)")
     p.add_argument("--max-requeues", type=int, help="requeue at most this many times (default: 10)")
     p.add_argument("--warning-seconds", type=int,
