@@ -45,11 +45,7 @@ def test_a_two_task_job_trains_like_one_process(cluster, tmp_path, capsys, monke
     assert main(["launch", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--", "train", "--config",
                  "toy2d", "--run-dir", "two", "--device", "cpu", *TOY_FAST, *MULTI, "training.total_steps=4"]) == 0
     job = submitted_job(capsys)
-    log = tmp_path / "two" / "slurm" / f"slurm-{job}.out"
-    cluster.wait(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
-                 f"job {job} to end", 300)
-    text = log.read_text()
-    assert cluster.job_state(job) in ("COMPLETED", ""), text[-3000:]
+    text = ended(cluster, job, tmp_path / "two" / "slurm" / f"slurm-{job}.out")
     assert "2 process(es) on cpu" in text and "global batch 32 = 2 x 1 x 16" in text, text[-3000:]
     assert_trained_alike(tmp_path / "one", tmp_path / "two", 4)
 
@@ -64,6 +60,7 @@ def launched(cluster, capsys, config, run_dir: str, *options: str) -> tuple[str,
 
 
 def ended(cluster, job: str, log, state: str = "COMPLETED") -> str:
+    """The log of ``job`` once it has ended, in ``state`` (or gone from the controller's memory)."""
     cluster.wait(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
                  f"job {job} to end", 300)
     text = log.read_text()
