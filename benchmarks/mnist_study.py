@@ -492,7 +492,7 @@ def plan(args) -> list[tuple]:
                       "setup": QUICK_SETUP if args.quick else COMPARE_SETUP if args.study == "compare" else SETUP,
                       "checkpoint_every": 1 if args.quick else CHECKPOINT_EVERY, "states": args.states,
                       "cached_only": args.cached_only, "record": None if args.quick else args.record}
-            if method in LENGTH_SCHEDULED and len(budgets) > 1:  # one run per budget, each with its full schedule
+            if method in LENGTH_SCHEDULED:  # one run per budget, each with its full schedule, named by it
                 tasks += [{**common, "run": f"{name} B{b}", "budgets": [b]} for b in budgets]
             else:
                 tasks.append({**common, "run": name, "budgets": budgets})
