@@ -109,9 +109,11 @@ def test_a_panel_shows_the_grid_enlarged_with_its_nfe_and_time(digits):
     assert caption.startswith("**3 NFE**, ") and "ms per image: 4 samples, 3 steps, classes" in caption
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_the_server_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, stop):
-    """`imm explore` serves on 127.0.0.1, answers, and a Ctrl-C (SIGINT) or SIGTERM closes it: exit 0, no traceback."""
+@pytest.mark.parametrize("stop, fetch", [("SIGINT", True), ("SIGTERM", True), ("SIGINT", False), ("SIGTERM", False)])
+def test_the_server_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, stop, fetch):
+    """`imm explore` serves on 127.0.0.1, answers, and a Ctrl-C (SIGINT) or SIGTERM closes it: exit 0, no traceback;
+    also a signal sent the moment the address is printed (without fetching the page first)."""
+    import os
     import signal
     import subprocess
     import sys
@@ -122,14 +124,20 @@ def test_the_server_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, stop):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imm", "explore", "--checkpoint", str(FIXTURES / "unet_cifar_like.pkl"),
                              "--config", "cifar10", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT prints every thread's stack
     try:
         line = proc.stdout.readline()
         assert line.strip() == f"imm explore: serving http://127.0.0.1:{port}/ (Ctrl-C stops it)", line
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as page:
-            assert page.status == 200 and b"<html" in page.read(2000)
+        if fetch:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as page:
+                assert page.status == 200 and b"<html" in page.read(2000)
         proc.send_signal(getattr(signal, stop))
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"imm explore still runs 60 s after {stop}; its threads:\n{proc.communicate()[1][-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 0 and "imm explore: stopped" in out and "Traceback" not in err, err[-2000:]

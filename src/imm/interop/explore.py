@@ -276,27 +276,36 @@ def build_page(explorer: Explorer):
 
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve the page of ``explorer`` on ``host:port`` (the loopback address unless the user asks for
-    another); returns (the Gradio page, its URL). ``block``: until Ctrl-C or SIGTERM, then close it."""
+    another); returns (the Gradio page, its URL). ``block``: until Ctrl-C or SIGTERM, then close it.
+
+    The two signals are caught from before the server starts, so one that comes at any moment (even
+    while it starts, or just as the address is printed) ends in the same clean close."""
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no requests to the outside
     page = build_page(explorer)
     page.queue(default_concurrency_limit=1, max_size=16)
-    _, url, _ = page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True,
-                            quiet=True, footer_links=[], ssr_mode=False)
-    if block:
-        print(f"imm explore: serving {url} (Ctrl-C stops it)", flush=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # a stop by SIGTERM is as clean as Ctrl-C's
+    if not block:
+        return page, _launch(page, host, port)
+    stopped = []  # a flag the handler sets; a handler must not take a lock the interrupted code may hold
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = _launch(page, host, port)
         try:
-            while True:
+            print(f"imm explore: serving {url} (Ctrl-C stops it)", flush=True)
+            while not stopped:
                 time.sleep(0.2)
-        except KeyboardInterrupt:
             print("imm explore: stopped", flush=True)
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            page.close()
+            page.close(verbose=False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return page, url
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _launch(page, host: str, port: int) -> str:
+    _, url, _ = page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True,
+                            quiet=True, footer_links=[], ssr_mode=False)
+    return url
