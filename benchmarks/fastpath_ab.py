@@ -48,7 +48,7 @@ def build_step(cfg: dict, path: str, run_dir: Path, device):
     training = replace(training, precision=precision, memory_format=memory_format, compile=compiled)
     dataset, encoder = build_dataset(cfg["dataset"]), build_encoder(cfg.get("encoder"))
     net_cfg = network_config(cfg, dataset, encoder)
-    fast = fast_path(training, net_cfg, device)
+    fast = fast_path(training, net_cfg, device, cfg["loss"]["kind"])
     training, net_cfg = with_fast_path(training, net_cfg, fast)
     encoder.init(device)
     state, model, _ = set_up_state(cfg, training, opt, net_cfg, run_dir, device, start_over=False, allow_changes=False)

@@ -6,6 +6,8 @@
     python benchmarks/throughput.py --quick            # smoke run (the test suite calls it)
     python benchmarks/throughput.py --compare-checkpointing --cases dit-s2   # peak memory with and without
                                                        # training.activation_checkpointing (one process each)
+    python benchmarks/throughput.py --device cuda --cases ddpmpp --batch 512 --methods imm,meanflow --no-compile
+                                                       # IMM against MeanFlow on CIFAR-sized data (a few minutes)
 
 The CPU cases run the small UNet in fp32 and bf16, each contiguous and in channels_last, as the trainer
 runs them (bf16: the fp32 network's bf16 working copy, :mod:`imm.model.precision`). For each case, in eager
@@ -23,6 +25,12 @@ mode and compiled with torch.compile (run side by side in one process):
 * the share of a training step spent in the IMM loss itself (time sampling, noise, r(s,t), weights,
   kernel matrices): the same loss call on a pass-through network of the same tensor shapes, over the
   real step time.
+
+``--methods`` trains each case with other methods of the registry (``imm.methods.registry``) too, each with its
+loss's defaults and the network settings the method requires (MeanFlow: ``f_type=euler_fm``), and checks that the
+counted FLOPs of a step are the registry's forward-pass equivalents (IMM 4, MeanFlow 5) times a forward pass. A
+method that cannot train compiled (MeanFlow's JVP) runs eager only, and one that cannot train channels_last
+(MeanFlow) skips those cases.
 
 Prints a table and one JSON line (also written with --json-out).
 """
@@ -47,7 +55,7 @@ from forward import CONFIGS  # noqa: E402  (the released network configurations)
 
 import imm  # noqa: E402
 from imm.core.distributed import set_tf32  # noqa: E402
-from imm.methods.registry import build_loss  # noqa: E402
+from imm.methods.registry import METHODS, build_loss, cannot_train_with  # noqa: E402
 from imm.model.backbones import set_activation_checkpointing  # noqa: E402
 from imm.model.precision import copy_weights, move_gradients, sampling_network, working_copy  # noqa: E402
 from imm.training.config import OptimizerSection  # noqa: E402
@@ -145,16 +153,29 @@ class PassThrough(torch.nn.Module):
         return x * self.w
 
 
+def method_setup(method: str, family: str) -> tuple[dict, dict, dict, bool]:
+    """(loss section, network settings, optimizer section, compilable) of ``method`` on a network ``family``: IMM
+    with the family's preset loss, another method with its loss's defaults and the network settings the
+    registry says it needs, all with the family's optimizer."""
+    loss_cfg, opt_cfg = LOSS[family]
+    if method != "imm":
+        loss_cfg = {"kind": method}
+    network = {key: value for key, value, _ in METHODS[method].network}
+    return loss_cfg, network, opt_cfg, not cannot_train_with(method, "compile", True)
+
+
 def bench_case(name: str, batch: int, precision: str, device, modes: list[str], repeats: int,
-               checkpointing: bool = False) -> dict:
+               checkpointing: bool = False, method: str = "imm") -> dict:
     """One case as the trainer runs it: bf16 in the fp32 network's bf16 working copy (the weights cast once per
     step, the gradients handed back to fp32: imm.training.step), ``+channels_last`` in that layout."""
     family = "dit" if name.startswith("dit") else "ddpmpp"
-    loss_cfg, opt_cfg = LOSS[family]
+    loss_cfg, network_cfg, opt_cfg, compilable = method_setup(method, family)
+    if not compilable:
+        modes = ["eager"]
     dtype_name, _, layout = precision.partition("+")
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
-    net = imm.IMMNetwork(**NETWORKS[name]).to(device).train().to(memory_format=memory_format)
+    net = imm.IMMNetwork(**{**NETWORKS[name], **network_cfg}).to(device).train().to(memory_format=memory_format)
     set_activation_checkpointing(net, checkpointing)
     compute = working_copy(net, torch.bfloat16, memory_format) if dtype_name == "bf16" else net
     sampler = sampling_network(net, compute.compute_dtype(), memory_format)
@@ -166,8 +187,8 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, net.label_dim, (batch,), device=device, generator=gen) if net.label_dim else None
     cfg_scale = 1.5 if net.label_dim else None
-    row = {"case": name, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 1), "batch": batch,
-           "precision": precision, "cfg_scale": cfg_scale, "activation_checkpointing": checkpointing}
+    row = {"case": name, "method": method, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
+           "batch": batch, "precision": precision, "cfg_scale": cfg_scale, "activation_checkpointing": checkpointing}
 
     def train_step(model):
         if compute is not net:
@@ -191,6 +212,11 @@ def bench_case(name: str, batch: int, precision: str, device, modes: list[str], 
     with FlopCounterMode(display=False) as fc:
         sample_step(sampler)
     row["sample_flops_per_image"] = fc.get_total_flops() / batch
+    forward = row["sample_flops_per_image"] / (2 if cfg_scale else 1)  # guidance evaluates the batch twice
+    row["forward_equivalents_counted"] = round(row["train_flops_per_sample"] / forward, 3)
+    if round(row["forward_equivalents_counted"]) != METHODS[method].forward_equivalents:
+        sys.exit(f"throughput.py: {method} on {name}: the FLOP counter counts {row['forward_equivalents_counted']} "
+                 f"forward passes per sample, the registry {METHODS[method].forward_equivalents}")
     net.train()
     peak = device_peak(device, dtype_name)
     measured = matmul_rate(device, dtype_name, 8192 if device.type == "cuda" else 1024)
@@ -307,6 +333,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON summary here")
     parser.add_argument("--cases", type=lambda s: s.split(","), default=None,
                         help=f"comma-separated networks of {', '.join(NETWORKS)} (default: the device's cases)")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every case (default: the case's own)")
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["imm"],
+                        help=f"comma-separated training methods of {', '.join(METHODS)}, each timed on every case "
+                             "(default: imm)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     parser.add_argument("--compare-checkpointing", action="store_true",
                         help="peak memory and step time with and without activation checkpointing, per case")
@@ -314,6 +344,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cases and not set(args.cases) <= set(NETWORKS):
         parser.error(f"unknown case {sorted(set(args.cases) - set(NETWORKS))[0]!r}; choose from {', '.join(NETWORKS)}")
+    if not set(args.methods) <= set(METHODS):
+        parser.error(f"unknown method {sorted(set(args.methods) - set(METHODS))[0]!r}; choose from {', '.join(METHODS)}")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be a positive number of samples")
     if args.compare_checkpointing:
         return compare_checkpointing(args)
     if args.memory_child:
@@ -331,16 +365,21 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     rows = []
     for name, batch, precision in cases:
-        rows.append(bench_case(name, batch, precision, device, modes, repeats, args.activation_checkpointing))
-        print(f"{name}: done", file=sys.stderr, flush=True)
-    cols = ["train_samples_s", "train_mfu", "train_of_matmul", "train_of_conv", "sample_img_s", "sample_mfu",
+        for method in args.methods:
+            if precision.endswith("+channels_last") and cannot_train_with(method, "memory_format", "channels_last"):
+                print(f"{name} ({precision}), {method}: skipped, it cannot train channels_last", file=sys.stderr)
+                continue
+            rows.append(bench_case(name, args.batch or batch, precision, device, modes, repeats,
+                                   args.activation_checkpointing, method))
+            print(f"{name}, {method}: done", file=sys.stderr, flush=True)
+    cols = ["forward_equivalents_counted", "train_samples_s", "train_mfu", "train_of_matmul", "train_of_conv", "sample_img_s", "sample_mfu",
             "sample_of_matmul", "loss_share", "train_peak_mem_GiB"]
-    print("| case | mode | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
+    print("| case | method | mode | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
     for row in rows:
-        for mode in modes:
-            vals = [row[mode].get(c) for c in cols]
-            print(f"| {row['case']} (batch {row['batch']}, {row['precision']}) | {mode} | "
+        for mode in [m for m in modes if m in row]:
+            vals = [row.get(c, row[mode].get(c)) for c in cols]
+            print(f"| {row['case']} (batch {row['batch']}, {row['precision']}) | {row['method']} | {mode} | "
                   + " | ".join("-" if v is None else f"{v:.3g}" for v in vals) + " |")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     summary = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -48,12 +48,16 @@ def test_quality_benchmark_quick_mnist(tmp_path):
 
 def test_throughput_benchmark_quick(tmp_path):
     out = tmp_path / "t.json"
-    _run("benchmarks/throughput.py", "--quick", "--device", "cpu", "--json-out", str(out))
+    _run("benchmarks/throughput.py", "--quick", "--device", "cpu", "--methods", "imm,meanflow", "--json-out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["precision"] for r in rows] == ["fp32", "bf16+channels_last"]
+    # MeanFlow cannot train channels_last (imm.methods.registry): that case is skipped
+    assert [(r["precision"], r["method"]) for r in rows] == [("fp32", "imm"), ("fp32", "meanflow"),
+                                                             ("bf16+channels_last", "imm")]
     for row in rows:
-        # a training step is one no-grad forward + forward + backward (2x): 4 forwards per sample
-        assert row["train_flops_per_sample"] == pytest.approx(4 * row["sample_flops_per_image"], rel=0.05)
+        # IMM: one no-grad forward + forward + backward (2x) = 4 forwards per sample; MeanFlow: a JVP (3) + backward
+        passes = {"imm": 4, "meanflow": 5}[row["method"]]
+        assert row["train_flops_per_sample"] == pytest.approx(passes * row["sample_flops_per_image"], rel=0.05)
+        assert row["forward_equivalents_counted"] == pytest.approx(passes, rel=0.05)
         assert row["eager"]["train_samples_s"] > 0 and math.isfinite(row["eager"]["loss_share"])
         assert row["conv_tflops"] > 0 and row["eager"]["train_of_conv"] > 0
 

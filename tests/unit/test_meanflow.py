@@ -180,6 +180,8 @@ def test_combinations_it_cannot_train_are_refused_in_one_line():
         load_train_config("toy2d", ["loss.kind=meanflow", "training.parallel=fsdp"])
     with pytest.raises(ConfigError, match="cannot train with training.compile=true: torch.compile runs"):
         load_train_config("toy2d", ["loss.kind=meanflow", "training.compile=true"])
+    with pytest.raises(ConfigError, match="cannot train with training.memory_format=channels_last: PyTorch's"):
+        load_train_config("toy2d", ["loss.kind=meanflow", "training.memory_format=channels_last"])
     with pytest.raises(ConfigError, match="loss.k applies to loss.kind=imm, not meanflow"):
         load_train_config("toy2d", ["loss.kind=meanflow", "loss.k=3"])
     cfg = load_train_config("toy2d", ["loss.kind=meanflow", "loss.r_neq_t_fraction=0.5", "loss.p=0.5"])
@@ -190,3 +192,21 @@ def test_combinations_it_cannot_train_are_refused_in_one_line():
     with pytest.raises(InputError, match="needs network.f_type=euler_fm"):  # a network built around the config
         net = imm.IMMNetwork(**{**NETS["mlp"], "f_type": "simple_edm"})
         MeanFlowLoss()(net, torch.randn(4, 2, 1, 1))
+
+
+def test_groupnorm_forward_mode_fails_channels_last_so_auto_never_chooses_it(monkeypatch):
+    """The refusal above stands on a PyTorch limit, checked here so that a torch that lifts it is noticed; and
+    ``training.memory_format=auto`` gives MeanFlow the contiguous layout whatever the probe measured."""
+    from imm.core import fastpath
+    from imm.training.config import TrainingSection, fast_path
+
+    norm, x = torch.nn.GroupNorm(2, 4), torch.randn(2, 4, 3, 3)
+    torch.func.jvp(norm, (x,), (torch.ones_like(x),))  # contiguous: fine
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        torch.func.jvp(norm, (channels_last,), (torch.ones_like(channels_last),))
+    asked = []
+    monkeypatch.setattr(fastpath, "choose", lambda family, device, precision, layout: asked.append(layout))
+    for method in ("imm", "meanflow"):
+        fast_path(TrainingSection(memory_format="auto"), {}, torch.device("cpu"), method)
+    assert asked == ["auto", "contiguous"]

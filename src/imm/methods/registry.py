@@ -97,7 +97,10 @@ METHODS: dict[str, Method] = {
                                                 "network, which FSDP2 shards; use training.parallel=ddp"),
                            ("compile", True, "torch.compile runs a compiled network under torch.func.jvp eagerly, "
                                              "and compiling the JVP itself fails on the normalisation layers "
-                                             "(torch 2.13); use training.compile=false"))),
+                                             "(torch 2.13); use training.compile=false"),
+                           ("memory_format", "channels_last", "PyTorch's forward-mode derivative of GroupNorm fails "
+                                                             "on a channels_last input (torch 2.13); use "
+                                                             "training.memory_format=contiguous or auto"))),
 }
 
 
@@ -128,6 +131,12 @@ def check_training(method: str, network: Mapping, training: Mapping) -> None:
     for key, value, why in spec.not_training:
         if training.get(key) == value:
             raise ConfigError(f"loss.kind={method} cannot train with training.{key}={_shown(value)}: {why}")
+
+
+def cannot_train_with(method: str, key: str, value) -> bool:
+    """Whether ``method`` refuses ``training.<key>=<value>`` (:attr:`Method.not_training`), e.g. a layout that
+    ``training.memory_format=auto`` must then not choose."""
+    return any((k, v) == (key, value) for k, v, _ in get(method).not_training)
 
 
 def _shown(value) -> str:

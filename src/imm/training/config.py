@@ -211,11 +211,16 @@ def sections(cfg: dict) -> tuple[OptimizerSection, TrainingSection, LoggingSecti
             LoggingSection(**cfg["logging"]))
 
 
-def fast_path(training: TrainingSection, net_cfg: dict, device) -> fastpath.FastPath:
+def fast_path(training: TrainingSection, net_cfg: dict, device, method: str = methods.DEFAULT_METHOD
+              ) -> fastpath.FastPath:
     """The precision and memory layout a run trains in: ``training.precision`` and ``training.memory_format``
-    with ``auto`` chosen for the network's family on this machine (:func:`imm.core.fastpath.choose`)."""
+    with ``auto`` chosen for the network's family on this machine (:func:`imm.core.fastpath.choose`), among the
+    layouts the training ``method`` can train in."""
     family = backbone_family(net_cfg.get("model_type", DEFAULT_MODEL_TYPE))
-    return fastpath.choose(family, device, training.precision, training.memory_format)
+    memory_format = training.memory_format
+    if memory_format == "auto" and methods.cannot_train_with(method, "memory_format", "channels_last"):
+        memory_format = "contiguous"
+    return fastpath.choose(family, device, training.precision, memory_format)
 
 
 def uses_autocast(precision: str, parallel: str) -> bool:
