@@ -372,8 +372,8 @@ def main(argv=None) -> int:
             rows.append(bench_case(name, args.batch or batch, precision, device, modes, repeats,
                                    args.activation_checkpointing, method))
             print(f"{name}, {method}: done", file=sys.stderr, flush=True)
-    cols = ["forward_equivalents_counted", "train_samples_s", "train_mfu", "train_of_matmul", "train_of_conv", "sample_img_s", "sample_mfu",
-            "sample_of_matmul", "loss_share", "train_peak_mem_GiB"]
+    cols = ["forward_equivalents_counted", "train_samples_s", "train_mfu", "train_of_matmul", "train_of_conv",
+            "sample_img_s", "sample_mfu", "sample_of_matmul", "loss_share", "train_peak_mem_GiB"]
     print("| case | method | mode | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for row in rows:
