@@ -345,7 +345,8 @@ def main(argv=None) -> int:
     if args.cases and not set(args.cases) <= set(NETWORKS):
         parser.error(f"unknown case {sorted(set(args.cases) - set(NETWORKS))[0]!r}; choose from {', '.join(NETWORKS)}")
     if not set(args.methods) <= set(METHODS):
-        parser.error(f"unknown method {sorted(set(args.methods) - set(METHODS))[0]!r}; choose from {', '.join(METHODS)}")
+        unknown = sorted(set(args.methods) - set(METHODS))[0]
+        parser.error(f"unknown method {unknown!r}; choose from {', '.join(METHODS)}")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be a positive number of samples")
     if args.compare_checkpointing:

@@ -272,7 +272,8 @@ def train(cfg: dict, run_dir, device=None, progress: bool | None = None, start_o
         raise ConfigError("logging.fid_every is not supported with training.parallel=fsdp")
 
     # -- precision and layout (auto: the main process's probe, for every process), then the compute ----
-    fast = distributed.from_main(fast_path(training, net_cfg, device, cfg["loss"]["kind"]) if distributed.is_main() else None)
+    method = cfg["loss"]["kind"]
+    fast = distributed.from_main(fast_path(training, net_cfg, device, method) if distributed.is_main() else None)
     training, net_cfg = with_fast_path(training, net_cfg, fast)
     distributed.set_tf32(device, training.precision != "fp32")
     if distributed.is_main():
